@@ -1,0 +1,1 @@
+"""Fused kernels for IBNorm.  They know nothing of models; ``dispatch`` picks a path."""
