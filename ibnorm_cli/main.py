@@ -1,2 +1,48 @@
+"""The ``ibnorm`` command.  Parses arguments, calls the library, renders with rich."""
+
+from __future__ import annotations
+
+from typing import Optional
+
 import typer
-app = typer.Typer()
+
+import ibnorm
+
+from .render import console
+
+app = typer.Typer(
+    name="ibnorm",
+    help="Replace the normalization layers of pretrained models with calibrated IBNorm layers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"ibnorm {ibnorm.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """ibnorm: model surgery with IBNorm."""
+
+
+def _not_implemented(name: str) -> None:
+    from .render import err_console
+
+    err_console.print(f"[yellow]ibnorm {name}: not implemented yet[/yellow]")
+    raise typer.Exit(3)
+
+
+@app.command()
+def finetune() -> None:
+    """Short adaptation fine-tune of a converted model (not implemented yet)."""
+    _not_implemented("finetune")
+
+
+from . import commands  # noqa: E402,F401  registers convert / inspect / eval / layers
