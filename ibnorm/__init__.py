@@ -20,6 +20,8 @@ from .layers import (
     project_lambdas,
 )
 from .recognize import NormSpec, recognize, register_recognizer
+from .io.checkpoint import load
+from .convert import ConvertOptions, convert_checkpoint, convert_model
 
 __all__ = [
     "__version__",
@@ -42,4 +44,8 @@ __all__ = [
     "NormSpec",
     "recognize",
     "register_recognizer",
+    "load",
+    "ConvertOptions",
+    "convert_model",
+    "convert_checkpoint",
 ]

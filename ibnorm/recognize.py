@@ -36,6 +36,7 @@ class NormSpec:
     running_var: Tensor | None = None
     num_batches_tracked: Tensor | None = None
     batch_dims: tuple[int, ...] | None = None  # allowed input ranks for batch norms
+    channel_dim: int = -1  # row kinds: 1 for channels-first layouts (timm's LayerNorm2d)
     activation: nn.Module | None = None  # timm's BatchNormAct2d / GroupNormAct: kept after the norm
     note: str = ""  # how the source was interpreted (shown in surgery tables)
     skip_reason: str | None = None  # set when the module is a norm that cannot be converted
@@ -132,3 +133,80 @@ def _with_activation(spec: NormSpec, m: nn.Module) -> NormSpec:
     spec.activation = nn.Sequential(m.drop, m.act)
     spec.note = "dropout and activation kept after the norm"
     return spec
+
+
+# --- any other row-wise norm, recognized by probing what its forward computes ----------------
+
+_EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
+_FROZEN_BN_NAMES = ("FrozenBatchNorm2d", "FrozenBatchNorm")
+
+
+@register_recognizer("frozen BatchNorm")
+def _frozen_batch_norm(m: nn.Module) -> NormSpec | None:
+    if type(m).__name__ not in _FROZEN_BN_NAMES:
+        return None
+    return NormSpec(
+        "batch", (m.weight.shape[0],), getattr(m, "eps", 1e-5),
+        skip_reason="frozen BatchNorm: a fixed affine map with no batch statistics to compress",
+    )
+
+
+def _eps_of(m: nn.Module) -> float | None:
+    for name in _EPS_ATTRS:
+        v = getattr(m, name, None)
+        if isinstance(v, (float, int)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+@torch.no_grad()
+def _probe_row_norm(m: nn.Module) -> NormSpec | None:
+    """Call ``m`` on a random input and match its output against the row-norm formulas.
+
+    Finds RMSNorm (``x·w``), Gemma-style RMSNorm (``x·(1+w)``, stored weight 0-initialised)
+    and LayerNorm, whatever the class is called, and checks the semantics at the same time.
+    """
+    if any(True for _ in m.children()) or "norm" not in type(m).__name__.lower():
+        return None
+    eps = _eps_of(m)
+    weight, bias = _param(m, "weight"), _param(m, "bias")
+    if eps is None or (weight is not None and weight.dim() != 1) or (weight is not None and weight.is_meta):
+        return None
+    hidden = weight.shape[0] if weight is not None else getattr(m, "normalized_shape", (None,))[-1]
+    if not hidden:
+        return None
+    channels_first = type(m).__name__.endswith("2d")
+    device = weight.device if weight is not None else torch.device("cpu")
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    g = torch.Generator().manual_seed(1234)
+    x = (torch.randn(3, 5, hidden, generator=g) * 2 + 0.5).to(device=device, dtype=dtype)
+    try:
+        y = m(x.permute(0, 2, 1).unsqueeze(-1)).squeeze(-1).permute(0, 2, 1) if channels_first else m(x)
+    except Exception:  # not callable like a norm on (…, hidden): not ours to convert
+        return None
+    if not isinstance(y, Tensor) or y.shape != x.shape:
+        return None
+    xf, yf = x.float(), y.float()
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    rms = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    centred = xf - xf.mean(-1, keepdim=True)
+    layer = centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    candidates = [
+        ("layer", layer, w, b, ""),
+        ("rms", rms, w, b, ""),
+        ("rms", rms, None if w is None else 1.0 + w, b, "Gemma-style x·(1+w): stored as the equivalent plain weight"),
+    ]
+    for kind, normed, cw, cb, note in candidates:
+        want = normed * (cw if cw is not None else 1.0) + (cb if cb is not None else 0.0)
+        if torch.allclose(yf, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item())):
+            # Gemma's 1 + w is kept in float32, where the source computes it.
+            eff_weight = weight if cw is w else cw
+            spec = NormSpec(kind, (hidden,), eps, eff_weight, bias, note=note)
+            spec.channel_dim = 1 if channels_first else -1
+            return spec
+    return None
+
+
+register_recognizer("row-wise norm (probed)")(_probe_row_norm)

@@ -1,11 +1,29 @@
-"""Commands that are implemented: each parses options, calls ibnorm, renders."""
+"""Commands: each parses options, calls ibnorm, renders the result."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
 from .main import app
-from .render import console, print_json, table
+from .progress import stage_progress
+from .render import console, print_json, table, user_errors
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(name: Optional[str]):
+    import torch
+
+    from ibnorm.errors import IBNormError
+
+    if name is None:
+        return None
+    if name.lower() not in _DTYPES:
+        raise IBNormError(f"unknown --dtype {name!r}; choose float32, bfloat16 or float16")
+    return getattr(torch, _DTYPES[name.lower()])
 
 
 @app.command("ops")
@@ -19,3 +37,132 @@ def ops_command(json_out: bool = typer.Option(False, "--json", help="Print JSON 
         return
     console.print(table("compression operations s_λ(z)", ("op", "paper", "formula"), rows))
     console.print(f"variants: {', '.join(ibnorm.VARIANTS)}")
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="Model directory, hub id, .gguf file, timm:NAME, or a short name (smollm2-135m, gpt2, resnet50, …)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
+    variant: str = typer.Option("auto", help="auto|rms|layer|batch|group (auto keeps the source's grouping)."),
+    op: str = typer.Option("tanh", help="Compression: tanh (IBNorm-T), log (IBNorm-L), power (IBNorm-S)."),
+    lam: Optional[float] = typer.Option(None, "--lam", help="Fixed λ for every channel (no search); 0 reproduces the source."),
+    calib: Optional[str] = typer.Option(None, help="Calibration data: text file/dir, .jsonl, image folder, or builtin:pydoc:train."),
+    calib_samples: int = typer.Option(32, help="Calibration samples (token blocks or images)."),
+    seq_len: int = typer.Option(256, help="Tokens per calibration block."),
+    tolerance: float = typer.Option(0.01, help="Per-layer relative squared output error allowed after the affine refit."),
+    budget: float = typer.Option(0.02, help="End-to-end budget: next-token KL (nats/token), or 1 − cosine for encoders."),
+    only: List[str] = typer.Option([], "--only", help="Convert only modules whose name matches (glob or substring); repeatable."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Skip modules whose name matches; repeatable."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out data: report source vs converted (perplexity, top-1, or embedding agreement)."),
+    eval_tokens: int = typer.Option(4096, help="Tokens of --eval text to score."),
+    text_field: str = typer.Option("text", help="Field of .jsonl records holding the text."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype (float32, bfloat16, float16); default: the source's."),
+    weights: Optional[str] = typer.Option(None, help="timm:NAME only: a .safetensors state dict."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="timm:NAME only: random initialisation (no download)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin/.pt checkpoints (they can run code)."),
+    shard_size: str = typer.Option("5GB", help="Maximum safetensors shard size."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Replace every normalization layer with a calibrated IBNorm layer and write the converted checkpoint."""
+    with user_errors():
+        import ibnorm
+        from ibnorm.compression import get_op
+        from ibnorm.errors import IBNormError
+
+        get_op(op) if op in ibnorm.COMPRESSION_OPS else _bad("--op", op, ibnorm.COMPRESSION_OPS)
+        if variant not in ibnorm.VARIANTS:
+            _bad("--variant", variant, ibnorm.VARIANTS)
+        if lam is not None and lam < 0:
+            raise IBNormError("--lam must be ≥ 0")
+        opts = ibnorm.ConvertOptions(variant=variant, op=op, lam=lam, only=only, exclude=exclude, calib=calib,
+                                     calib_samples=calib_samples, seq_len=seq_len, tolerance=tolerance, budget=budget,
+                                     text_field=text_field)
+        with stage_progress(not json_out) as progress:
+            result, manifest = ibnorm.convert_checkpoint(
+                source, out, opts, allow_pickle=allow_pickle, weights=weights, pretrained=not random_weights,
+                dtype=_dtype(dtype), eval_data=eval_data, eval_tokens=eval_tokens, shard_size=shard_size, force=force,
+                progress=progress)
+    if json_out:
+        print_json(manifest)
+        return
+    render_layers(manifest)
+    render_summary(manifest, out)
+
+
+def _bad(option: str, value: str, choices) -> None:
+    from ibnorm.errors import IBNormError
+
+    raise IBNormError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
+
+
+def render_layers(manifest: dict) -> None:
+    rows = [(l["name"], l["source_class"].rsplit(".", 1)[-1], l["new_class"], l["variant"],
+             f"{l['lam_mean']:.3f} [{l['lam_min']:.2f}, {l['lam_max']:.2f}]", f"{100 * l['frac_lam_ge_0_1']:.0f}%",
+             f"{l['error']:.2e}", l["note"]) for l in manifest["layers"]]
+    console.print(table("normalization layers", ("module", "source class", "new class", "variant", "λ mean [min, max]",
+                                                  "λ≥0.1", "calib. error", "note"), rows))
+    if manifest["skipped"]:
+        console.print(table("skipped", ("module", "class", "reason"),
+                            [(s["name"], s["source_class"].rsplit(".", 1)[-1], s["reason"]) for s in manifest["skipped"]]))
+
+
+def render_summary(manifest: dict, out) -> None:
+    cal = manifest["calibration"]
+    rows = [("calibration", cal["mode"] + (f" ({cal.get('data')}, {cal.get('tokens') or cal.get('images')} {'tokens' if cal.get('tokens') else 'images'})" if cal["mode"] == "data" else ""))]
+    if cal["mode"] != "data":
+        rows.append(("assumption", cal.get("assumption", "")))
+    e2e = manifest.get("end_to_end") or {}
+    if e2e:
+        rows.append((f"end-to-end {e2e['metric']}", f"{e2e['value']:.4g} (budget {e2e['budget']}, λ back-off ×{e2e['backoff_factor']})"))
+    ev = manifest.get("evaluation") or {}
+    if ev:
+        rows.append((f"{ev['metric']} source → converted", f"{ev['source']:.4g} → {ev['converted']:.4g}"
+                     + (f" ({100 * ev['relative_change']:+.2f}%)" if "relative_change" in ev else "")))
+    rows.append(("time", f"{manifest['seconds']:.1f} s (conversion and calibration)"))
+    rows.append(("written", str(out)))
+    console.print(table("conversion", ("", ""), rows))
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A .safetensors file, a (sharded or converted) model directory, or a .gguf file."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    layers: bool = typer.Option(False, "--layers", help="List every norm layer (and its λ for converted checkpoints)."),
+) -> None:
+    """Describe a checkpoint from its headers, without loading it."""
+    with user_errors():
+        from ibnorm.inspect import inspect_checkpoint
+
+        info = inspect_checkpoint(path)
+    if json_out:
+        print_json(info)
+        if info["problems"]:
+            raise typer.Exit(1)
+        return
+    rows = [("path", info["path"]), ("files", info["files"]), ("tensors", info["tensors"]),
+            ("parameters", f"{info['parameters']:,}"), ("bytes", f"{info['bytes']:,}"),
+            ("dtypes", ", ".join(f"{d}: {v['tensors']}" for d, v in info["dtypes"].items())),
+            ("norm layers", info["norm_layers"])]
+    lam = info.get("lambda")
+    if lam:
+        rows.append(("λ", f"{lam['layers']} layers, mean {lam['mean']:.3g}, range [{lam['min']:.3g}, {lam['max']:.3g}], "
+                          f"{100 * lam['frac_ge_0_1']:.0f}% ≥ 0.1, {100 * lam['frac_zero']:.0f}% = 0"))
+    m = info.get("manifest")
+    if m:
+        rows.append(("converted from", f"{m['source']['name']} ({m['source']['resolved']})"))
+        rows.append(("calibration", m["calibration"]["mode"] + (f" on {m['calibration'].get('data')}" if m["calibration"].get("data") else "")))
+        if m.get("evaluation"):
+            rows.append((m["evaluation"]["metric"], f"source {m['evaluation']['source']:.4g} → converted {m['evaluation']['converted']:.4g}"))
+        if m.get("finetune"):
+            ft = m["finetune"]
+            rows.append(("fine-tune", f"{ft.get('steps')} steps on {ft.get('data')}, final {ft.get('final')}"))
+    console.print(table("checkpoint", ("", ""), rows))
+    if layers:
+        per = (lam or {}).get("per_layer", {})
+        console.print(table("norm layers", ("module", "λ mean", "λ min", "λ max"),
+                            [(n, *(per[n][k] for k in ("mean", "min", "max"))) if n in per else (n, None, None, None) for n in info["norm_layer_names"]]))
+    for p in info["problems"]:
+        console.print(f"[red]problem:[/red] {p}")
+    if info["problems"]:
+        raise typer.Exit(1)

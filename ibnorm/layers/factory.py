@@ -9,7 +9,7 @@ from ..recognize import CHANNEL_KINDS, KINDS, ROW_KINDS, NormSpec, recognize
 from .base import IBNormBase
 from .batch import IBBatchNorm, IBBatchNorm1d, IBBatchNorm2d, IBBatchNorm3d
 from .group import IBGroupNorm
-from .rowwise import IBLayerNorm, IBRMSNorm
+from .rowwise import IBLayerNorm, IBLayerNorm2d, IBRMSNorm, IBRMSNorm2d
 
 VARIANTS = ("auto",) + KINDS
 _BATCH_CLASS_BY_DIMS = {(2, 3): IBBatchNorm1d, (4,): IBBatchNorm2d, (5,): IBBatchNorm3d}
@@ -44,7 +44,8 @@ def from_spec(
     lam_kw = {"op": op, "lam": lam, "per_channel": torch.as_tensor(lam).dim() > 0, "learnable_lam": learnable_lam}
     affine = spec.weight is not None
     if kind in ROW_KINDS:
-        cls = IBRMSNorm if kind == "rms" else IBLayerNorm
+        classes = (IBRMSNorm, IBLayerNorm) if spec.channel_dim == -1 else (IBRMSNorm2d, IBLayerNorm2d)
+        cls = classes[0] if kind == "rms" else classes[1]
         module: IBNormBase = cls(spec.shape, spec.eps, affine, bias=spec.bias is not None, **lam_kw)
     elif kind == "batch":
         cls = _BATCH_CLASS_BY_DIMS.get(spec.batch_dims or (), IBBatchNorm)

@@ -79,8 +79,16 @@ class IBLayerNorm(_IBRowNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, **kwargs)
 
 
-class IBLayerNorm2d(IBLayerNorm):
-    """LayerNorm over the channels of an NCHW tensor (timm's ``LayerNorm2d``)."""
+class _ChannelsFirst:
+    """Normalizes dim 1 of an N, C, … tensor by moving it last (timm's LayerNorm2d / RmsNorm2d)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class IBLayerNorm2d(_ChannelsFirst, IBLayerNorm):
+    """IBLayerNorm over the channels of an NCHW tensor."""
+
+
+class IBRMSNorm2d(_ChannelsFirst, IBRMSNorm):
+    """IBRMSNorm over the channels of an NCHW tensor."""

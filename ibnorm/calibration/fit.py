@@ -1,0 +1,212 @@
+"""Per-layer calibration: the largest per-channel λ within tolerance, then a least-squares affine refit.
+
+The fidelity measure is the relative squared error of the layer's output against
+the source layer's output, after refitting γ (and β where the norm has one) per
+channel: err = Σ (y − γ'ĉ − β')² / Σ (y − ȳ)², with ȳ the per-channel mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..compression import compress
+from ..layers import IBNormBase, from_spec
+from ..recognize import NormSpec
+
+LAMBDA_GRID = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+_BACKOFF = 0.8
+_MAX_BACKOFF_STEPS = 15
+
+
+@dataclass
+class LayerFit:
+    lam: Tensor  # per channel (float32)
+    weight: Tensor | None
+    bias: Tensor | None
+    error: float  # relative squared output error after refit
+    running: dict[str, Tensor] | None = None  # batch norms: running_c_mean / running_c_var / running_z_var
+
+
+def _channels_last(t: Tensor, spec: NormSpec) -> Tensor:
+    """(rows, channels) view of a layer input/output for per-channel statistics."""
+    if spec.kind in ("batch", "group") or spec.channel_dim == 1:
+        return t.movedim(1, -1).reshape(-1, t.shape[1])
+    return t.reshape(-1, spec.shape[-1]) if len(spec.shape) == 1 else t.reshape(-1, int(torch.tensor(spec.shape).prod()))
+
+
+def _unit_module(spec: NormSpec, op: str, lam: Tensor) -> IBNormBase:
+    """The IBNorm layer with γ = 1, β = 0, in eval mode, on float32."""
+    m = from_spec(spec, op=op, lam=lam).float().eval()
+    with torch.no_grad():
+        if m.weight is not None:
+            m.weight.fill_(1.0)
+        if m.bias is not None:
+            m.bias.zero_()
+    return m
+
+
+def channel_errors(z: Tensor, op: str, grid: tuple[float, ...], centered: bool) -> Tensor:
+    """(len(grid), C): 1 − corr²(s_λ(z_j), z_j) per channel — the error of refitting z_j from c_j."""
+    out = []
+    zc = z - z.mean(0) if centered else z
+    szz = (zc * zc).sum(0).clamp_min(1e-30)
+    for lam in grid:
+        c = compress(z, lam, op)
+        cc = c - c.mean(0) if centered else c
+        r2 = (cc * zc).sum(0).square() / ((cc * cc).sum(0).clamp_min(1e-30) * szz)
+        out.append(1.0 - r2)
+    return torch.stack(out)
+
+
+def _largest_within(errors: Tensor, grid: tuple[float, ...], tol: float) -> Tensor:
+    ok = (errors <= tol).int()
+    # The first grid point that fails ends the admissible run (errors grow with λ).
+    run = ok.cumprod(0)
+    idx = (run.sum(0) - 1).clamp_min(0)
+    return torch.tensor(grid, dtype=torch.float32)[idx]
+
+
+def _set_running(m: IBNormBase, z: Tensor, c: Tensor) -> dict[str, Tensor]:
+    stats = {"running_c_mean": (c - z).mean(0), "running_c_var": c.var(0, unbiased=False), "running_z_var": z.var(0, unbiased=False)}
+    with torch.no_grad():
+        for k, v in stats.items():
+            getattr(m, k).copy_(v)
+    return stats
+
+
+def _refit(y: Tensor, u: Tensor, with_bias: bool) -> tuple[Tensor, Tensor | None, float]:
+    """Least squares per channel of y on u (with intercept if ``with_bias``); returns γ', β', error."""
+    if with_bias:
+        um, ym = u.mean(0), y.mean(0)
+        uc, yc = u - um, y - ym
+        gamma = (uc * yc).sum(0) / (uc * uc).sum(0).clamp_min(1e-30)
+        beta = ym - gamma * um
+        pred = u * gamma + beta
+    else:
+        gamma = (u * y).sum(0) / (u * u).sum(0).clamp_min(1e-30)
+        beta = None
+        pred = u * gamma
+    sst = (y - y.mean(0)).square().sum().clamp_min(1e-30)
+    return gamma, beta, float((y - pred).square().sum() / sst)
+
+
+def _evaluate(spec: NormSpec, op: str, lam: Tensor, x: Tensor, y_cols: Tensor, refit: bool):
+    m = _unit_module(spec, op, lam)
+    running = None
+    if spec.kind == "batch" and m.running_mean is not None:
+        z0 = _channels_last(_unit_module(spec, op, torch.zeros_like(lam))(x), spec)
+        running = _set_running(m, z0, compress(z0, lam, op))
+    with torch.no_grad():
+        u = _channels_last(m(x), spec)
+    if refit:
+        gamma, beta, err = _refit(y_cols, u, with_bias=spec.bias is not None)
+    else:
+        w = spec.weight.float() if spec.weight is not None else torch.ones(u.shape[1])
+        b = spec.bias.float() if spec.bias is not None else None
+        pred = u * w.reshape(-1) + (b.reshape(-1) if b is not None else 0.0)
+        err = float((y_cols - pred).square().sum() / (y_cols - y_cols.mean(0)).square().sum().clamp_min(1e-30))
+        gamma, beta = None, None
+    return gamma, beta, err, running
+
+
+def fit_layer(
+    spec: NormSpec,
+    source: torch.nn.Module,
+    x: Tensor,
+    op: str,
+    tolerance: float,
+    fixed_lam: float | None = None,
+    grid: tuple[float, ...] = LAMBDA_GRID,
+) -> LayerFit:
+    """Calibrate one layer on its captured inputs ``x``.
+
+    With ``fixed_lam`` the λ is not searched and γ, β are kept (so λ = 0 reproduces
+    the source exactly); batch norms still get their step-4 running statistics.
+    """
+    channels = spec.shape[0] if spec.kind in ("batch", "group") else int(torch.tensor(spec.shape).prod())
+    y_cols = _source_outputs(spec, source, x)
+    shape = spec.shape if spec.kind not in ("batch", "group") else (channels,)
+    if fixed_lam is not None:
+        lam = torch.full(shape, float(fixed_lam))
+        _, _, err, running = _evaluate(spec, op, lam, x, y_cols, refit=False)
+        return LayerFit(lam, None, None, err, running)
+    z = _channels_last(_unit_module(spec, op, torch.zeros(shape))(x), spec)
+    centered = spec.kind != "rms"
+    lam = _largest_within(channel_errors(z, op, grid, centered), grid, tolerance).reshape(shape)
+    for _ in range(_MAX_BACKOFF_STEPS):
+        fit = _refit_at(spec, op, lam, x, y_cols)
+        if fit.error <= tolerance or not lam.any():
+            break
+        lam = _snap(lam * _BACKOFF)
+    return fit
+
+
+def _refit_at(spec: NormSpec, op: str, lam: Tensor, x: Tensor, y_cols: Tensor) -> LayerFit:
+    gamma, beta, err, running = _evaluate(spec, op, lam, x, y_cols, refit=True)
+    return LayerFit(lam, _reshape_like(gamma, spec.weight), _reshape_like(beta, spec.bias), err, running)
+
+
+def refit_for_lambda(spec: NormSpec, source: torch.nn.Module, x: Tensor, op: str, lam: Tensor) -> LayerFit:
+    """Refit γ, β (and batch-norm statistics) of a layer for a given λ."""
+    return _refit_at(spec, op, lam, x, _source_outputs(spec, source, x))
+
+
+def _source_outputs(spec: NormSpec, source: torch.nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return _channels_last(source(x.to(_dtype_of(source))).float(), spec)
+
+
+def _snap(lam: Tensor) -> Tensor:
+    return torch.where(lam < 0.01, torch.zeros_like(lam), lam)
+
+
+def _reshape_like(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+    if t is None or like is None:
+        return None
+    return t.reshape(like.shape).to(like.dtype)
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    p = next(iter(module.parameters()), None)
+    return torch.float32 if p is None or not p.is_floating_point() else p.dtype
+
+
+# --- data-free --------------------------------------------------------------------------------
+
+_GAUSS_N = 20001
+
+
+def _gaussian_quantiles() -> Tensor:
+    """Deterministic N(0, 1) sample: the quantiles (i + ½)/n."""
+    p = (torch.arange(_GAUSS_N, dtype=torch.float64) + 0.5) / _GAUSS_N
+    return (torch.special.ndtri(p)).float()
+
+
+def fit_layer_data_free(spec: NormSpec, op: str, tolerance: float, fixed_lam: float | None = None,
+                        grid: tuple[float, ...] = LAMBDA_GRID) -> LayerFit:
+    """Calibrate without data, assuming the standardized deviations z are N(0, 1) in every channel.
+
+    One λ for all channels (outlier channels cannot be seen without data); γ, β kept.
+    Batch norms get step-4 running statistics from the same assumption.
+    """
+    channels = spec.shape[0] if spec.kind in ("batch", "group") else int(torch.tensor(spec.shape).prod())
+    shape = spec.shape if spec.kind not in ("batch", "group") else (channels,)
+    z = _gaussian_quantiles()[:, None]
+    if fixed_lam is None:
+        errs = channel_errors(z, op, grid, centered=True)
+        lam_value = float(_largest_within(errs, grid, tolerance)[0])
+    else:
+        lam_value = float(fixed_lam)
+    c = compress(z, lam_value, op)
+    err = float(channel_errors(z, op, (lam_value,), centered=True)[0, 0])
+    running = None
+    if spec.kind == "batch" and spec.track_running_stats:
+        running = {
+            "running_c_mean": torch.zeros(channels),
+            "running_c_var": torch.full((channels,), float(c.var(unbiased=False))),
+            "running_z_var": torch.full((channels,), float(z.var(unbiased=False))),
+        }
+    return LayerFit(torch.full(shape, lam_value), None, None, err, running)

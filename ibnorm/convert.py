@@ -1,0 +1,347 @@
+"""Conversion: find every norm, calibrate λ, replace, check the whole model, back off if needed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import evaluate
+from .calibration import LayerFit, capture_inputs, fit_layer, fit_layer_data_free, refit_for_lambda
+from .data import image_folder, is_image_folder, load_images, read_texts, token_blocks
+from .errors import IBNormError
+from .io.sources import LoadedModel
+from .layers import IBNormBase, from_spec
+from .surgery import NormSite, SkippedNorm, find_norms, replace_norms
+
+# A back-off schedule for λ when the whole model drifts past its budget.
+_E2E_BACKOFF = (0.75, 0.5, 0.35, 0.25, 0.1, 0.0)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ConvertOptions:
+    variant: str = "auto"
+    op: str = "tanh"
+    lam: float | None = None  # fixed λ for every channel; None = calibrate
+    only: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    calib: str | None = None
+    calib_samples: int = 32
+    seq_len: int = 256
+    tolerance: float = 0.01
+    budget: float = 0.02  # end-to-end: mean next-token KL (nats), or 1 − cosine for encoders
+    max_rows: int = 4096
+    batch_size: int = 4
+    text_field: str = "text"
+    seed: int = 0
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    source_class: str
+    new_class: str
+    variant: str
+    op: str
+    lam_shape: list[int]
+    lam_mean: float
+    lam_min: float
+    lam_max: float
+    frac_lam_ge_0_1: float
+    frac_lam_zero: float
+    error: float
+    note: str = ""
+
+
+@dataclass
+class ConversionResult:
+    model: nn.Module
+    layers: list[LayerRecord]
+    skipped: list[SkippedNorm]
+    calibration: dict
+    end_to_end: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        return {
+            "layers": [asdict(r) for r in self.layers],
+            "skipped": [asdict(s) for s in self.skipped],
+            "calibration": self.calibration,
+            "end_to_end": self.end_to_end,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _lam_record(site: NormSite, module: IBNormBase, fit: LayerFit, variant: str, op: str) -> LayerRecord:
+    lam = module.effective_lam.float().reshape(-1)
+    return LayerRecord(
+        site.name, site.spec.source_class, type(module).__name__, variant, op, list(module.lam.shape),
+        float(lam.mean()), float(lam.min()), float(lam.max()), float((lam >= 0.1).float().mean()),
+        float((lam == 0).float().mean()), fit.error, site.spec.note,
+    )
+
+
+def _build(site: NormSite, fit: LayerFit, opts: ConvertOptions) -> IBNormBase:
+    m = from_spec(site.spec, op=opts.op, lam=fit.lam, variant=opts.variant)
+    like = next(iter(site.module.parameters()), None)
+    with torch.no_grad():
+        if fit.weight is not None and m.weight is not None:
+            m.weight.copy_(fit.weight)
+        if fit.bias is not None and m.bias is not None:
+            m.bias.copy_(fit.bias)
+        for k, v in (fit.running or {}).items():
+            if getattr(m, k, None) is not None:
+                getattr(m, k).copy_(v)
+    if like is not None and like.is_floating_point():
+        # Parameters take the source dtype; running statistics stay float32.
+        for p in m.parameters(recurse=False):
+            p.data = p.data.to(like.dtype) if p is not m.lam else p.data
+    return m
+
+
+class _Calibration:
+    """Calibration inputs for one model: a way to run them and to measure end-to-end drift."""
+
+    def __init__(self, loaded: LoadedModel, opts: ConvertOptions) -> None:
+        self.loaded, self.opts = loaded, opts
+        model = loaded.model
+        if loaded.task == "image-classifier" or is_image_folder(opts.calib):
+            if loaded.family != "timm":
+                raise IBNormError("image calibration data needs a timm image model")
+            import timm
+
+            cfg = timm.data.resolve_data_config({}, model=model)
+            transform = timm.data.create_transform(**cfg)
+            images, _ = load_images(image_folder(opts.calib), transform, opts.calib_samples)
+            self.inputs = images.to(_dtype(model))
+            self.kind = "images"
+            self.describe = {"data": opts.calib, "images": len(images)}
+        else:
+            if loaded.tokenizer is None:
+                raise IBNormError(f"{loaded.source} has no tokenizer: text calibration is not possible")
+            texts = read_texts(opts.calib, opts.text_field)
+            self.inputs = token_blocks(loaded.tokenizer, texts, opts.seq_len, opts.calib_samples)
+            self.kind = "tokens"
+            self.describe = {"data": opts.calib, "samples": int(self.inputs.shape[0]), "seq_len": int(self.inputs.shape[1]),
+                             "tokens": int(self.inputs.numel())}
+        n_check = max(1, min(8, len(self.inputs) // 2 or 1))
+        self.check_inputs = self.inputs[:n_check]
+        self.reference = self._outputs(model)
+
+    def run_all(self) -> None:
+        model, bs = self.loaded.model, self.opts.batch_size
+        for i in range(0, len(self.inputs), bs):
+            chunk = self.inputs[i : i + bs]
+            model(chunk) if self.kind == "images" else model(input_ids=chunk)
+
+    def _outputs(self, model: nn.Module) -> Tensor:
+        if self.kind == "images":
+            return evaluate.image_logits(model, self.check_inputs)
+        if self.loaded.task == "causal-lm":
+            return evaluate.lm_logprobs(model, self.check_inputs, self.opts.batch_size)
+        return evaluate.embeddings(model, self.check_inputs, self.opts.batch_size)
+
+    @property
+    def metric_name(self) -> str:
+        return "1 - cosine" if self.kind == "tokens" and self.loaded.task != "causal-lm" else "KL nats/token"
+
+    def drift(self, model: nn.Module) -> float:
+        if self.kind == "images":
+            return evaluate.kl_from_logits(self.reference, evaluate.image_logits(model, self.check_inputs))
+        if self.loaded.task == "causal-lm":
+            return evaluate.lm_kl(model, self.check_inputs, self.reference, self.opts.batch_size)
+        return 1.0 - evaluate.embedding_agreement(self.reference, evaluate.embeddings(model, self.check_inputs))["mean_cosine"]
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    p = next(iter(model.parameters()), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+def convert_model(loaded: LoadedModel, opts: ConvertOptions, progress: Progress | None = None) -> ConversionResult:
+    """Convert ``loaded.model`` in place and return what was done."""
+    t0 = time.perf_counter()
+    progress = progress or (lambda *_: None)
+    model = loaded.model
+    sites, skipped = find_norms(model, opts.only, opts.exclude)
+    if not sites:
+        raise IBNormError(f"no convertible normalization layers found in {loaded.source}"
+                          + (f" ({len(skipped)} skipped: {skipped[0].reason})" if skipped else ""))
+    calibration: dict = {"mode": "data-free" if opts.calib is None else "data",
+                         "tolerance": opts.tolerance, "fixed_lam": opts.lam}
+    inputs: dict[str, Tensor] = {}
+    calib = None
+    if opts.calib is not None:
+        calib = _Calibration(loaded, opts)
+        calibration.update(calib.describe)
+        progress("capturing norm inputs", 0, 1)
+        channel_names = [s.name for s in sites if s.spec.kind in ("batch", "group")]
+        inputs = capture_inputs(model, {s.name: s.module for s in sites}, calib.run_all, opts.max_rows, channel_names, opts.seed)
+        progress("capturing norm inputs", 1, 1)
+    else:
+        calibration["assumption"] = (
+            "data-free: standardized deviations z assumed N(0,1) in every channel; one λ per layer; "
+            "outlier channels cannot be seen without data (use --calib for language models)"
+        )
+
+    def fit_all(scale: float = 1.0, previous: dict[str, LayerFit] | None = None) -> dict[str, LayerFit]:
+        fits = {}
+        for i, site in enumerate(sites):
+            progress("calibrating layers", i, len(sites))
+            x = inputs.get(site.name)
+            if previous is not None:
+                fits[site.name] = refit_for_lambda(site.spec, site.module, x, opts.op, previous[site.name].lam * scale)
+            elif x is None:
+                fits[site.name] = fit_layer_data_free(site.spec, opts.op, opts.tolerance, opts.lam)
+            else:
+                fits[site.name] = fit_layer(site.spec, site.module, x, opts.op, opts.tolerance, opts.lam)
+        progress("calibrating layers", len(sites), len(sites))
+        return fits
+
+    fits = fit_all()
+    new = replace_norms(model, sites, lambda s: _build(s, fits[s.name], opts))
+    end_to_end: dict = {}
+    if calib is not None:
+        drift = calib.drift(model)
+        end_to_end = {"metric": calib.metric_name, "budget": opts.budget, "value": drift, "backoff_factor": 1.0}
+        if opts.lam is None and drift > opts.budget:
+            calibrated = fits
+            for factor in _E2E_BACKOFF:
+                progress(f"backing off λ ×{factor}", 0, 1)
+                fits = fit_all(factor, calibrated)
+                current = [NormSite(s.name, new[s.name], s.spec) for s in sites]
+                new = replace_norms(model, current, lambda s: _build(s, fits[s.name], opts))
+                drift = calib.drift(model)
+                end_to_end.update(value=drift, backoff_factor=factor)
+                if drift <= opts.budget:
+                    break
+        end_to_end["within_budget"] = drift <= opts.budget
+    records = [_lam_record(s, new[s.name], fits[s.name], _variant_of(new[s.name]), opts.op) for s in sites]
+    return ConversionResult(model, records, skipped, calibration, end_to_end, time.perf_counter() - t0)
+
+
+def _variant_of(m: IBNormBase) -> str:
+    from .layers import IBBatchNorm, IBGroupNorm, IBLayerNorm
+
+    if isinstance(m, IBBatchNorm):
+        return "batch"
+    if isinstance(m, IBGroupNorm):
+        return "group"
+    return "layer" if isinstance(m, IBLayerNorm) else "rms"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def evaluate_model(loaded: LoadedModel, model: nn.Module, data: str, seq_len: int, max_tokens: int,
+                   text_field: str = "text") -> dict:
+    """The figure a user judges a model by: perplexity (causal LM), top-1 (images) or embeddings (encoder)."""
+    if loaded.task == "image-classifier":
+        import timm
+
+        cfg = timm.data.resolve_data_config({}, model=model)
+        images, labels = load_images(image_folder(data), timm.data.create_transform(**cfg))
+        logits = evaluate.image_logits(model, images.to(_dtype(model)))
+        return {"metric": "top-1", "value": evaluate.top1(logits, labels), "images": len(images), "_logits": logits}
+    ids = token_blocks(loaded.tokenizer, read_texts(data, text_field), seq_len, max(1, max_tokens // seq_len))
+    if loaded.task == "causal-lm":
+        r = evaluate.perplexity(model, ids, window=seq_len)
+        return {"metric": "perplexity", "value": r["perplexity"], **{k: r[k] for k in ("tokens", "window", "stride")}}
+    emb = evaluate.embeddings(model, ids)
+    return {"metric": "embedding", "value": None, "blocks": len(ids), "_embeddings": emb}
+
+
+def _compare(before: dict, after: dict) -> dict:
+    if before["metric"] == "embedding":
+        agree = evaluate.embedding_agreement(before.pop("_embeddings"), after.pop("_embeddings"))
+        return {"metric": "embedding cosine (converted vs source)", "source": 1.0, "converted": agree["mean_cosine"],
+                "min_cosine": agree["min_cosine"]}
+    if before["metric"] == "top-1":
+        agree = float((before.pop("_logits").argmax(-1) == after.pop("_logits").argmax(-1)).float().mean())
+        return {"metric": "top-1", "source": before["value"], "converted": after["value"], "prediction_agreement": agree}
+    return {"metric": before["metric"], "source": before["value"], "converted": after["value"],
+            "relative_change": after["value"] / before["value"] - 1.0,
+            **{k: before[k] for k in ("tokens", "window", "stride")}}
+
+
+def model_card(manifest: dict) -> str:
+    lam = [layer["lam_mean"] for layer in manifest["layers"]]
+    lines = [
+        f"# {Path(str(manifest['source']['name'])).name} with IBNorm",
+        "",
+        f"Converted by ibnorm {manifest['versions']['ibnorm'] if 'versions' in manifest else ''} from `{manifest['source']['name']}` "
+        f"(`{manifest['source']['resolved']}`): {len(manifest['layers'])} normalization layers replaced by IBNorm "
+        f"(op `{manifest['options']['op']}`, variant `{manifest['options']['variant']}`).",
+        "",
+        f"- calibration: {manifest['calibration']['mode']}"
+        + (f" on `{manifest['calibration'].get('data')}`" if manifest['calibration'].get('data') else ""),
+        f"- mean λ over layers: {sum(lam) / len(lam):.4g}",
+    ]
+    if manifest.get("end_to_end"):
+        e = manifest["end_to_end"]
+        lines.append(f"- end-to-end drift ({e['metric']}): {e['value']:.4g} (budget {e['budget']})")
+    if manifest.get("evaluation"):
+        e = manifest["evaluation"]
+        lines.append(f"- {e['metric']}: source {e['source']}, converted {e['converted']}")
+    lines += ["", "Load it with `ibnorm.load(path)`; `ibnorm_manifest.json` records every layer's λ and error.", ""]
+    return "\n".join(lines)
+
+
+def convert_checkpoint(
+    source: str,
+    out: str | Path,
+    opts: ConvertOptions,
+    *,
+    allow_pickle: bool = False,
+    weights: str | None = None,
+    pretrained: bool = True,
+    dtype: torch.dtype | None = None,
+    eval_data: str | None = None,
+    eval_tokens: int = 4096,
+    shard_size: str = "5GB",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> tuple[ConversionResult, dict]:
+    """Load ``source``, convert it, optionally evaluate before/after, and write ``out``."""
+    from .io.checkpoint import FORMAT, save_converted
+    from .io.sources import load_source
+
+    out = Path(out)
+    if out.exists() and not force:  # fail before any work
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    progress = progress or (lambda *_: None)
+    progress("loading source", 0, 1)
+    loaded = load_source(source, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained, dtype=dtype)
+    progress("loading source", 1, 1)
+    before = evaluate_model(loaded, loaded.model, eval_data, opts.seq_len * 2, eval_tokens, opts.text_field) if eval_data else None
+    result = convert_model(loaded, opts, progress)
+    evaluation = {}
+    if before is not None:
+        progress("evaluating", 0, 1)
+        after = evaluate_model(loaded, result.model, eval_data, opts.seq_len * 2, eval_tokens, opts.text_field)
+        evaluation = {"data": eval_data, **_compare(before, after)}
+    manifest = {
+        "format": FORMAT,
+        "source": {"name": source, "resolved": loaded.resolved, "family": loaded.family, **loaded.info},
+        "family": loaded.family,
+        "task": loaded.task,
+        "dtype": _dtype_name(_dtype(result.model)),
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("batch_size",)},
+        **result.summary(),
+        "evaluation": evaluation,
+    }
+    manifest["options"]["only"], manifest["options"]["exclude"] = list(opts.only), list(opts.exclude)
+    progress("writing", 0, 1)
+    save_converted(result.model, out, manifest, family=loaded.family, tokenizer=loaded.tokenizer, hf_dir=loaded.hf_dir,
+                   timm_name=loaded.timm_name, shard_size=shard_size, force=force, model_card=model_card(manifest))
+    progress("writing", 1, 1)
+    return result, manifest

@@ -1,0 +1,149 @@
+"""Calibration and evaluation data: text (files, directories, jsonl, builtin) and image folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import IBNormError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+BUILTIN_PREFIX = "builtin:"
+
+
+class DataError(IBNormError):
+    pass
+
+
+def _builtin_pydoc(split: str) -> list[str]:
+    """English prose of the Python reference manual, shipped with CPython (pydoc_data).
+
+    Topics in sorted order alternate between the ``train`` and ``eval`` splits, so the
+    two never share a document.
+    """
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    if split == "train":
+        keys = keys[0::2]
+    elif split == "eval":
+        keys = keys[1::2]
+    elif split != "all":
+        raise DataError(f"unknown split {split!r} of builtin:pydoc; use builtin:pydoc:train, :eval or :all")
+    return [topics[k] for k in keys]
+
+
+BUILTIN_TEXT = {"pydoc": _builtin_pydoc}
+
+
+def read_texts(source: str, text_field: str = "text") -> list[str]:
+    """Documents from a text file, a directory of text files, a jsonl file or ``builtin:NAME[:SPLIT]``."""
+    if source.startswith(BUILTIN_PREFIX):
+        name, _, split = source[len(BUILTIN_PREFIX) :].partition(":")
+        if name not in BUILTIN_TEXT:
+            raise DataError(f"unknown builtin data {name!r}; available: {', '.join(BUILTIN_TEXT)}")
+        return BUILTIN_TEXT[name](split or "all")
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data not found: {source}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (".jsonl",))
+        docs = [d for f in files for d in read_texts(str(f), text_field)]
+    elif path.suffix.lower() == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}:{lineno}: not valid JSON") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    raise DataError(f"{path}:{lineno}: no {text_field!r} field (set --text-field)")
+                docs.append(str(row[text_field]))
+    else:
+        try:
+            docs = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8 text") from None
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"no text found in {source}")
+    return docs
+
+
+def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
+    """Tokenize, join documents with EOS, and pack into ``(blocks, seq_len)`` token ids."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    need = None if max_blocks is None else max_blocks * seq_len
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+        if need is not None and len(ids) >= need:
+            break
+    n = len(ids) // seq_len
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise DataError(f"not enough text for one block of {seq_len} tokens ({len(ids)} tokens found)")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@dataclass
+class ImageFolder:
+    """``root/CLASS/image`` files; labels are class indices in sorted order."""
+
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+
+def image_folder(source: str) -> ImageFolder:
+    root = Path(source)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {source}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    paths, labels = [], []
+    if classes:
+        for i, c in enumerate(classes):
+            for p in sorted((root / c).rglob("*")):
+                if p.suffix.lower() in IMAGE_SUFFIXES:
+                    paths.append(p)
+                    labels.append(i)
+    else:
+        paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        labels = [-1] * len(paths)
+    if not paths:
+        raise DataError(f"no images found in {source}")
+    return ImageFolder(paths, labels, classes)
+
+
+def is_image_folder(source: str) -> bool:
+    root = Path(source)
+    if not root.is_dir():
+        return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*") if p.is_file())
+
+
+def load_images(folder: ImageFolder, transform, max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    n = len(folder.paths) if max_images is None else min(max_images, len(folder.paths))
+    xs = []
+    for p in folder.paths[:n]:
+        with Image.open(p) as im:
+            xs.append(transform(im.convert("RGB")))
+    return torch.stack(xs), torch.tensor(folder.labels[:n])
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 1))

@@ -1,0 +1,93 @@
+"""Model-level measurements: perplexity, next-token KL, embedding agreement, top-1 accuracy."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _batches(n: int, batch_size: int):
+    for i in range(0, n, batch_size):
+        yield slice(i, min(n, i + batch_size))
+
+
+@torch.no_grad()
+def lm_logprobs(model: nn.Module, blocks: Tensor, batch_size: int = 4) -> Tensor:
+    """Next-token log-probabilities (blocks, seq, vocab) in float32."""
+    return torch.cat([F.log_softmax(model(input_ids=blocks[s]).logits.float(), -1) for s in _batches(len(blocks), batch_size)])
+
+
+@torch.no_grad()
+def lm_kl(model: nn.Module, blocks: Tensor, ref_logprobs: Tensor, batch_size: int = 4) -> float:
+    """Mean KL(source ‖ model) of next-token distributions, in nats per token."""
+    total, count = 0.0, 0
+    for s in _batches(len(blocks), batch_size):
+        logq = F.log_softmax(model(input_ids=blocks[s]).logits.float(), -1)
+        logp = ref_logprobs[s]
+        total += float((logp.exp() * (logp - logq)).sum())
+        count += logp.shape[0] * logp.shape[1]
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, ids: Tensor, window: int = 512, stride: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Sliding-window perplexity of one long token sequence.
+
+    Windows of ``window`` tokens advance by ``stride`` (default window/2); each token is
+    scored once, with at least ``window − stride`` tokens of context (except the first window).
+    """
+    ids = ids.reshape(-1)
+    stride = stride or window // 2
+    nll, counted, prev_end = 0.0, 0, 0
+    starts = list(range(0, max(1, len(ids) - 1), stride))
+    for i, begin in enumerate(starts):
+        end = min(begin + window, len(ids))
+        chunk = ids[begin:end][None]
+        logits = model(input_ids=chunk).logits.float()[0, :-1]
+        targets = chunk[0, 1:]
+        new_from = max(prev_end - begin - 1, 0)  # score only tokens not scored before
+        lp = F.log_softmax(logits[new_from:], -1).gather(-1, targets[new_from:, None])
+        nll -= float(lp.sum())
+        counted += lp.shape[0]
+        prev_end = end
+        if progress:
+            progress(i + 1, len(starts))
+        if end == len(ids):
+            break
+    return {"perplexity": math.exp(nll / max(counted, 1)), "nll": nll / max(counted, 1), "tokens": counted,
+            "window": window, "stride": stride}
+
+
+@torch.no_grad()
+def embeddings(model: nn.Module, blocks: Tensor, batch_size: int = 8) -> Tensor:
+    """Mean-pooled last hidden states (one vector per block)."""
+    out = []
+    for s in _batches(len(blocks), batch_size):
+        out.append(model(input_ids=blocks[s]).last_hidden_state.float().mean(1))
+    return torch.cat(out)
+
+
+def embedding_agreement(a: Tensor, b: Tensor) -> dict:
+    cos = F.cosine_similarity(a, b, dim=-1)
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+
+
+@torch.no_grad()
+def image_logits(model: nn.Module, images: Tensor, batch_size: int = 16) -> Tensor:
+    return torch.cat([model(images[s]).float() for s in _batches(len(images), batch_size)])
+
+
+def top1(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def kl_from_logits(ref_logits: Tensor, logits: Tensor) -> float:
+    logp, logq = F.log_softmax(ref_logits, -1), F.log_softmax(logits, -1)
+    return float((logp.exp() * (logp - logq)).sum(-1).mean())

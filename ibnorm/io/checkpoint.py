@@ -1,0 +1,208 @@
+"""Write converted models atomically, and load them back (``ibnorm.load``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import IBNormError, OutputExistsError, SourceError
+from .safetensors_index import TensorIndex
+
+MANIFEST = "ibnorm_manifest.json"
+FORMAT = "ibnorm-converted/1"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
+_COPY_MAX_BYTES = 64 * 1024 * 1024
+
+
+@contextmanager
+def atomic_directory(out: str | Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes ``out`` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    import safetensors
+    import transformers
+
+    import ibnorm
+
+    out = {"ibnorm": ibnorm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "safetensors": safetensors.__version__, "python": platform.python_version()}
+    try:
+        import timm
+
+        out["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _copy_side_files(src: Path | None, dst: Path) -> list[str]:
+    """Tokenizer, processor, generation and sentence-transformers files: everything small that is not weights."""
+    copied = []
+    if src is None:
+        return copied
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if not p.is_file() or p.name.startswith(".") or p.suffix in _WEIGHT_SUFFIXES or p.stat().st_size > _COPY_MAX_BYTES:
+            continue
+        if rel.as_posix() in ("config.json", "model.safetensors.index.json", "README.md") or (dst / rel).exists():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, dst / rel)
+        copied.append(rel.as_posix())
+    return copied
+
+
+def save_converted(
+    model: nn.Module,
+    out: str | Path,
+    manifest: dict,
+    *,
+    family: str,
+    tokenizer=None,
+    hf_dir: Path | None = None,
+    timm_name: str | None = None,
+    shard_size: str = "5GB",
+    force: bool = False,
+    model_card: str = "",
+) -> Path:
+    """Write a converted model directory atomically; returns its path."""
+    out = Path(out)
+    with atomic_directory(out, force) as tmp:
+        if family == "hf":
+            config = model.config
+            if getattr(config, "quantization_config", None) is not None:  # GGUF: weights are dequantized
+                del config.quantization_config
+            config.ibnorm = {"format": FORMAT, "manifest": MANIFEST, "op": manifest["options"]["op"]}
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            manifest["copied_files"] = _copy_side_files(hf_dir, tmp)
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / "model.safetensors"))
+            write_json_atomic(tmp / "config.json", {
+                "architecture": timm_name, "library": "timm",
+                "num_classes": getattr(model, "num_classes", None),
+                "ibnorm": {"format": FORMAT, "manifest": MANIFEST, "op": manifest["options"]["op"]},
+            })
+        manifest["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        manifest["versions"] = versions()
+        write_json_atomic(tmp / MANIFEST, manifest)
+        (tmp / "README.md").write_text(model_card)
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    p = Path(path)
+    mf = p / MANIFEST if p.is_dir() else p.parent / MANIFEST
+    if not mf.is_file():
+        raise SourceError(f"{path} is not an ibnorm conversion (no {MANIFEST})")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError:
+        raise SourceError(f"{mf} is corrupt (not JSON)") from None
+    if manifest.get("format") != FORMAT:
+        raise SourceError(f"{mf}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def _skeleton(path: Path, manifest: dict) -> nn.Module:
+    if manifest["family"] == "timm":
+        import timm
+
+        cfg = json.loads((path / "config.json").read_text())
+        return timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes") or 1000)
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    auto = transformers.AutoModelForCausalLM if manifest["task"] == "causal-lm" else transformers.AutoModel
+    return auto.from_config(config, dtype=torch.float32)
+
+
+def _install_ibnorm_layers(model: nn.Module, manifest: dict) -> None:
+    from ..layers import from_spec
+    from ..recognize import recognize
+    from ..surgery import set_submodule
+
+    op = manifest["options"]["op"]
+    for layer in manifest["layers"]:
+        try:
+            module = model.get_submodule(layer["name"])
+        except AttributeError:
+            raise IBNormError(f"manifest names layer {layer['name']!r}, which the architecture does not have") from None
+        spec = recognize(module)
+        if spec is None:
+            raise IBNormError(f"manifest names {layer['name']!r} as a norm, but it is a {type(module).__name__}")
+        new = from_spec(spec, op=op, lam=torch.zeros(layer["lam_shape"]), variant=layer["variant"])
+        if type(new).__name__ != layer["new_class"]:
+            raise IBNormError(f"manifest says {layer['name']} is {layer['new_class']}, rebuilt as {type(new).__name__}")
+        set_submodule(model, layer["name"], new)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a converted model ready to run (eval mode), checking the manifest against the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"not a converted model directory: {path}")
+    manifest = read_manifest(path)
+    index = TensorIndex.open(path)
+    for layer in manifest["layers"]:
+        key = f"{layer['name']}.lam"
+        if key not in index:
+            raise IBNormError(f"manifest and weights disagree: {key} is missing from the weights")
+        if list(index.tensors[key].shape) != list(layer["lam_shape"]):
+            raise IBNormError(f"manifest and weights disagree: {key} has shape {list(index.tensors[key].shape)}, manifest says {layer['lam_shape']}")
+    model = _skeleton(path, manifest)
+    _install_ibnorm_layers(model, manifest)
+    state = {name: index.get(name) for name in index.tensors}
+    index.close()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise IBNormError(f"weights do not fit the architecture: unexpected tensor {unexpected[0]!r} (+{len(unexpected) - 1} more)")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    loaded_ptrs = {p.data_ptr() for n, p in model.state_dict().items() if n in state}
+    really_missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded_ptrs]
+    if really_missing:
+        raise IBNormError(f"weights are incomplete: {really_missing[0]!r} missing (+{len(really_missing) - 1} more)")
+    want_dtype = dtype or getattr(torch, manifest.get("dtype", "float32"))
+    model.to(device=device, dtype=want_dtype)
+    return model.eval()

@@ -1,0 +1,173 @@
+"""A checkpoint as an index of tensors: headers parsed, data read only on request.
+
+Reads the safetensors format directly (8-byte little-endian header length, JSON
+header, data), so truncated or corrupt files are reported before anything loads.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import SourceError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+INDEX_NAME = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """(metadata, tensors) of one safetensors file; raises SourceError if it is malformed."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise SourceError(f"{path} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, _MAX_HEADER):
+                raise SourceError(f"{path} is truncated or not a safetensors file (header length {n} > file size {size})")
+            header_bytes = f.read(n)
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SourceError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path} is corrupt: unexpected safetensors header")
+    meta = header.pop("__metadata__", {}) or {}
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, t in header.items():
+        try:
+            dtype, shape, (b, e) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"{path} is corrupt: bad entry for tensor {name!r}") from None
+        expect = ITEMSIZE.get(dtype, 0) * _prod(shape)
+        if e - b != expect or b < 0:
+            raise SourceError(f"{path} is corrupt: tensor {name!r} has {e - b} bytes, expected {expect}")
+        if data_start + e > size:
+            raise SourceError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + e}, file has {size}")
+        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + b, data_start + e)
+    return meta, tensors
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def validate_safetensors_file(path: Path) -> None:
+    read_header(path)
+
+
+def validate_safetensors_dir(path: Path) -> None:
+    """Check every safetensors file (and the shard index) of a model directory."""
+    if (path / INDEX_NAME).exists():
+        TensorIndex.open(path)
+        return
+    for f in sorted(path.glob("*.safetensors")):
+        read_header(f)
+
+
+class TensorIndex:
+    """Name → :class:`TensorInfo` over a file, a sharded directory (with its index) or a plain directory."""
+
+    def __init__(self, tensors: dict[str, TensorInfo], metadata: dict, files: list[Path], root: Path) -> None:
+        self.tensors, self.metadata, self.files, self.root = tensors, metadata, files, root
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "TensorIndex":
+        path = Path(path)
+        if not path.exists():
+            raise SourceError(f"not found: {path}")
+        if path.is_file():
+            meta, tensors = read_header(path)
+            return cls(tensors, meta, [path], path.parent)
+        index_file = path / INDEX_NAME
+        if index_file.exists():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SourceError(f"{index_file} is corrupt (no weight_map)") from None
+            files = sorted({path / f for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise SourceError(f"{index_file} names a missing shard: {f.name}")
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise SourceError(f"no safetensors files in {path}")
+        tensors: dict[str, TensorInfo] = {}
+        meta: dict = {}
+        for f in files:
+            m, t = read_header(f)
+            meta.update(m)
+            tensors.update(t)
+        if weight_map is not None:
+            for name, fname in weight_map.items():
+                info = tensors.get(name)
+                if info is None or info.file.name != fname:
+                    raise SourceError(f"{index_file} maps {name!r} to {fname}, which does not contain it")
+        return cls(tensors, meta, files, path)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped; the copy is the only allocation)."""
+        info = self.tensors[name]
+        if info.dtype not in DTYPES:
+            raise SourceError(f"tensor {name!r} has unsupported dtype {info.dtype}")
+        mm = self._maps.get(info.file)
+        if mm is None:
+            with open(info.file, "rb") as f:
+                mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = mm[info.begin : info.end]
+        t = torch.frombuffer(bytearray(buf), dtype=DTYPES[info.dtype]) if buf else torch.empty(0, dtype=DTYPES[info.dtype])
+        return t.reshape(info.shape)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            mm.close()
+        self._maps.clear()
