@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import functional
+from . import errors, functional
 from .compression import COMPRESSION_OPS, compress
 from .layers import (
     VARIANTS,

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import image_folder, load_images, read_texts, token_blocks
+
 
 def _batches(n: int, batch_size: int):
     for i in range(0, n, batch_size):
@@ -91,3 +93,41 @@ def top1(logits: Tensor, labels: Tensor) -> float:
 def kl_from_logits(ref_logits: Tensor, logits: Tensor) -> float:
     logp, logq = F.log_softmax(ref_logits, -1), F.log_softmax(logits, -1)
     return float((logp.exp() * (logp - logq)).sum(-1).mean())
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    p = next(iter(model.parameters()), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+def evaluate_model(loaded, model: nn.Module, data: str, seq_len: int, max_tokens: int,
+                   text_field: str = "text") -> dict:
+    """The figure a user judges a model by: perplexity (causal LM), top-1 (images) or embeddings (encoder)."""
+    if loaded.task == "image-classifier":
+        import timm
+
+        cfg = timm.data.resolve_data_config({}, model=model)
+        images, labels = load_images(image_folder(data), timm.data.create_transform(**cfg))
+        logits = image_logits(model, images.to(_param_dtype(model)))
+        return {"metric": "top-1", "value": top1(logits, labels), "images": len(images), "_logits": logits}
+    ids = token_blocks(loaded.tokenizer, read_texts(data, text_field), seq_len, max(1, max_tokens // seq_len))
+    if loaded.task == "causal-lm":
+        r = perplexity(model, ids, window=seq_len)
+        return {"metric": "perplexity", "value": r["perplexity"], **{k: r[k] for k in ("tokens", "window", "stride")}}
+    emb = embeddings(model, ids)
+    return {"metric": "embedding", "value": None, "blocks": len(ids), "_embeddings": emb}
+
+
+def compare(before: dict, after: dict) -> dict:
+    if before["metric"] == "embedding":
+        agree = embedding_agreement(before.pop("_embeddings"), after.pop("_embeddings"))
+        return {"metric": "embedding cosine (converted vs source)", "source": 1.0, "converted": agree["mean_cosine"],
+                "min_cosine": agree["min_cosine"]}
+    if before["metric"] == "top-1":
+        agree = float((before.pop("_logits").argmax(-1) == after.pop("_logits").argmax(-1)).float().mean())
+        return {"metric": "top-1", "source": before["value"], "converted": after["value"], "prediction_agreement": agree}
+    return {"metric": before["metric"], "source": before["value"], "converted": after["value"],
+            "relative_change": after["value"] / before["value"] - 1.0,
+            **{k: before[k] for k in ("tokens", "window", "stride")}}
+
+

@@ -12,11 +12,11 @@ from .render import err_console
 
 @contextmanager
 def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
-    if not enabled:
+    if not enabled or not err_console.is_terminal:
         yield lambda *_: None
         return
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=False) as bar:
+    with Progress(*columns, console=err_console, transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:

@@ -195,15 +195,25 @@ def _load_timm(source: str, name: str, weights: str | None, pretrained: bool, al
 
     if not timm.list_models(name) and name not in timm.list_models():
         raise SourceError(f"unknown timm architecture {name!r}")
+    state = _read_state_dict(Path(weights), allow_pickle) if weights else None
+    kwargs = {}
+    if state is not None:
+        # The classifier in the weights decides the class count (timm names it in pretrained_cfg).
+        head = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier")
+        head = head[0] if isinstance(head, (list, tuple)) else head
+        if head and f"{head}.weight" in state:
+            kwargs["num_classes"] = state[f"{head}.weight"].shape[0]
     try:
-        model = timm.create_model(name, pretrained=pretrained and weights is None)
+        model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
     except Exception as e:
         raise SourceError(
             f"cannot create timm:{name} with pretrained weights ({_first_line(e)}); pass --weights FILE.safetensors or --random-weights"
         ) from None
-    if weights:
-        state = _read_state_dict(Path(weights), allow_pickle)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+    if state is not None:
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise SourceError(f"{weights} does not fit timm:{name}: {str(e).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise SourceError(f"{weights} does not fit timm:{name}: {len(missing)} missing, {len(unexpected)} unexpected tensors (e.g. {(missing or unexpected)[0]})")
     if dtype is not None:
