@@ -107,8 +107,6 @@ def save_converted(
     with atomic_directory(out, force) as tmp:
         if family == "hf":
             config = model.config
-            if getattr(config, "quantization_config", None) is not None:  # GGUF: weights are dequantized
-                del config.quantization_config
             config.ibnorm = {"format": FORMAT, "manifest": MANIFEST, "op": manifest["options"]["op"]}
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=shard_size)
             if tokenizer is not None:

@@ -180,6 +180,12 @@ def _load_hf(
     except Exception as e:
         raise SourceError(f"cannot load {source}: {_first_line(e)}") from None
     model.eval()
+    if gguf_file:
+        # GGUF tensors are dequantized on load: drop the quantizer marker so the model saves as plain weights.
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.is_quantized = False
     tokenizer = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
