@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -52,8 +51,12 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
     path = Path(source)
     if not path.exists():
         raise DataError(f"data not found: {source}")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (".jsonl",))
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        docs = _saved_dataset_texts(path, text_field)
+    elif path.suffix.lower() == ".parquet":
+        docs = _parquet_texts(path, text_field)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (".jsonl", ".parquet"))
         docs = [d for f in files for d in read_texts(str(f), text_field)]
     elif path.suffix.lower() == ".jsonl":
         docs = []
@@ -77,6 +80,30 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
     if not docs:
         raise DataError(f"no text found in {source}")
     return docs
+
+
+def _parquet_texts(path: Path, text_field: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=[text_field])
+    except Exception as e:
+        raise DataError(f"{path}: cannot read column {text_field!r} ({type(e).__name__}); set --text-field") from None
+    return [str(t) for t in table.column(text_field).to_pylist() if t is not None]
+
+
+def _saved_dataset_texts(path: Path, text_field: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: not a readable saved dataset ({type(e).__name__})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if text_field not in ds.column_names:
+        raise DataError(f"{path}: no {text_field!r} column (columns: {', '.join(ds.column_names)}); set --text-field")
+    return [str(t) for t in ds[text_field] if t is not None]
 
 
 def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
@@ -143,7 +170,3 @@ def load_images(folder: ImageFolder, transform, max_images: int | None = None) -
         with Image.open(p) as im:
             xs.append(transform(im.convert("RGB")))
     return torch.stack(xs), torch.tensor(folder.labels[:n])
-
-
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))

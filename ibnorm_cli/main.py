@@ -30,19 +30,16 @@ def main(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """ibnorm: model surgery with IBNorm."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ibnorm shows its own progress
+    try:
+        import transformers
+
+        transformers.logging.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
-def _not_implemented(name: str) -> None:
-    from .render import err_console
-
-    err_console.print(f"[yellow]ibnorm {name}: not implemented yet[/yellow]")
-    raise typer.Exit(3)
-
-
-@app.command()
-def finetune() -> None:
-    """Short adaptation fine-tune of a converted model (not implemented yet)."""
-    _not_implemented("finetune")
-
-
-from . import commands  # noqa: E402,F401  registers convert / inspect / eval / layers
+from . import commands, finetune_cmd  # noqa: E402,F401  register the commands

