@@ -101,10 +101,14 @@ def global_batch_indices(step: int, micro: int, n_blocks: int, global_micro_batc
 
 
 def _select_trainable(model: nn.Module, mode: str, lora_rank: int) -> nn.Module:
-    """Freeze what does not train; λ always becomes learnable."""
+    """Freeze what does not train.  IBNorm λ always becomes learnable; a model without IBNorm
+    (the baseline fine-tune of a source model) trains its original norms in ``norms`` mode."""
+    from .surgery import find_norms
+
     for m in model.modules():
         if isinstance(m, IBNormBase) and not m.lam_is_learnable:
             m.set_lambda(m.lam.detach(), learnable=True)
+    norms = [m for m in model.modules() if isinstance(m, IBNormBase)] or [s.module for s in find_norms(model)[0]]
     if mode == "all":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -115,10 +119,9 @@ def _select_trainable(model: nn.Module, mode: str, lora_rank: int) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear", lora_dropout=0.0))
-    for m in model.modules():
-        if isinstance(m, IBNormBase):
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(True)
+    for m in norms:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(True)
     return model
 
 
@@ -205,9 +208,9 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
     random.seed(opts.seed)
 
     loaded = open_model(path)
-    manifest = loaded.info.get("manifest")
-    if manifest is None or loaded.family != "hf" or loaded.task != "causal-lm":
-        raise IBNormError(f"{path}: fine-tuning needs a converted causal language model (ibnorm convert output)")
+    manifest = loaded.info.get("manifest")  # None: a source model, fine-tuned as the baseline
+    if loaded.family != "hf" or loaded.task != "causal-lm":
+        raise IBNormError(f"{path}: fine-tuning needs a causal language model (an `ibnorm convert` output, or its source as a baseline)")
     if loaded.tokenizer is None:
         raise IBNormError(f"{path} has no tokenizer files")
     blocks = token_blocks(loaded.tokenizer, texts, opts.seq_len)
@@ -248,7 +251,7 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
         result.losses, result.evals, result.lambda_trajectory = prog["losses"], prog["evals"], prog["lambda_trajectory"]
 
     device = accelerator.device
-    if opts.compare_source and accelerator.is_main_process and not opts.resume:
+    if opts.compare_source and manifest is not None and accelerator.is_main_process and not opts.resume:
         result.source_eval = _source_eval(manifest, eval_blocks, opts)
     if start == 0:
         result.evals.append({"step": 0, **_eval_loss(model, eval_blocks, opts.batch_size, device)})
@@ -333,30 +336,46 @@ def _source_eval(manifest: dict, eval_blocks: Tensor, opts: FinetuneOptions) -> 
     return _eval_loss(src.model, eval_blocks, opts.batch_size, "cpu")
 
 
-def _write_output(model: nn.Module, loaded, manifest: dict, out: Path, opts: FinetuneOptions, result: FinetuneResult) -> None:
-    if opts.train == "lora":
-        model = model.merge_and_unload()
-    for m in model.modules():  # saved and reported λ is the effective one
-        if isinstance(m, IBNormBase):
-            m.lam.data.clamp_(min=0.0)
-    manifest = json.loads(json.dumps(manifest))  # a copy
+def _finetune_record(opts: FinetuneOptions, result: FinetuneResult) -> dict:
     final = result.evals[-1]
-    manifest["finetune"] = {
+    return {
         "data": opts.data, "eval_data": opts.eval_data or "held-out 10% of --data", "steps": opts.steps, "train": opts.train,
         "lr": opts.lr, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "seq_len": opts.seq_len, "seed": opts.seed,
         "final": {"loss": final["loss"], "perplexity": final["perplexity"]},
         "before": result.evals[0] if result.evals else None, "source": result.source_eval, "kernel": result.kernel,
     }
+
+
+def _metrics_files(result: FinetuneResult) -> dict[str, bytes]:
+    from .plot import loss_curve_png
+
+    metrics = "".join(json.dumps({"step": i + 1, "loss": l}) + "\n" for i, l in enumerate(result.losses))
+    metrics += "".join(json.dumps({"eval": e}) + "\n" for e in result.evals)
+    return {"metrics.jsonl": metrics.encode(), "loss_curve.png": loss_curve_png(result.losses, result.evals)}
+
+
+def _write_output(model: nn.Module, loaded, manifest: dict | None, out: Path, opts: FinetuneOptions, result: FinetuneResult) -> None:
+    if opts.train == "lora":
+        model = model.merge_and_unload()
+    if manifest is None:  # baseline: a plain transformers directory plus the fine-tune record
+        with atomic_directory(out, opts.force) as tmp:
+            model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / "ibnorm_finetune.json", {"source": loaded.source, "finetune": _finetune_record(opts, result)})
+            for name, data in _metrics_files(result).items():
+                (tmp / name).write_bytes(data)
+        return
+    for m in model.modules():  # saved and reported λ is the effective one
+        if isinstance(m, IBNormBase):
+            m.lam.data.clamp_(min=0.0)
+    manifest = json.loads(json.dumps(manifest))  # a copy
+    manifest["finetune"] = _finetune_record(opts, result)
+    final = result.evals[-1]
     for layer in manifest["layers"]:
         lam = model.get_submodule(layer["name"]).effective_lam.float().reshape(-1)
         layer.update(lam_mean=float(lam.mean()), lam_min=float(lam.min()), lam_max=float(lam.max()),
                      frac_lam_ge_0_1=float((lam >= 0.1).float().mean()), frac_lam_zero=float((lam == 0).float().mean()))
-    metrics = "".join(json.dumps({"step": i + 1, "loss": l}) + "\n" for i, l in enumerate(result.losses))
-    metrics += "".join(json.dumps({"eval": e}) + "\n" for e in result.evals)
-    from .plot import loss_curve_png
-
     save_converted(model, out, manifest, family="hf", tokenizer=loaded.tokenizer, hf_dir=loaded.hf_dir, force=opts.force,
                    model_card=f"# Fine-tuned IBNorm model\n\n{opts.steps} steps ({opts.train}) on `{opts.data}`: "
                               f"held-out perplexity {result.evals[0]['perplexity']:.4g} → {final['perplexity']:.4g}.\n",
-                   extra_files={"metrics.jsonl": metrics.encode(),
-                                "loss_curve.png": loss_curve_png(result.losses, result.evals)})
+                   extra_files=_metrics_files(result))

@@ -136,3 +136,16 @@ def test_two_processes_match_one(converted, tmp_path):
     assert abs(a["final_loss"] - b["final_loss"]) < 1e-5
     sa, sb = ibnorm.load(tmp_path / "one").state_dict(), ibnorm.load(tmp_path / "two").state_dict()
     assert max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa) < 1e-4
+
+
+def test_baseline_finetune_of_source_trains_original_norms(converted, tmp_path):
+    src = converted.parent / "src"
+    result = finetune(str(src), _opts(tmp_path, train="norms", steps=3))
+    out = Path(result.out)
+    assert (out / "ibnorm_finetune.json").exists() and (out / "loss_curve.png").exists()
+    import transformers
+
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(out)
+    orig = transformers.AutoModelForCausalLM.from_pretrained(src)
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, orig.state_dict()[k])]
+    assert changed and all("norm" in k for k in changed)
