@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import evaluate
 from .calibration import LayerFit, capture_inputs, fit_layer, fit_layer_data_free, refit_for_lambda
+from .calibration.pipeline import calibrate_blocks, catch_block_inputs, find_blocks
 from .data import image_folder, is_image_folder, load_images, read_texts, token_blocks
 from .errors import IBNormError
 from .io.sources import LoadedModel
@@ -138,7 +139,7 @@ class _Calibration:
         model, bs = self.loaded.model, self.opts.batch_size
         for i in range(0, len(self.inputs), bs):
             chunk = self.inputs[i : i + bs]
-            model(chunk) if self.kind == "images" else model(input_ids=chunk)
+            model(chunk) if self.kind == "images" else model(input_ids=chunk, use_cache=False)
 
     def _outputs(self, model: nn.Module) -> Tensor:
         if self.kind == "images":
@@ -175,46 +176,53 @@ def convert_model(loaded: LoadedModel, opts: ConvertOptions, progress: Progress 
                           + (f" ({len(skipped)} skipped: {skipped[0].reason})" if skipped else ""))
     calibration: dict = {"mode": "data-free" if opts.calib is None else "data",
                          "tolerance": opts.tolerance, "fixed_lam": opts.lam}
+    fits: dict[str, LayerFit] = {}
     inputs: dict[str, Tensor] = {}
+
+    def fit(site: NormSite, x: Tensor | None) -> LayerFit:
+        if x is None:
+            fits[site.name] = fit_layer_data_free(site.spec, opts.op, opts.tolerance, opts.lam)
+        else:
+            fits[site.name] = fit_layer(site.spec, site.module, x, opts.op, opts.tolerance, opts.lam)
+        return fits[site.name]
+
     calib = None
-    if opts.calib is not None:
-        calib = _Calibration(loaded, opts)
-        calibration.update(calib.describe)
-        progress("capturing norm inputs", 0, 1)
-        channel_names = [s.name for s in sites if s.spec.kind in ("batch", "group")]
-        inputs = capture_inputs(model, {s.name: s.module for s in sites}, calib.run_all, opts.max_rows, channel_names, opts.seed)
-        progress("capturing norm inputs", 1, 1)
-    else:
+    if opts.calib is None:
         calibration["assumption"] = (
             "data-free: standardized deviations z assumed N(0,1) in every channel; one λ per layer; "
             "outlier channels cannot be seen without data (use --calib for language models)"
         )
-
-    def fit_all(scale: float = 1.0, previous: dict[str, LayerFit] | None = None) -> dict[str, LayerFit]:
-        fits = {}
         for i, site in enumerate(sites):
             progress("calibrating layers", i, len(sites))
-            x = inputs.get(site.name)
-            if previous is not None:
-                fits[site.name] = refit_for_lambda(site.spec, site.module, x, opts.op, previous[site.name].lam * scale)
-            elif x is None:
-                fits[site.name] = fit_layer_data_free(site.spec, opts.op, opts.tolerance, opts.lam)
-            else:
-                fits[site.name] = fit_layer(site.spec, site.module, x, opts.op, opts.tolerance, opts.lam)
-        progress("calibrating layers", len(sites), len(sites))
-        return fits
-
-    fits = fit_all()
-    new = replace_norms(model, sites, lambda s: _build(s, fits[s.name], opts))
+            fit(site, None)
+        new = replace_norms(model, sites, lambda s: _build(s, fits[s.name], opts))
+    else:
+        calib = _Calibration(loaded, opts)
+        calibration.update(calib.describe)
+        blocks = find_blocks(model) if loaded.family == "hf" and calib.kind == "tokens" else None
+        if blocks is not None:
+            calibration["order"] = f"block by block ({blocks.path}): each block sees the outputs of converted earlier blocks"
+            inputs = _calibrate_sequential(model, blocks, sites, calib, opts, fit, progress)
+        else:
+            calibration["order"] = "all layers from the source model's activations"
+            progress("capturing norm inputs", 0, 1)
+            channel_names = [s.name for s in sites if s.spec.kind in ("batch", "group")]
+            inputs = capture_inputs(model, {s.name: s.module for s in sites}, calib.run_all, opts.max_rows, channel_names, opts.seed)
+            for i, site in enumerate(sites):
+                progress("calibrating layers", i, len(sites))
+                fit(site, inputs.get(site.name))
+            replace_norms(model, sites, lambda s: _build(s, fits[s.name], opts))
+        new = {s.name: model.get_submodule(s.name) for s in sites}
     end_to_end: dict = {}
     if calib is not None:
         drift = calib.drift(model)
         end_to_end = {"metric": calib.metric_name, "budget": opts.budget, "value": drift, "backoff_factor": 1.0}
         if opts.lam is None and drift > opts.budget:
-            calibrated = fits
+            calibrated = dict(fits)
             for factor in _E2E_BACKOFF:
                 progress(f"backing off λ ×{factor}", 0, 1)
-                fits = fit_all(factor, calibrated)
+                for site in sites:
+                    fits[site.name] = refit_for_lambda(site.spec, site.module, inputs[site.name], opts.op, calibrated[site.name].lam * factor)
                 current = [NormSite(s.name, new[s.name], s.spec) for s in sites]
                 new = replace_norms(model, current, lambda s: _build(s, fits[s.name], opts))
                 drift = calib.drift(model)
@@ -224,6 +232,41 @@ def convert_model(loaded: LoadedModel, opts: ConvertOptions, progress: Progress 
         end_to_end["within_budget"] = drift <= opts.budget
     records = [_lam_record(s, new[s.name], fits[s.name], _variant_of(new[s.name]), opts.op) for s in sites]
     return ConversionResult(model, records, skipped, calibration, end_to_end, time.perf_counter() - t0)
+
+
+def _calibrate_sequential(model: nn.Module, blocks, sites: list[NormSite], calib: "_Calibration", opts: ConvertOptions,
+                          fit, progress: Progress) -> dict[str, Tensor]:
+    """Norms before the blocks, then each block in order, then the norms after them."""
+    wanted = {s.name for s in sites}
+    outside = [s for s in sites if not s.name.startswith(blocks.path + ".")]
+    batches = [calib.inputs[i : i + opts.batch_size] for i in range(0, len(calib.inputs), opts.batch_size)]
+
+    def run_batch(b: Tensor) -> None:
+        model(input_ids=b, use_cache=False)
+
+    holder: dict = {}
+
+    def catch() -> None:
+        holder["calls"] = catch_block_inputs(blocks, run_batch, batches)
+
+    progress("capturing block inputs", 0, 1)
+    pre_inputs = capture_inputs(model, {s.name: s.module for s in outside}, catch, opts.max_rows, (), opts.seed)
+    pre = [s for s in outside if s.name in pre_inputs]
+    if pre:  # e.g. an embedding LayerNorm: convert it, then catch the block inputs again
+        replace_norms(model, pre, lambda s: _build(s, fit(s, pre_inputs[s.name]), opts))
+        catch()
+    inputs = dict(pre_inputs)
+    results, _ = calibrate_blocks(
+        blocks, holder["calls"], lambda ss: [s for s in ss if s.name in wanted],
+        lambda s, x: _build(s, fit(s, x), opts), opts.max_rows, opts.seed, progress=progress)
+    for r in results:
+        inputs.update(r.inputs)
+    post = [s for s in outside if s.name not in pre_inputs]
+    if post:  # e.g. the final norm: the converted blocks feed it
+        post_inputs = capture_inputs(model, {s.name: s.module for s in post}, calib.run_all, opts.max_rows, (), opts.seed)
+        replace_norms(model, post, lambda s: _build(s, fit(s, post_inputs.get(s.name)), opts))
+        inputs.update(post_inputs)
+    return inputs
 
 
 def _variant_of(m: IBNormBase) -> str:

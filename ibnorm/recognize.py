@@ -36,6 +36,7 @@ class NormSpec:
     running_var: Tensor | None = None
     num_batches_tracked: Tensor | None = None
     batch_dims: tuple[int, ...] | None = None  # allowed input ranks for batch norms
+    weight_offset: float = 0.0  # stored weight + offset = effective weight (1.0 for Gemma's x·(1+w))
     channel_dim: int = -1  # row kinds: 1 for channels-first layouts (timm's LayerNorm2d)
     activation: nn.Module | None = None  # timm's BatchNormAct2d / GroupNormAct: kept after the norm
     note: str = ""  # how the source was interpreted (shown in surgery tables)
@@ -61,12 +62,33 @@ def recognize(module: nn.Module) -> NormSpec | None:
 
     if isinstance(module, IBNormBase):
         return None
+    probe = _materialized_copy(module) if _is_meta(module) else module
     for _, fn in _RECOGNIZERS:
-        spec = fn(module)
+        spec = fn(probe)
         if spec is not None:
             spec.source_class = f"{type(module).__module__}.{type(module).__qualname__}"
             return spec
     return None
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters(recurse=False))
+
+
+@torch.no_grad()
+def _materialized_copy(module: nn.Module) -> nn.Module:
+    """A CPU copy with random weights of a meta-device norm (cheap: norms are small), so a
+    skeleton built without weights can be recognized.  Only its kind/shape/eps are meaningful."""
+    import copy
+
+    if sum(t.numel() for t in module.parameters()) > 1 << 22:  # not a norm: do not materialize big modules
+        return module
+    clone = copy.deepcopy(module).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(99)
+    for t in list(clone.parameters()) + list(clone.buffers()):
+        if t.is_floating_point():
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+    return clone
 
 
 def _param(module: nn.Module, name: str) -> Tensor | None:
@@ -203,7 +225,7 @@ def _probe_row_norm(m: nn.Module) -> NormSpec | None:
         if torch.allclose(yf, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item())):
             # Gemma's 1 + w is kept in float32, where the source computes it.
             eff_weight = weight if cw is w else cw
-            spec = NormSpec(kind, (hidden,), eps, eff_weight, bias, note=note)
+            spec = NormSpec(kind, (hidden,), eps, eff_weight, bias, note=note, weight_offset=1.0 if note else 0.0)
             spec.channel_dim = 1 if channels_first else -1
             return spec
     return None
