@@ -1,0 +1,92 @@
+"""Streaming (block-by-block, from the shards) conversion equals whole-model conversion."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ibnorm
+from ibnorm.errors import IBNormError
+from ibnorm.io.safetensors_index import TensorIndex
+from models import tiny_lm_with_tokenizer
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def sharded(request, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp(request.param) / "src"
+    tiny_lm_with_tokenizer(d, kind=request.param, max_shard_size="30KB")
+    assert len(list(d.glob("*.safetensors"))) > 1
+    return d
+
+
+@pytest.mark.parametrize("mode", ["fixed", "data-free", "calibrated"])
+def test_streamed_equals_whole_model(sharded, tmp_path, mode):
+    opts = {"fixed": dict(lam=0.25), "data-free": {},
+            "calibrated": dict(calib="builtin:pydoc:train", calib_samples=4, seq_len=64, budget=float("inf"))}[mode]
+    ibnorm.convert_checkpoint(str(sharded), tmp_path / "whole", ibnorm.ConvertOptions(**opts), stream="never")
+    _, manifest = ibnorm.convert_checkpoint(str(sharded), tmp_path / "stream", ibnorm.ConvertOptions(**opts), stream="always",
+                                            shard_size="40KB")
+    assert manifest["calibration"]["streaming"] and len(manifest["shards"]) > 1
+    src, out = TensorIndex.open(sharded), TensorIndex.open(tmp_path / "stream")
+    index = json.loads((tmp_path / "stream" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(out.tensors)  # the index maps every tensor
+    norm_modules = {l["name"] for l in manifest["layers"]}
+    for name in src.tensors:
+        if name.rsplit(".", 1)[0] not in norm_modules:  # copied tensors: same dtype, same bytes
+            assert src.tensors[name].dtype == out.tensors[name].dtype
+            assert torch.equal(src.get(name), out.get(name)), name
+    whole, streamed = ibnorm.load(tmp_path / "whole"), ibnorm.load(tmp_path / "stream")
+    sw, ss = whole.state_dict(), streamed.state_dict()
+    assert set(sw) == set(ss)
+    for k in sw:
+        torch.testing.assert_close(sw[k], ss[k], rtol=1e-6, atol=1e-6)
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(whole(input_ids=ids).logits, streamed(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_index_naming_a_missing_shard(sharded, tmp_path):
+    bad = _copy(sharded, tmp_path / "bad")
+    sorted(bad.glob("model-*.safetensors"))[-1].unlink()
+    with pytest.raises(IBNormError, match="missing shard"):
+        ibnorm.convert_checkpoint(str(bad), tmp_path / "out", ibnorm.ConvertOptions(lam=0.1), stream="always")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_shard_missing_a_tensor(sharded, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = _copy(sharded, tmp_path / "bad")
+    shard = sorted(bad.glob("model-*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(IBNormError, match="does not contain it"):
+        ibnorm.convert_checkpoint(str(bad), tmp_path / "out", ibnorm.ConvertOptions(lam=0.1), stream="always")
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_mode_refuses_unstreamable_model_that_does_not_fit(tmp_path, monkeypatch):
+    import psutil
+    import transformers
+
+    d = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=64, vocab_size=100)).save_pretrained(d)
+
+    class Tiny:
+        available = 1000
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    with pytest.raises(IBNormError, match=r"needs about .* GiB.*cannot be streamed"):
+        ibnorm.convert_checkpoint(str(d), tmp_path / "out", ibnorm.ConvertOptions(lam=0.1))
+    assert not (tmp_path / "out").exists()
