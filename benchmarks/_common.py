@@ -50,3 +50,18 @@ def save_markdown(path: str, title: str, columns: list[str], rows: list[list[str
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def print_and_save(path: str, title: str, columns: list[str], rows: list[list[str]], width: int = 220) -> None:
+    """Print the results as a rich table (with the command and machine) and save them as markdown."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption=f"{command()}\n{machine()}")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*r)
+    Console(width=width).print(table)
+    save_markdown(path, title, columns, rows)
+    print(f"saved {path}")

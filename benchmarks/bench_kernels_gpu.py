@@ -16,11 +16,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import command, machine, save_markdown, time_ms  # noqa: E402
+from _common import print_and_save, time_ms  # noqa: E402
 from ibnorm import functional as IBF  # noqa: E402
 
 SHAPES = [(4096, 1024), (4096, 4096), (4096, 8192), (4096, 16384), (65536, 128)]
@@ -102,15 +100,8 @@ def main() -> None:
                                  ratio("eager"), ratio("compiled"), ratio("torch"), ratio("liger")])
                     print(rows[-1], flush=True)
     title = f"IBNorm fused row kernels, {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s (ratios: fwd+bwd time of ours ÷ theirs)"
-    table = Table(title=title, caption=f"{command()}\n{machine()}")
-    for c in cols:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*r)
-    Console(width=240).print(table)
     dev = torch.cuda.get_device_name().replace(" ", "_")
-    save_markdown(args.out or f"benchmarks/results/kernels_{dev}.md", title, cols, rows)
-
+    print_and_save(args.out or f"benchmarks/results/kernels_{dev}.md", title, cols, rows, width=240)
 
 if __name__ == "__main__":
     main()

@@ -10,13 +10,11 @@ import os
 import sys
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ibnorm  # noqa: E402
-from _common import command, machine, save_markdown, time_ms  # noqa: E402
+from _common import print_and_save, time_ms  # noqa: E402
 
 
 def cases(quick: bool):
@@ -56,14 +54,7 @@ def main() -> None:
             i_fwd, i_fb = time_ms(lambda: fwd(ib)), time_ms(lambda: fwd_bwd(ib))
             rows.append([variant, op, shape_name, f"{t_fwd:.3f}", f"{i_fwd:.3f}", f"{i_fwd / t_fwd:.2f}", f"{t_fb:.3f}", f"{i_fb:.3f}", f"{i_fb / t_fb:.2f}"])
     title = "IBNorm reference vs torch norms, CPU, float32, train mode, λ = 0.5"
-    t = Table(title=title, caption=f"{command()}\n{machine()}")
-    for c in columns:
-        t.add_column(c, justify="right" if "ms" in c or "ratio" in c else "left")
-    for r in rows:
-        t.add_row(*r)
-    Console(width=200).print(t)
-    save_markdown(args.out, title, columns, rows)
-    print(f"saved {args.out}")
+    print_and_save(args.out, title, columns, rows)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ import sys
 import time
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(__file__))
 import ibnorm  # noqa: E402
-from _common import command, machine, save_markdown  # noqa: E402
+from _common import print_and_save  # noqa: E402
 from ibnorm import evaluate  # noqa: E402
 from ibnorm.data import read_texts, token_blocks  # noqa: E402
 from ibnorm.io.sources import load_source  # noqa: E402
@@ -57,13 +55,7 @@ def main() -> None:
                          f"{base:.3f}", f"{ppl:.3f}", f"{100 * (ppl / base - 1):+.2f}%", f"{res.seconds:.1f}"])
             print(rows[-1], flush=True)
     title = f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32), op {args.op}: calibrated conversion (model load {load_s:.1f} s, not included)"
-    t = Table(title=title, caption=f"{command()}\n{machine()}")
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*r)
-    Console(width=220).print(t)
-    save_markdown(args.out, title, columns, rows)
+    print_and_save(args.out, title, columns, rows)
 
 
 if __name__ == "__main__":

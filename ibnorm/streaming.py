@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,7 @@ from .data import read_texts, token_blocks
 from .errors import IBNormError
 from .io.checkpoint import FORMAT, MANIFEST, _copy_side_files, atomic_directory, versions, write_json_atomic
 from .io.safetensors_index import TensorIndex
-from .io.stream_writer import DTYPE_NAMES, PlannedTensor, ShardedWriter, parse_size
+from .io.stream_writer import PlannedTensor, ShardedWriter, parse_size
 from .recognize import recognize
 from .surgery import NormSite, find_norms
 
@@ -193,7 +192,6 @@ def convert_streaming(
         cfg["ibnorm"] = {"format": FORMAT, "manifest": MANIFEST, "op": opts.op}
         write_json_atomic(tmp / "config.json", cfg)
         copied = _copy_side_files(source_dir, tmp)
-        dtype = _source_dtype(index, sites[0]) if sites else torch.float32
         records.sort(key=lambda r: [s.name for s in sites].index(r.name))
         result = ConversionResult(None, records, skipped, calibration, {}, time.perf_counter() - t0)
         manifest = {

@@ -91,8 +91,6 @@ def test_timm_random_weights_lam0_and_round_trip(name, tmp_path):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         before = model(x)
-    import timm
-
     res0, _ = ibnorm.convert_checkpoint(f"timm:{name}", tmp_path / "lam0", ibnorm.ConvertOptions(lam=0.0), weights=str(wfile))
     # the checkpoint's classifier has 10 classes, timm's default 1000: weights must fit
     with torch.no_grad():

@@ -68,7 +68,7 @@ def test_bn_act_keeps_activation():
     model = tiny_timm("efficientnet_b0")
     bn = model.bn1
     act_type = type(bn.act)
-    res = _convert_lam0(LoadedModel(model, "timm", "image-classifier", "e", "e"))
+    _convert_lam0(LoadedModel(model, "timm", "image-classifier", "e", "e"))
     assert isinstance(model.bn1, ibnorm.IBBatchNorm2d) and isinstance(model.bn1.act, act_type)
 
 

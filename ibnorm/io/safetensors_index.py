@@ -1,4 +1,4 @@
-"""A checkpoint as an index of tensors: headers parsed, data read only on request.
+"""A checkpoint as an index of tensors: headers parsed, data read only on request (one tensor at a time).
 
 Reads the safetensors format directly (8-byte little-endian header length, JSON
 header, data), so truncated or corrupt files are reported before anything loads.
@@ -7,7 +7,7 @@ header, data), so truncated or corrupt files are reported before anything loads.
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +110,7 @@ class TensorIndex:
 
     def __init__(self, tensors: dict[str, TensorInfo], metadata: dict, files: list[Path], root: Path) -> None:
         self.tensors, self.metadata, self.files, self.root = tensors, metadata, files, root
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> "TensorIndex":
@@ -155,19 +155,29 @@ class TensorIndex:
         return len(self.tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped; the copy is the only allocation)."""
+        """Read one tensor: one positioned read into a fresh buffer, the only allocation.
+
+        (Plain reads rather than a memory map, so pages of the whole checkpoint do not pile up
+        in the process's resident memory while a large model streams through.)
+        """
         info = self.tensors[name]
         if info.dtype not in DTYPES:
             raise SourceError(f"tensor {name!r} has unsupported dtype {info.dtype}")
-        mm = self._maps.get(info.file)
-        if mm is None:
-            with open(info.file, "rb") as f:
-                mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = mm[info.begin : info.end]
-        t = torch.frombuffer(bytearray(buf), dtype=DTYPES[info.dtype]) if buf else torch.empty(0, dtype=DTYPES[info.dtype])
-        return t.reshape(info.shape)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        buf = bytearray(info.nbytes)
+        view, done = memoryview(buf), 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.begin + done)
+            if n <= 0:
+                raise SourceError(f"{info.file} is truncated (reading {name!r})")
+            done += n
+        if not buf:
+            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            mm.close()
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -12,7 +12,6 @@ import os
 import warnings
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 from .. import functional as IBF

@@ -43,6 +43,12 @@ class IBNormBase(nn.Module):
         else:
             self.register_buffer("lam", value)
 
+    def _init_affine(self, shape: Sequence[int], weight: bool, bias: bool, device=None, dtype=None) -> None:
+        """γ (ones) and β (zeros) of ``shape``, or None, as torch's norms create them."""
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(tuple(shape), **factory)) if weight else None
+        self.bias = nn.Parameter(torch.zeros(tuple(shape), **factory)) if weight and bias else None
+
     def attach_activation(self, drop: nn.Module, act: nn.Module) -> None:
         """Apply dropout then activation after the norm, as timm's ``*NormAct`` layers do.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional as IBF
 from .base import IBNormBase
@@ -38,13 +38,7 @@ class IBBatchNorm(IBNormBase):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine((num_features,), affine, affine, device, dtype)
         if track_running_stats:
             # Running statistics stay float32 whatever the parameter dtype, as mixed-precision BN does.
             stats = {"device": device, "dtype": torch.float32}

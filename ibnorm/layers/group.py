@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional as IBF
 from .base import IBNormBase
@@ -30,13 +29,7 @@ class IBGroupNorm(IBNormBase):
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
-        factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine((num_channels,), affine, affine, device, dtype)
         self._init_lambda(op, lam, (num_channels,), per_channel, learnable_lam)
 
     def _lam_channel_shape(self) -> tuple[int, ...]:

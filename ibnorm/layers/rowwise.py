@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .. import functional as IBF
 from .base import IBNormBase
 
 
@@ -36,13 +35,7 @@ class _IBRowNorm(IBNormBase):
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape, **factory))
-            self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self._init_affine(self.normalized_shape, elementwise_affine, bias, device, dtype)
         self._init_lambda(op, lam, self.normalized_shape, per_channel, learnable_lam)
 
     def _lam_channel_shape(self) -> tuple[int, ...]:
