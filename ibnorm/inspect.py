@@ -1,7 +1,7 @@
 """What is in a checkpoint, from its headers: tensors, dtypes, bytes, norm layers, λ statistics.
 
-Only headers are parsed; the small 1-D norm weights and λ tensors are read (memory-mapped)
-to flag NaN/Inf and out-of-range λ.  GGUF files are read through gguf's memory-mapped reader.
+Only headers are parsed; the small 1-D norm weights and λ tensors are read
+to flag NaN/Inf and out-of-range λ.  GGUF files are read through the gguf package's memory-mapped reader.
 """
 
 from __future__ import annotations
