@@ -1,51 +1,57 @@
-"""ibnorm — replace the normalization layers of pretrained models with calibrated IBNorm layers."""
+"""ibnorm — replace the normalization layers of pretrained models with calibrated IBNorm layers.
+
+Attributes load lazily (PEP 562) so that light commands such as ``ibnorm inspect`` start
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from . import errors, functional
-from .compression import COMPRESSION_OPS, compress
-from .layers import (
-    VARIANTS,
-    IBBatchNorm,
-    IBBatchNorm1d,
-    IBBatchNorm2d,
-    IBBatchNorm3d,
-    IBGroupNorm,
-    IBLayerNorm,
-    IBLayerNorm2d,
-    IBNormBase,
-    IBRMSNorm,
-    from_module,
-    from_spec,
-    project_lambdas,
-)
-from .recognize import NormSpec, recognize, register_recognizer
-from .io.checkpoint import load
-from .convert import ConvertOptions, convert_checkpoint, convert_model
+# public name → module that defines it
+_EXPORTS = {
+    "compress": "compression",
+    "COMPRESSION_OPS": "compression",
+    "VARIANTS": "layers",
+    "IBNormBase": "layers",
+    "IBRMSNorm": "layers",
+    "IBRMSNorm2d": "layers",
+    "IBLayerNorm": "layers",
+    "IBLayerNorm2d": "layers",
+    "IBBatchNorm": "layers",
+    "IBBatchNorm1d": "layers",
+    "IBBatchNorm2d": "layers",
+    "IBBatchNorm3d": "layers",
+    "IBGroupNorm": "layers",
+    "from_module": "layers",
+    "from_spec": "layers",
+    "project_lambdas": "layers",
+    "NormSpec": "recognize",
+    "recognize": "recognize",
+    "register_recognizer": "recognize",
+    "load": "io.checkpoint",
+    "ConvertOptions": "convert",
+    "convert_model": "convert",
+    "convert_checkpoint": "convert",
+}
+_SUBMODULES = ("functional", "errors", "convert", "evaluate", "finetune", "streaming", "surgery", "calibration", "kernels", "io", "data")
 
-__all__ = [
-    "__version__",
-    "functional",
-    "compress",
-    "COMPRESSION_OPS",
-    "VARIANTS",
-    "IBNormBase",
-    "IBRMSNorm",
-    "IBLayerNorm",
-    "IBLayerNorm2d",
-    "IBBatchNorm",
-    "IBBatchNorm1d",
-    "IBBatchNorm2d",
-    "IBBatchNorm3d",
-    "IBGroupNorm",
-    "from_module",
-    "from_spec",
-    "project_lambdas",
-    "NormSpec",
-    "recognize",
-    "register_recognizer",
-    "load",
-    "ConvertOptions",
-    "convert_model",
-    "convert_checkpoint",
-]
+__all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'ibnorm' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

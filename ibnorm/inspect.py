@@ -10,10 +10,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from .errors import SourceError
-from .io.checkpoint import MANIFEST, read_manifest
+from .io.manifest import MANIFEST, read_manifest
 from .io.safetensors_index import TensorIndex
 
 # Parameter names that belong to normalization layers in HF/timm checkpoints.
@@ -59,11 +59,13 @@ def inspect_checkpoint(path: str | Path) -> dict:
         lam_values = []
         for module, leaves in norms.items():
             for leaf in leaves:
-                t = index.get(f"{module}.{leaf}")
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                t = index.get_numpy(f"{module}.{leaf}")
+                if t is None:
+                    continue
+                if not np.isfinite(t).all():
                     problems.append(f"{module}.{leaf}: NaN/Inf")
                 if leaf == "lam":
-                    lam = t.float().reshape(-1)
+                    lam = t.reshape(-1)
                     lam_values.append((module, lam))
                     if bool((lam < 0).any()) or bool((lam > LAMBDA_MAX_REASONABLE).any()):
                         problems.append(f"{module}.lam out of range [0, {LAMBDA_MAX_REASONABLE}]: min {lam.min():.3g}, max {lam.max():.3g}")
@@ -79,11 +81,11 @@ def inspect_checkpoint(path: str | Path) -> dict:
             "problems": problems,
         }
         if lam_values:
-            allv = torch.cat([v for _, v in lam_values])
+            allv = np.concatenate([v for _, v in lam_values])
             out["lambda"] = {
                 "layers": len(lam_values), "mean": float(allv.mean()), "min": float(allv.min()), "max": float(allv.max()),
-                "frac_ge_0_1": float((allv >= 0.1).float().mean()), "frac_zero": float((allv == 0).float().mean()),
-                "per_layer": {m: {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": v.numel()} for m, v in lam_values},
+                "frac_ge_0_1": float((allv >= 0.1).mean()), "frac_zero": float((allv == 0).mean()),
+                "per_layer": {m: {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)} for m, v in lam_values},
             }
         root = path if path.is_dir() else path.parent
         if (root / MANIFEST).exists():

@@ -9,7 +9,7 @@ import typer
 
 from .main import app
 from .progress import stage_progress
-from .render import console, print_json, table, user_errors
+from .render import console, print_json, quiet_libraries, table, user_errors
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -67,6 +67,7 @@ def convert(
 ) -> None:
     """Replace every normalization layer with a calibrated IBNorm layer and write the converted checkpoint."""
     with user_errors():
+        quiet_libraries()
         import ibnorm
         from ibnorm.compression import get_op
         from ibnorm.errors import IBNormError
@@ -183,6 +184,7 @@ def eval_command(
 ) -> None:
     """Perplexity (causal LMs), top-1 accuracy (image classifiers) or embedding agreement (encoders, with --compare)."""
     with user_errors():
+        quiet_libraries()
         from ibnorm.evaluate import compare as compare_results
         from ibnorm.evaluate import evaluate_model
         from ibnorm.io.open_model import open_model

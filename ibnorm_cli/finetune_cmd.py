@@ -8,7 +8,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .main import app
-from .render import console, err_console, print_json, table, user_errors
+from .render import console, err_console, print_json, quiet_libraries, table, user_errors
 
 
 @app.command()
@@ -38,6 +38,7 @@ def finetune(
 ) -> None:
     """Short adaptation fine-tune of a converted model (λ learnable, kept ≥ 0)."""
     with user_errors():
+        quiet_libraries()
         import ibnorm.finetune as ft
 
         opts = ft.FinetuneOptions(data=data, steps=steps, out=out, eval_data=eval_data, eval_every=eval_every, train=train,

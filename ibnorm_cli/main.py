@@ -30,16 +30,6 @@ def main(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
 ) -> None:
     """ibnorm: model surgery with IBNorm."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ibnorm shows its own progress
-    try:
-        import transformers
-
-        transformers.logging.disable_progress_bar()
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 from . import commands, finetune_cmd  # noqa: E402,F401  register the commands

@@ -36,6 +36,17 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def quiet_libraries() -> None:
+    """ibnorm shows its own progress: silence the bars and advisories of the libraries it drives."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn expected failures into one red line and a non-zero exit code."""

@@ -17,8 +17,7 @@ from torch import nn
 from ..errors import IBNormError, OutputExistsError, SourceError
 from .safetensors_index import TensorIndex
 
-MANIFEST = "ibnorm_manifest.json"
-FORMAT = "ibnorm-converted/1"
+from .manifest import FORMAT, MANIFEST, read_manifest  # noqa: F401  (re-exported)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 _COPY_MAX_BYTES = 64 * 1024 * 1024
 
@@ -129,20 +128,6 @@ def save_converted(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return out
-
-
-def read_manifest(path: str | Path) -> dict:
-    p = Path(path)
-    mf = p / MANIFEST if p.is_dir() else p.parent / MANIFEST
-    if not mf.is_file():
-        raise SourceError(f"{path} is not an ibnorm conversion (no {MANIFEST})")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError:
-        raise SourceError(f"{mf} is corrupt (not JSON)") from None
-    if manifest.get("format") != FORMAT:
-        raise SourceError(f"{mf}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
-    return manifest
 
 
 def _skeleton(path: Path, manifest: dict) -> nn.Module:

@@ -12,15 +12,40 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import SourceError
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+_TORCH_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
+
+
+class _TorchDtypes(dict):
+    """safetensors dtype name → torch dtype, built on first use (inspect runs without torch)."""
+
+    def _fill(self) -> None:
+        if not dict.__len__(self):
+            import torch
+
+            self.update({k: getattr(torch, v) for k, v in _TORCH_DTYPE_NAMES.items()})
+
+    def __getitem__(self, key):
+        self._fill()
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key) -> bool:
+        return key in _TORCH_DTYPE_NAMES
+
+    def items(self):
+        self._fill()
+        return dict.items(self)
+
+    def get(self, key, default=None):
+        self._fill()
+        return dict.get(self, key, default)
+
+
+DTYPES = _TorchDtypes()
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 INDEX_NAME = "model.safetensors.index.json"
@@ -154,15 +179,9 @@ class TensorIndex:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor: one positioned read into a fresh buffer, the only allocation.
-
-        (Plain reads rather than a memory map, so pages of the whole checkpoint do not pile up
-        in the process's resident memory while a large model streams through.)
-        """
+    def read_bytes(self, name: str) -> bytearray:
+        """The raw bytes of one tensor (one positioned read)."""
         info = self.tensors[name]
-        if info.dtype not in DTYPES:
-            raise SourceError(f"tensor {name!r} has unsupported dtype {info.dtype}")
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
@@ -173,6 +192,33 @@ class TensorIndex:
             if n <= 0:
                 raise SourceError(f"{info.file} is truncated (reading {name!r})")
             done += n
+        return buf
+
+    def get_numpy(self, name: str):
+        """One floating-point tensor as a float32 numpy array (bf16 widened), without torch."""
+        import numpy as np
+
+        info = self.tensors[name]
+        buf = self.read_bytes(name)
+        if info.dtype == "BF16":
+            return (np.frombuffer(buf, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
+        kinds = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+        if info.dtype not in kinds:
+            return None
+        return np.frombuffer(buf, dtype=kinds[info.dtype]).astype(np.float32).reshape(info.shape)
+
+    def get(self, name: str) -> "torch.Tensor":
+        """Read one tensor: one positioned read into a fresh buffer, the only allocation.
+
+        (Plain reads rather than a memory map, so pages of the whole checkpoint do not pile up
+        in the process's resident memory while a large model streams through.)
+        """
+        import torch
+
+        info = self.tensors[name]
+        if info.dtype not in DTYPES:
+            raise SourceError(f"tensor {name!r} has unsupported dtype {info.dtype}")
+        buf = self.read_bytes(name)
         if not buf:
             return torch.empty(info.shape, dtype=DTYPES[info.dtype])
         return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
