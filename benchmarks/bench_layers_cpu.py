@@ -1,4 +1,4 @@
-"""CPU micro-benchmark: IBNorm (reference, eager) against torch's own norms.
+"""CPU micro-benchmark: IBNorm (reference, eager and torch.compile) against torch's own norms.
 
     python benchmarks/bench_layers_cpu.py [--quick] [--out benchmarks/results/layers_cpu.md]
 """
@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/layers_cpu.md")
     args = ap.parse_args()
     torch.manual_seed(0)
-    columns = ["variant", "op", "shape", "torch fwd ms", "ib fwd ms", "fwd ratio", "torch fwd+bwd ms", "ib fwd+bwd ms", "fwd+bwd ratio"]
+    columns = ["variant", "op", "shape", "torch fwd ms", "ib fwd ms", "fwd ratio", "torch fwd+bwd ms", "ib fwd+bwd ms", "fwd+bwd ratio",
+               "compiled ib fwd+bwd ms", "compiled ratio"]
     rows = []
     for variant, shape_name, base, shape in cases(args.quick):
         x = torch.randn(shape)
@@ -52,7 +53,10 @@ def main() -> None:
         for op in ibnorm.COMPRESSION_OPS:
             ib = ibnorm.from_module(base, op=op, lam=0.5)
             i_fwd, i_fb = time_ms(lambda: fwd(ib)), time_ms(lambda: fwd_bwd(ib))
-            rows.append([variant, op, shape_name, f"{t_fwd:.3f}", f"{i_fwd:.3f}", f"{i_fwd / t_fwd:.2f}", f"{t_fb:.3f}", f"{i_fb:.3f}", f"{i_fb / t_fb:.2f}"])
+            compiled = torch.compile(ibnorm.from_module(base, op=op, lam=0.5))
+            c_fb = time_ms(lambda: fwd_bwd(compiled), warmup=3)
+            rows.append([variant, op, shape_name, f"{t_fwd:.3f}", f"{i_fwd:.3f}", f"{i_fwd / t_fwd:.2f}", f"{t_fb:.3f}", f"{i_fb:.3f}",
+                         f"{i_fb / t_fb:.2f}", f"{c_fb:.3f}", f"{c_fb / t_fb:.2f}"])
     title = "IBNorm reference vs torch norms, CPU, float32, train mode, λ = 0.5"
     print_and_save(args.out, title, columns, rows)
 

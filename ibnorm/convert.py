@@ -150,7 +150,9 @@ class _Calibration:
 
     @property
     def metric_name(self) -> str:
-        return "1 - cosine" if self.kind == "tokens" and self.loaded.task != "causal-lm" else "KL nats/token"
+        if self.kind == "images":
+            return "KL nats/image"
+        return "KL nats/token" if self.loaded.task == "causal-lm" else "1 - cosine"
 
     def drift(self, model: nn.Module) -> float:
         if self.kind == "images":

@@ -153,3 +153,40 @@ def test_inspect_sharded(tmp_path):
     (sorted(d.glob("model-*.safetensors"))[0]).unlink()
     r = ibnorm("inspect", str(d))
     assert_one_line_error(r, "missing shard")
+
+
+def test_offline_hub_id_not_cached(tmp_path):
+    env_home = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "ibnorm_cli", "convert", "someorg/not-a-cached-model", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**ENV, "HF_HOME": str(env_home), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert_one_line_error(r, "someorg/not-a-cached-model")
+    assert "huggingface-cli download" in r.stderr
+
+
+def test_eval_text_compare(tmp_path):
+    from models import tiny_lm_with_tokenizer
+
+    src = tiny_lm_with_tokenizer(tmp_path / "src")
+    out = tmp_path / "conv"
+    assert ibnorm("convert", str(src), "--out", str(out), "--lam", "0.5", "--json").returncode == 0
+    r = ibnorm("eval", str(out), "--data", "builtin:pydoc:eval", "--compare", str(src), "--seq-len", "64", "--max-tokens", "512", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["metric"] == "perplexity" and res["source"] > 1 and res["converted"] > 1
+    assert abs(res["relative_change"] - (res["converted"] / res["source"] - 1)) < 1e-9
+
+
+def test_eval_image_folder_top1(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (i * 60, 100, 200 if c == "cat" else 20)).save(tmp_path / "imgs" / c / f"{i}.png")
+    r = ibnorm("convert", "timm:resnet18", "--random-weights", "--out", str(tmp_path / "r18"), "--calib", str(tmp_path / "imgs"), "--json")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    assert manifest["calibration"]["images"] == 6 and manifest["end_to_end"]["metric"] == "KL nats/image"
+    r = ibnorm("eval", str(tmp_path / "r18"), "--data", str(tmp_path / "imgs"), "--json")
+    res = json.loads(r.stdout)
+    assert r.returncode == 0 and res["metric"] == "top-1" and 0.0 <= res["value"] <= 1.0 and res["images"] == 6

@@ -132,3 +132,14 @@ def test_kernel_low_precision_gpu(dtype, tol, op, centered):
     assert (y.double() - y_ref).abs().max() / y_ref.abs().max() < tol
     for got, want in zip(grads, grads_ref):
         assert (got.double() - want).abs().max() / want.abs().max().clamp_min(1e-6) < tol * 4
+
+
+def test_torch_compile_traces_the_custom_op():
+    import ibnorm
+
+    m = ibnorm.IBLayerNorm(24, lam=0.4, op="log").to(DEVICE)
+    x = torch.randn(3, 24, device=DEVICE)
+    eager = m(x)
+    explanation = torch._dynamo.explain(m)(x)
+    assert explanation.graph_break_count == 0
+    torch.testing.assert_close(torch.compile(m, backend="eager")(x), eager)
