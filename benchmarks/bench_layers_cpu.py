@@ -53,6 +53,7 @@ def main() -> None:
         for op in ibnorm.COMPRESSION_OPS:
             ib = ibnorm.from_module(base, op=op, lam=0.5)
             i_fwd, i_fb = time_ms(lambda: fwd(ib)), time_ms(lambda: fwd_bwd(ib))
+            torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no eager fallback
             compiled = torch.compile(ibnorm.from_module(base, op=op, lam=0.5))
             c_fb = time_ms(lambda: fwd_bwd(compiled), warmup=3)
             rows.append([variant, op, shape_name, f"{t_fwd:.3f}", f"{i_fwd:.3f}", f"{i_fwd / t_fwd:.2f}", f"{t_fb:.3f}", f"{i_fb:.3f}",
