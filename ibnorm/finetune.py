@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .data import read_texts, token_blocks
+from .data import image_folder, is_image_folder, load_images, read_texts, token_blocks
 from .errors import IBNormError
 from .io.checkpoint import atomic_directory, save_converted, write_json_atomic
 from .io.open_model import open_model
@@ -129,20 +129,48 @@ def _lambda_means(model: nn.Module) -> dict[str, float]:
     return {n: float(m.effective_lam.float().mean()) for n, m in model.named_modules() if isinstance(m, IBNormBase)}
 
 
+@dataclass
+class _Examples:
+    """Token blocks (labels None: next-token prediction) or images with class labels."""
+
+    inputs: Tensor
+    labels: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def take(self, idx) -> "_Examples":
+        return _Examples(self.inputs[idx], None if self.labels is None else self.labels[idx])
+
+
+def _loss(model: nn.Module, x: Tensor, y: Tensor | None) -> Tensor:
+    if y is None:
+        return model(input_ids=x, labels=x).loss
+    return nn.functional.cross_entropy(model(x).float(), y)
+
+
 @torch.no_grad()
-def _eval_loss(model: nn.Module, blocks: Tensor, batch_size: int, device) -> dict:
+def _eval_loss(model: nn.Module, data: _Examples, batch_size: int, device) -> dict:
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        x = blocks[i : i + batch_size].to(device)
-        out = model(input_ids=x, labels=x)
-        n = x.numel() - x.shape[0]
-        total += float(out.loss) * n
+    total, count, correct = 0.0, 0, 0
+    for i in range(0, len(data), batch_size):
+        x = data.inputs[i : i + batch_size].to(device)
+        if data.labels is None:
+            n = x.numel() - x.shape[0]  # predicted tokens
+            total += float(_loss(model, x, None)) * n
+        else:
+            y = data.labels[i : i + batch_size].to(device)
+            logits = model(x).float()
+            n = len(y)
+            total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
         count += n
     model.train(was_training)
     nll = total / max(count, 1)
-    return {"loss": nll, "perplexity": math.exp(nll), "tokens": count}
+    if data.labels is None:
+        return {"loss": nll, "perplexity": math.exp(nll), "tokens": count}
+    return {"loss": nll, "accuracy": correct / max(count, 1), "images": count}
 
 
 def _rng_state() -> dict:
@@ -199,8 +227,12 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
     if out.exists() and not opts.force:
         raise IBNormError(f"{out} already exists; pass --force to replace it")
     # Validate the data before any model work.
-    texts = read_texts(opts.data, opts.text_field)
-    eval_texts = read_texts(opts.eval_data, opts.text_field) if opts.eval_data else None
+    images = is_image_folder(opts.data)
+    if images:
+        folders = (image_folder(opts.data), image_folder(opts.eval_data) if opts.eval_data else None)
+    else:
+        texts = read_texts(opts.data, opts.text_field)
+        eval_texts = read_texts(opts.eval_data, opts.text_field) if opts.eval_data else None
 
     progress = progress or (lambda _: None)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if torch.cuda.is_available() else "no")
@@ -209,18 +241,24 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
 
     loaded = open_model(path)
     manifest = loaded.info.get("manifest")  # None: a source model, fine-tuned as the baseline
-    if loaded.family != "hf" or loaded.task != "causal-lm":
-        raise IBNormError(f"{path}: fine-tuning needs a causal language model (an `ibnorm convert` output, or its source as a baseline)")
-    if loaded.tokenizer is None:
-        raise IBNormError(f"{path} has no tokenizer files")
-    blocks = token_blocks(loaded.tokenizer, texts, opts.seq_len)
-    if eval_texts is not None:
-        eval_blocks = token_blocks(loaded.tokenizer, eval_texts, opts.seq_len, opts.eval_blocks)
+    if images:
+        if loaded.task != "image-classifier":
+            raise IBNormError(f"{opts.data} is an image folder, but {path} is not an image classifier")
+        blocks, eval_blocks = _image_examples(loaded.model, folders, opts)
     else:
-        n_eval = max(1, len(blocks) // 10)
-        if len(blocks) - n_eval < 1:
-            raise IBNormError("not enough training data for a held-out split: pass --eval-data")
-        blocks, eval_blocks = blocks[:-n_eval], blocks[-n_eval:][: opts.eval_blocks]
+        if loaded.family != "hf" or loaded.task != "causal-lm":
+            raise IBNormError(f"{path}: text fine-tuning needs a causal language model (an `ibnorm convert` output, or its source)")
+        if loaded.tokenizer is None:
+            raise IBNormError(f"{path} has no tokenizer files")
+        blocks = _Examples(token_blocks(loaded.tokenizer, texts, opts.seq_len))
+        if eval_texts is not None:
+            eval_blocks = _Examples(token_blocks(loaded.tokenizer, eval_texts, opts.seq_len, opts.eval_blocks))
+        else:
+            n_eval = max(1, len(blocks) // 10)
+            if len(blocks) - n_eval < 1:
+                raise IBNormError("not enough training data for a held-out split: pass --eval-data")
+            blocks, eval_blocks = blocks.take(slice(0, -n_eval)), blocks.take(slice(-n_eval, len(blocks)))
+            eval_blocks = eval_blocks.take(slice(0, opts.eval_blocks))
     world = accelerator.num_processes
     global_micro = opts.batch_size * world
 
@@ -251,7 +289,7 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
         result.losses, result.evals, result.lambda_trajectory = prog["losses"], prog["evals"], prog["lambda_trajectory"]
 
     device = accelerator.device
-    if opts.compare_source and manifest is not None and accelerator.is_main_process and not opts.resume:
+    if opts.compare_source and manifest is not None and not images and accelerator.is_main_process and not opts.resume:
         result.source_eval = _source_eval(manifest, eval_blocks, opts)
     if start == 0:
         result.evals.append({"step": 0, **_eval_loss(model, eval_blocks, opts.batch_size, device)})
@@ -272,11 +310,13 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
             for micro in range(opts.grad_accum):
                 idx = global_batch_indices(step, micro, len(blocks), global_micro, opts.grad_accum, opts.seed)
                 local = idx[accelerator.process_index :: world]
-                x = blocks[local].to(device)
+                batch = blocks.take(local)
+                x = batch.inputs.to(device)
+                y = None if batch.labels is None else batch.labels.to(device)
                 sync = micro == opts.grad_accum - 1
                 ctx = accelerator.no_sync(model) if not sync and world > 1 else _null()
                 with ctx, accelerator.autocast():
-                    loss = model(input_ids=x, labels=x).loss
+                    loss = _loss(model, x, y)
                     accelerator.backward(loss / opts.grad_accum)
                 step_loss += loss.detach() / opts.grad_accum
                 tokens += x.numel() * world
@@ -317,6 +357,24 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
     return result
 
 
+def _image_examples(model: nn.Module, folders, opts: FinetuneOptions) -> tuple[_Examples, _Examples]:
+    """Images with timm's evaluation transform (deterministic); a seeded 10% split when no --eval-data."""
+    import timm
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**cfg)
+    x, y = load_images(folders[0], transform)
+    train = _Examples(x, y)
+    if folders[1] is not None:
+        ex, ey = load_images(folders[1], transform)
+        return train, _Examples(ex, ey)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(opts.seed))
+    n_eval = max(1, len(x) // 10)
+    if len(x) - n_eval < 1:
+        raise IBNormError("not enough images for a held-out split: pass --eval-data")
+    return train.take(perm[n_eval:]), train.take(perm[:n_eval])
+
+
 class _null:
     def __enter__(self):
         return self
@@ -341,7 +399,7 @@ def _finetune_record(opts: FinetuneOptions, result: FinetuneResult) -> dict:
     return {
         "data": opts.data, "eval_data": opts.eval_data or "held-out 10% of --data", "steps": opts.steps, "train": opts.train,
         "lr": opts.lr, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "seq_len": opts.seq_len, "seed": opts.seed,
-        "final": {"loss": final["loss"], "perplexity": final["perplexity"]},
+        "final": {k: v for k, v in final.items() if k in ("loss", "perplexity", "accuracy")},
         "before": result.evals[0] if result.evals else None, "source": result.source_eval, "kernel": result.kernel,
     }
 
@@ -357,10 +415,15 @@ def _metrics_files(result: FinetuneResult) -> dict[str, bytes]:
 def _write_output(model: nn.Module, loaded, manifest: dict | None, out: Path, opts: FinetuneOptions, result: FinetuneResult) -> None:
     if opts.train == "lora":
         model = model.merge_and_unload()
-    if manifest is None:  # baseline: a plain transformers directory plus the fine-tune record
+    if manifest is None:  # baseline: the model in its own format plus the fine-tune record
         with atomic_directory(out, opts.force) as tmp:
-            model.save_pretrained(tmp)
-            loaded.tokenizer.save_pretrained(tmp)
+            if loaded.family == "hf":
+                model.save_pretrained(tmp)
+                loaded.tokenizer.save_pretrained(tmp)
+            else:
+                from safetensors.torch import save_model
+
+                save_model(model, str(tmp / "model.safetensors"))
             write_json_atomic(tmp / "ibnorm_finetune.json", {"source": loaded.source, "finetune": _finetune_record(opts, result)})
             for name, data in _metrics_files(result).items():
                 (tmp / name).write_bytes(data)
@@ -375,7 +438,9 @@ def _write_output(model: nn.Module, loaded, manifest: dict | None, out: Path, op
         lam = model.get_submodule(layer["name"]).effective_lam.float().reshape(-1)
         layer.update(lam_mean=float(lam.mean()), lam_min=float(lam.min()), lam_max=float(lam.max()),
                      frac_lam_ge_0_1=float((lam >= 0.1).float().mean()), frac_lam_zero=float((lam == 0).float().mean()))
-    save_converted(model, out, manifest, family="hf", tokenizer=loaded.tokenizer, hf_dir=loaded.hf_dir, force=opts.force,
+    metric = "perplexity" if "perplexity" in final else "accuracy"
+    save_converted(model, out, manifest, family=loaded.family, tokenizer=loaded.tokenizer, hf_dir=loaded.hf_dir,
+                   timm_name=loaded.timm_name, force=opts.force,
                    model_card=f"# Fine-tuned IBNorm model\n\n{opts.steps} steps ({opts.train}) on `{opts.data}`: "
-                              f"held-out perplexity {result.evals[0]['perplexity']:.4g} → {final['perplexity']:.4g}.\n",
+                              f"held-out {metric} {result.evals[0][metric]:.4g} → {final[metric]:.4g}.\n",
                    extra_files=_metrics_files(result))

@@ -58,7 +58,8 @@ def finetune(
                 elif event["event"] == "step":
                     info = f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {event['tokens_per_s']:.0f} tok/s"
                     if "eval" in event:
-                        info += f"  eval ppl {event['eval']['perplexity']:.3f}"
+                        e = event["eval"]
+                        info += f"  eval ppl {e['perplexity']:.3f}" if "perplexity" in e else f"  eval acc {e['accuracy']:.3f}"
                     bar.update(task, completed=event["step"], info=info)
                 elif event["event"] == "interrupted":
                     err_console.print(f"interrupted: checkpoint saved to {event['checkpoint']} (continue with --resume)")
@@ -69,12 +70,13 @@ def finetune(
     if json_out:
         print_json(result.summary())
         return
+    metric = "perplexity" if "perplexity" in result.evals[-1] else "accuracy"
     rows = []
     if result.source_eval:
-        rows.append(("source model (original norms)", f"{result.source_eval['perplexity']:.4g}", f"{result.source_eval['loss']:.4f}"))
+        rows.append(("source model (original norms)", f"{result.source_eval[metric]:.4g}", f"{result.source_eval['loss']:.4f}"))
     for e in result.evals:
-        rows.append((f"converted, step {e['step']}", f"{e['perplexity']:.4g}", f"{e['loss']:.4f}"))
-    console.print(table("held-out evaluation", ("model", "perplexity", "loss"), rows))
+        rows.append((f"step {e['step']}", f"{e[metric]:.4g}", f"{e['loss']:.4f}"))
+    console.print(table("held-out evaluation", ("model", metric, "loss"), rows))
     lam_rows = [(name, traj[0], traj[-1]) for name, traj in list(result.lambda_trajectory.items())]
     console.print(table("λ per layer (mean over channels)", ("layer", "start", "end"), lam_rows))
     console.print(f"{result.steps} steps in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s); written {result.out}")

@@ -149,3 +149,21 @@ def test_baseline_finetune_of_source_trains_original_norms(converted, tmp_path):
     orig = transformers.AutoModelForCausalLM.from_pretrained(src)
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, orig.state_dict()[k])]
     assert changed and all("norm" in k for k in changed)
+
+
+def test_image_folder_finetune_of_timm_classifier(tmp_path):
+    from PIL import Image
+
+    for c, color in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (48, 48), tuple(min(255, v + 7 * i) for v in color)).save(tmp_path / "imgs" / c / f"{i}.png")
+    conv = tmp_path / "r18"
+    ibnorm.convert_checkpoint("timm:resnet18", conv, ibnorm.ConvertOptions(calib=str(tmp_path / "imgs")), pretrained=False)
+    result = finetune(str(conv), FinetuneOptions(data=str(tmp_path / "imgs"), steps=4, batch_size=4, lr=1e-2, warmup=1,
+                                                 eval_every=2, out=str(tmp_path / "ft"), compare_source=False))
+    assert [e["step"] for e in result.evals] == [0, 2, 4] and "accuracy" in result.evals[-1]
+    model = ibnorm.load(result.out)
+    assert isinstance(model.bn1, ibnorm.IBBatchNorm2d)
+    manifest = json.loads((Path(result.out) / "ibnorm_manifest.json").read_text())
+    assert "accuracy" in manifest["finetune"]["final"]
