@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,8 +190,6 @@ def _save_checkpoint(dirpath: Path, step: int, model: nn.Module, optimizer, resu
         write_json_atomic(tmp / "progress.json", {"step": step, "losses": result.losses, "evals": result.evals,
                                                   "lambda_trajectory": result.lambda_trajectory, "options": asdict(opts)})
     for old in sorted(dirpath.glob("step-*"))[:-2]:  # keep the two newest
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     return target
 

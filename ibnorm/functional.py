@@ -24,9 +24,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
-
 
 def restandardize(z: Tensor, c: Tensor, dims: Sequence[int], centered: bool) -> Tensor:
     """Step 4 from batch statistics: ĉ = (c − μ_c) · σ_z / σ_c over ``dims``.

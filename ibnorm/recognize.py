@@ -36,7 +36,6 @@ class NormSpec:
     running_var: Tensor | None = None
     num_batches_tracked: Tensor | None = None
     batch_dims: tuple[int, ...] | None = None  # allowed input ranks for batch norms
-    weight_offset: float = 0.0  # stored weight + offset = effective weight (1.0 for Gemma's x·(1+w))
     channel_dim: int = -1  # row kinds: 1 for channels-first layouts (timm's LayerNorm2d)
     activation: nn.Module | None = None  # timm's BatchNormAct2d / GroupNormAct: kept after the norm
     note: str = ""  # how the source was interpreted (shown in surgery tables)
@@ -225,7 +224,7 @@ def _probe_row_norm(m: nn.Module) -> NormSpec | None:
         if torch.allclose(yf, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item())):
             # Gemma's 1 + w is kept in float32, where the source computes it.
             eff_weight = weight if cw is w else cw
-            spec = NormSpec(kind, (hidden,), eps, eff_weight, bias, note=note, weight_offset=1.0 if note else 0.0)
+            spec = NormSpec(kind, (hidden,), eps, eff_weight, bias, note=note)
             spec.channel_dim = 1 if channels_first else -1
             return spec
     return None

@@ -79,8 +79,7 @@ def _norm_plan(site: NormSite, source: dict[str, PlannedTensor]) -> list[Planned
         src = source.get(f"{site.name}.{leaf}")
         if src is not None:
             out.append(src)
-    shape = site.spec.shape if site.spec.kind not in ("batch", "group") else (site.spec.shape[0],)
-    out.append(PlannedTensor(f"{site.name}.lam", "F32", tuple(shape)))
+    out.append(PlannedTensor(f"{site.name}.lam", "F32", tuple(site.spec.shape)))
     return out
 
 

@@ -7,6 +7,7 @@ channel: err = Σ (y − γ'ĉ − β')² / Σ (y − ȳ)², with ȳ the per-cha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ def _channels_last(t: Tensor, spec: NormSpec) -> Tensor:
     """(rows, channels) view of a layer input/output for per-channel statistics."""
     if spec.kind in ("batch", "group") or spec.channel_dim == 1:
         return t.movedim(1, -1).reshape(-1, t.shape[1])
-    return t.reshape(-1, spec.shape[-1]) if len(spec.shape) == 1 else t.reshape(-1, int(torch.tensor(spec.shape).prod()))
+    return t.reshape(-1, math.prod(spec.shape))
 
 
 def _unit_module(spec: NormSpec, op: str, lam: Tensor) -> IBNormBase:
@@ -126,9 +127,8 @@ def fit_layer(
     With ``fixed_lam`` the λ is not searched and γ, β are kept (so λ = 0 reproduces
     the source exactly); batch norms still get their step-4 running statistics.
     """
-    channels = spec.shape[0] if spec.kind in ("batch", "group") else int(torch.tensor(spec.shape).prod())
     y_cols = _source_outputs(spec, source, x)
-    shape = spec.shape if spec.kind not in ("batch", "group") else (channels,)
+    shape = spec.shape  # λ has the norm's channel shape (normalized shape, or (C,))
     if fixed_lam is not None:
         lam = torch.full(shape, float(fixed_lam))
         _, _, err, running = _evaluate(spec, op, lam, x, y_cols, refit=False)
@@ -192,8 +192,7 @@ def fit_layer_data_free(spec: NormSpec, op: str, tolerance: float, fixed_lam: fl
     One λ for all channels (outlier channels cannot be seen without data); γ, β kept.
     Batch norms get step-4 running statistics from the same assumption.
     """
-    channels = spec.shape[0] if spec.kind in ("batch", "group") else int(torch.tensor(spec.shape).prod())
-    shape = spec.shape if spec.kind not in ("batch", "group") else (channels,)
+    shape = spec.shape
     z = _gaussian_quantiles()[:, None]
     if fixed_lam is None:
         errs = channel_errors(z, op, grid, centered=True)
@@ -205,8 +204,8 @@ def fit_layer_data_free(spec: NormSpec, op: str, tolerance: float, fixed_lam: fl
     running = None
     if spec.kind == "batch" and spec.track_running_stats:
         running = {
-            "running_c_mean": torch.zeros(channels),
-            "running_c_var": torch.full((channels,), float(c.var(unbiased=False))),
-            "running_z_var": torch.full((channels,), float(z.var(unbiased=False))),
+            "running_c_mean": torch.zeros(shape),
+            "running_c_var": torch.full(shape, float(c.var(unbiased=False))),
+            "running_z_var": torch.full(shape, float(z.var(unbiased=False))),
         }
     return LayerFit(torch.full(shape, lam_value), None, None, err, running)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .checkpoint import MANIFEST, load, read_manifest
 from .sources import LoadedModel, load_source
 
@@ -28,6 +26,3 @@ def open_model(path: str, *, allow_pickle: bool = False, weights: str | None = N
                            hf_dir=p if manifest["family"] == "hf" else None, info={"manifest": manifest})
     return load_source(path, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained)
 
-
-def param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -245,9 +244,3 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
     raise SourceError(f"{path}: unknown weights format (expected .safetensors)")
 
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SourceError(f"cannot read {path}: {_first_line(e)}") from None

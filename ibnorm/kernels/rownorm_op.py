@@ -10,17 +10,14 @@ import math
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
 
 from .triton_rownorm import MAX_HIDDEN, OP_CODES, RESTANDARDIZE_FLOOR, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel
 
 
 def _block(n: int) -> int:
-    return max(16, triton_next_power_of_2(n))
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+    return max(16, triton.next_power_of_2(n))
 
 
 def _warps(block: int) -> int:
@@ -98,7 +95,6 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lam, op, eps, centered = inputs
     ctx.save_for_backward(x, weight, lam)
     ctx.has_bias, ctx.op, ctx.eps, ctx.centered = bias is not None, op, eps, centered
-    ctx.weight_shape = None if weight is None else weight.shape
 
 
 def _autograd_backward(ctx, dy):
