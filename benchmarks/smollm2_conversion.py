@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import ibnorm  # noqa: E402
 from _common import print_and_save  # noqa: E402
 from ibnorm import evaluate  # noqa: E402
-from ibnorm.data import read_texts, token_blocks  # noqa: E402
+from ibnorm.data import read_texts, token_examples  # noqa: E402
 from ibnorm.io.sources import load_source  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     t = time.perf_counter()
     source = load_source("smollm2-135m")
     load_s = time.perf_counter() - t
-    ids = token_blocks(source.tokenizer, read_texts("builtin:pydoc:eval"), 512, args.eval_tokens // 512).reshape(-1)
+    ids = token_examples(source.tokenizer, read_texts("builtin:pydoc:eval"), 512, args.eval_tokens // 512).reshape(-1)
     base = evaluate.perplexity(source.model, ids, window=512)["perplexity"]
     columns = ["tolerance", "budget", "λ mean", "channels λ≥0.1", "layers with ≥50% channels λ≥0.1", "KL nats/tok",
                "back-off", "ppl source", "ppl converted", "Δ ppl", "convert s"]

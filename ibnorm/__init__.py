@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "compress": "compression",
     "COMPRESSION_OPS": "compression",
-    "VARIANTS": "layers",
+    "GROUPING_CHOICES": "layers",
     "IBNormBase": "layers",
     "IBRMSNorm": "layers",
     "IBRMSNorm2d": "layers",
@@ -26,18 +26,21 @@ _EXPORTS = {
     "IBBatchNorm2d": "layers",
     "IBBatchNorm3d": "layers",
     "IBGroupNorm": "layers",
-    "from_module": "layers",
+    "from_module": "surgery",
     "from_spec": "layers",
     "project_lambdas": "layers",
     "NormSpec": "recognize",
     "recognize": "recognize",
     "register_recognizer": "recognize",
-    "load": "io.checkpoint",
-    "ConvertOptions": "convert",
-    "convert_model": "convert",
-    "convert_checkpoint": "convert",
+    "load": "loading",
+    "open_model": "loading",
+    "ConvertOptions": "pipeline",
+    "ConversionResult": "pipeline",
+    "convert_model": "pipeline",
+    "convert_checkpoint": "pipeline",
 }
-_SUBMODULES = ("functional", "errors", "convert", "evaluate", "finetune", "streaming", "surgery", "calibration", "kernels", "io", "data")
+_SUBMODULES = ("functional", "errors", "pipeline", "evaluate", "finetune", "surgery", "calibration", "kernels", "io", "data",
+               "loading", "recognize", "layers", "spec")
 
 __all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
 

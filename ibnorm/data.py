@@ -106,11 +106,11 @@ def _saved_dataset_texts(path: Path, text_field: str) -> list[str]:
     return [str(t) for t in ds[text_field] if t is not None]
 
 
-def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Tokenize, join documents with EOS, and pack into ``(blocks, seq_len)`` token ids."""
+def token_examples(tokenizer, texts: Sequence[str], seq_len: int, max_examples: int | None = None) -> torch.Tensor:
+    """Tokenize, join documents with EOS, and pack into ``(examples, seq_len)`` token ids."""
     sep = tokenizer.eos_token_id
     ids: list[int] = []
-    need = None if max_blocks is None else max_blocks * seq_len
+    need = None if max_examples is None else max_examples * seq_len
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if sep is not None:
@@ -118,10 +118,10 @@ def token_blocks(tokenizer, texts: Sequence[str], seq_len: int, max_blocks: int 
         if need is not None and len(ids) >= need:
             break
     n = len(ids) // seq_len
-    if max_blocks is not None:
-        n = min(n, max_blocks)
+    if max_examples is not None:
+        n = min(n, max_examples)
     if n == 0:
-        raise DataError(f"not enough text for one block of {seq_len} tokens ({len(ids)} tokens found)")
+        raise DataError(f"not enough text for one example of {seq_len} tokens ({len(ids)} tokens found)")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 

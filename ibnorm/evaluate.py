@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import image_folder, load_images, read_texts, token_blocks
+from .data import image_folder, load_images, read_texts, token_examples
 
 
 def _batches(n: int, batch_size: int):
@@ -110,7 +110,7 @@ def evaluate_model(loaded, model: nn.Module, data: str, seq_len: int, max_tokens
         images, labels = load_images(image_folder(data), timm.data.create_transform(**cfg))
         logits = image_logits(model, images.to(_param_dtype(model)))
         return {"metric": "top-1", "value": top1(logits, labels), "images": len(images), "_logits": logits}
-    ids = token_blocks(loaded.tokenizer, read_texts(data, text_field), seq_len, max(1, max_tokens // seq_len))
+    ids = token_examples(loaded.tokenizer, read_texts(data, text_field), seq_len, max(1, max_tokens // seq_len))
     if loaded.task == "causal-lm":
         r = perplexity(model, ids, window=seq_len)
         return {"metric": "perplexity", "value": r["perplexity"], **{k: r[k] for k in ("tokens", "window", "stride")}}

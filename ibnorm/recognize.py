@@ -1,4 +1,4 @@
-"""What kind of normalization layer is this module?  A registry of recognizers.
+"""Which normalization layer is this module?  A registry of recognizers.
 
 Each recognizer looks at a module and either returns a :class:`NormSpec` (the
 grouping, shapes, eps and the tensors that define the norm) or ``None``.
@@ -9,39 +9,13 @@ list of their names.  New families register with :func:`register_recognizer`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-ROW_KINDS = ("rms", "layer")
-CHANNEL_KINDS = ("batch", "group")
-KINDS = ROW_KINDS + CHANNEL_KINDS
-
-
-@dataclass
-class NormSpec:
-    """A normalization layer, described independently of its class."""
-
-    kind: str  # rms | layer | batch | group
-    shape: tuple[int, ...]  # normalized_shape (row kinds) or (num_channels,)
-    eps: float
-    weight: Tensor | None = None  # the effective multiplicative weight (Gemma's 1 + w, for instance)
-    bias: Tensor | None = None
-    num_groups: int | None = None
-    momentum: float | None = 0.1
-    track_running_stats: bool = False
-    running_mean: Tensor | None = None
-    running_var: Tensor | None = None
-    num_batches_tracked: Tensor | None = None
-    batch_dims: tuple[int, ...] | None = None  # allowed input ranks for batch norms
-    channel_dim: int = -1  # row kinds: 1 for channels-first layouts (timm's LayerNorm2d)
-    activation: nn.Module | None = None  # timm's BatchNormAct2d / GroupNormAct: kept after the norm
-    note: str = ""  # how the source was interpreted (shown in surgery tables)
-    skip_reason: str | None = None  # set when the module is a norm that cannot be converted
-    source_class: str = field(default="")
-
+from .layers import IBNormBase
+from .spec import CHANNEL_GROUPINGS, GROUPINGS, ROW_GROUPINGS, NormSpec  # noqa: F401  (re-exported)
 
 Recognizer = Callable[[nn.Module], "NormSpec | None"]
 _RECOGNIZERS: list[tuple[str, Recognizer]] = []
@@ -57,8 +31,6 @@ def register_recognizer(name: str) -> Callable[[Recognizer], Recognizer]:
 
 def recognize(module: nn.Module) -> NormSpec | None:
     """The :class:`NormSpec` of ``module``, or ``None`` if it is not a known norm."""
-    from .layers import IBNormBase
-
     if isinstance(module, IBNormBase):
         return None
     probe = _materialized_copy(module) if _is_meta(module) else module
@@ -77,7 +49,7 @@ def _is_meta(module: nn.Module) -> bool:
 @torch.no_grad()
 def _materialized_copy(module: nn.Module) -> nn.Module:
     """A CPU copy with random weights of a meta-device norm (cheap: norms are small), so a
-    skeleton built without weights can be recognized.  Only its kind/shape/eps are meaningful."""
+    skeleton built without weights can be recognized.  Only its grouping/shape/eps are meaningful."""
     import copy
 
     if sum(t.numel() for t in module.parameters()) > 1 << 22:  # not a norm: do not materialize big modules
@@ -219,12 +191,12 @@ def _probe_row_norm(m: nn.Module) -> NormSpec | None:
         ("rms", rms, w, b, ""),
         ("rms", rms, None if w is None else 1.0 + w, b, "Gemma-style x·(1+w): stored as the equivalent plain weight"),
     ]
-    for kind, normed, cw, cb, note in candidates:
+    for grouping, normed, cw, cb, note in candidates:
         want = normed * (cw if cw is not None else 1.0) + (cb if cb is not None else 0.0)
         if torch.allclose(yf, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item())):
             # Gemma's 1 + w is kept in float32, where the source computes it.
             eff_weight = weight if cw is w else cw
-            spec = NormSpec(kind, (hidden,), eps, eff_weight, bias, note=note)
+            spec = NormSpec(grouping, (hidden,), eps, eff_weight, bias, note=note)
             spec.channel_dim = 1 if channels_first else -1
             return spec
     return None

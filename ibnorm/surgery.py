@@ -1,4 +1,6 @@
-"""Find the normalization layers of a model and replace them.  Knows nothing of kernels."""
+"""Find the normalization layers of a model and replace them (``from_module`` for one module).
+
+Knows nothing of kernels."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
+from .layers import IBNormBase, from_spec
 from .recognize import NormSpec, recognize
 
 
@@ -77,3 +80,27 @@ def replace_norms(model: nn.Module, sites: Sequence[NormSite], build: Callable[[
         if id(module) in built and name:
             set_submodule(model, name, built[id(module)])
     return replaced
+
+
+def from_module(
+    norm_module: nn.Module,
+    *,
+    op: str = "tanh",
+    lam: "float | Tensor" = 0.0,
+    grouping: str = "auto",
+    learnable_lam: bool = False,
+) -> IBNormBase:
+    """The IBNorm equivalent of ``norm_module``.
+
+    Copies weight, bias, eps, normalized shape, running statistics, device, dtype
+    and train/eval mode; ``grouping="auto"`` keeps the source's grouping.  At
+    ``lam=0`` the result computes the same function as the source.
+
+    Raises ``TypeError`` for modules that are not a recognized normalization layer.
+    """
+    spec = recognize(norm_module)
+    if spec is None:
+        raise TypeError(f"{type(norm_module).__qualname__} is not a normalization layer ibnorm can convert")
+    module = from_spec(spec, op=op, lam=lam, grouping=grouping, learnable_lam=learnable_lam)
+    module.train(norm_module.training)
+    return module

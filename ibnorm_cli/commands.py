@@ -33,17 +33,17 @@ def ops_command(json_out: bool = typer.Option(False, "--json", help="Print JSON 
 
     rows = [(op.name, op.paper_name, op.formula) for op in ibnorm.COMPRESSION_OPS.values()]
     if json_out:
-        print_json({"ops": [dict(zip(("op", "paper_name", "formula"), r)) for r in rows], "variants": list(ibnorm.VARIANTS)})
+        print_json({"ops": [dict(zip(("op", "paper_name", "formula"), r)) for r in rows], "groupings": list(ibnorm.GROUPING_CHOICES)})
         return
     console.print(table("compression operations s_λ(z)", ("op", "paper", "formula"), rows))
-    console.print(f"variants: {', '.join(ibnorm.VARIANTS)}")
+    console.print(f"groupings: {', '.join(ibnorm.GROUPING_CHOICES)}")
 
 
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Model directory, hub id, .gguf file, timm:NAME, or a short name (smollm2-135m, gpt2, resnet50, …)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
-    variant: str = typer.Option("auto", help="auto|rms|layer|batch|group (auto keeps the source's grouping)."),
+    grouping: str = typer.Option("auto", "--grouping", "--variant", help="auto|rms|layer|batch|group (auto keeps the source's grouping)."),
     op: str = typer.Option("tanh", help="Compression: tanh (IBNorm-T), log (IBNorm-L), power (IBNorm-S)."),
     lam: Optional[float] = typer.Option(None, "--lam", help="Fixed λ for every channel (no search); 0 reproduces the source."),
     calib: Optional[str] = typer.Option(None, help="Calibration data: text file/dir, .jsonl, image folder, or builtin:pydoc:train."),
@@ -73,11 +73,11 @@ def convert(
         from ibnorm.errors import IBNormError
 
         get_op(op) if op in ibnorm.COMPRESSION_OPS else _bad("--op", op, ibnorm.COMPRESSION_OPS)
-        if variant not in ibnorm.VARIANTS:
-            _bad("--variant", variant, ibnorm.VARIANTS)
+        if grouping not in ibnorm.GROUPING_CHOICES:
+            _bad("--grouping", grouping, ibnorm.GROUPING_CHOICES)
         if lam is not None and lam < 0:
             raise IBNormError("--lam must be ≥ 0")
-        opts = ibnorm.ConvertOptions(variant=variant, op=op, lam=lam, only=only, exclude=exclude, calib=calib,
+        opts = ibnorm.ConvertOptions(grouping=grouping, op=op, lam=lam, only=only, exclude=exclude, calib=calib,
                                      calib_samples=calib_samples, seq_len=seq_len, tolerance=tolerance, budget=budget,
                                      text_field=text_field)
         with stage_progress(not json_out) as progress:
@@ -99,10 +99,10 @@ def _bad(option: str, value: str, choices) -> None:
 
 
 def render_layers(manifest: dict) -> None:
-    rows = [(l["name"], l["source_class"].rsplit(".", 1)[-1], l["new_class"], l["variant"],
+    rows = [(l["name"], l["source_class"].rsplit(".", 1)[-1], l["new_class"], l["grouping"],
              f"{l['lam_mean']:.3f} [{l['lam_min']:.2f}, {l['lam_max']:.2f}]", f"{100 * l['frac_lam_ge_0_1']:.0f}%",
              f"{l['error']:.2e}", l["note"]) for l in manifest["layers"]]
-    console.print(table("normalization layers", ("module", "source class", "new class", "variant", "λ mean [min, max]",
+    console.print(table("normalization layers", ("module", "source class", "new class", "grouping", "λ mean [min, max]",
                                                   "λ≥0.1", "calib. error", "note"), rows))
     if manifest["skipped"]:
         console.print(table("skipped", ("module", "class", "reason"),
@@ -187,7 +187,7 @@ def eval_command(
         quiet_libraries()
         from ibnorm.evaluate import compare as compare_results
         from ibnorm.evaluate import evaluate_model
-        from ibnorm.io.open_model import open_model
+        from ibnorm.loading import open_model
 
         first = open_model(path)
         res_a = evaluate_model(first, first.model, data, seq_len, max_tokens, text_field)

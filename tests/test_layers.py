@@ -247,7 +247,7 @@ def test_from_module_copies_everything():
 
 def test_from_module_dtype_and_variant_switch():
     src = _randomize(nn.LayerNorm(16)).to(torch.bfloat16)
-    ib = ibnorm.from_module(src, variant="rms")
+    ib = ibnorm.from_module(src, grouping="rms")
     assert isinstance(ib, ibnorm.IBRMSNorm) and ib.weight.dtype == torch.bfloat16
     assert torch.equal(ib.bias, src.bias)  # β kept where the base norm has one
 
@@ -256,9 +256,9 @@ def test_from_module_rejects_unsupported():
     with pytest.raises(TypeError, match="Linear"):
         ibnorm.from_module(nn.Linear(3, 3))
     with pytest.raises(ValueError, match="cannot replace a batch norm"):
-        ibnorm.from_module(nn.BatchNorm1d(3), variant="layer")
-    with pytest.raises(ValueError, match="unknown variant"):
-        ibnorm.from_module(nn.LayerNorm(3), variant="instance")
+        ibnorm.from_module(nn.BatchNorm1d(3), grouping="layer")
+    with pytest.raises(ValueError, match="unknown grouping"):
+        ibnorm.from_module(nn.LayerNorm(3), grouping="instance")
     with pytest.raises(ValueError, match="unknown compression op"):
         ibnorm.from_module(nn.LayerNorm(3), op="cubic")
     with pytest.raises(ValueError, match="λ must be"):

@@ -17,7 +17,7 @@ HF_EXPECTED = {  # family: (norm count, expected class name fragment, IB class)
 }
 
 
-def _convert_lam0(loaded: LoadedModel) -> ibnorm.convert.ConversionResult:
+def _convert_lam0(loaded: LoadedModel) -> ibnorm.ConversionResult:
     return ibnorm.convert_model(loaded, ibnorm.ConvertOptions(lam=0.0))
 
 
@@ -57,7 +57,7 @@ def test_timm_lam0_exact(name, count, ib_cls):
     x = torch.randn(2, 3, 224, 224) if "vit" in name else torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         before = model(x)
-    res = _convert_lam0(LoadedModel(model, "timm", "image-classifier", name, f"timm:{name}", timm_name=name))
+    res = _convert_lam0(LoadedModel(model, "timm", "image-classifier", name, f"timm:{name}", info={"architecture": name}))
     assert len(res.layers) == count and {r.new_class for r in res.layers} >= {ib_cls}
     with torch.no_grad():
         after = model(x)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..compression import compress
 from ..layers import IBNormBase, from_spec
-from ..recognize import NormSpec
+from ..spec import NormSpec
 
 LAMBDA_GRID = (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 _BACKOFF = 0.8
@@ -33,7 +33,7 @@ class LayerFit:
 
 def _channels_last(t: Tensor, spec: NormSpec) -> Tensor:
     """(rows, channels) view of a layer input/output for per-channel statistics."""
-    if spec.kind in ("batch", "group") or spec.channel_dim == 1:
+    if spec.grouping in ("batch", "group") or spec.channel_dim == 1:
         return t.movedim(1, -1).reshape(-1, t.shape[1])
     return t.reshape(-1, math.prod(spec.shape))
 
@@ -97,7 +97,7 @@ def _refit(y: Tensor, u: Tensor, with_bias: bool) -> tuple[Tensor, Tensor | None
 def _evaluate(spec: NormSpec, op: str, lam: Tensor, x: Tensor, y_cols: Tensor, refit: bool):
     m = _unit_module(spec, op, lam)
     running = None
-    if spec.kind == "batch" and m.running_mean is not None:
+    if spec.grouping == "batch" and m.running_mean is not None:
         z0 = _channels_last(_unit_module(spec, op, torch.zeros_like(lam))(x), spec)
         running = _set_running(m, z0, compress(z0, lam, op))
     with torch.no_grad():
@@ -134,7 +134,7 @@ def fit_layer(
         _, _, err, running = _evaluate(spec, op, lam, x, y_cols, refit=False)
         return LayerFit(lam, None, None, err, running)
     z = _channels_last(_unit_module(spec, op, torch.zeros(shape))(x), spec)
-    centered = spec.kind != "rms"
+    centered = spec.grouping != "rms"
     lam = _largest_within(channel_errors(z, op, grid, centered), grid, tolerance).reshape(shape)
     for _ in range(_MAX_BACKOFF_STEPS):
         fit = _refit_at(spec, op, lam, x, y_cols)
@@ -202,7 +202,7 @@ def fit_layer_data_free(spec: NormSpec, op: str, tolerance: float, fixed_lam: fl
     c = compress(z, lam_value, op)
     err = float(channel_errors(z, op, (lam_value,), centered=True)[0, 0])
     running = None
-    if spec.kind == "batch" and spec.track_running_stats:
+    if spec.grouping == "batch" and spec.track_running_stats:
         running = {
             "running_c_mean": torch.zeros(shape),
             "running_c_var": torch.full(shape, float(c.var(unbiased=False))),

@@ -31,6 +31,7 @@ SHORT_NAMES: dict[str, list[str]] = {
     "convnext-tiny": ["timm:convnext_tiny"],
 }
 
+TIMM_PREFIX = "timm:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -40,12 +41,11 @@ class LoadedModel:
     """A source model and what is needed to save it next to its conversion."""
 
     model: nn.Module
-    family: str  # "hf" | "timm"
+    library: str  # "hf" (transformers) | "timm"
     task: str  # "causal-lm" | "encoder" | "image-classifier"
     source: str  # as the user named it
     resolved: str  # the path or id it resolved to
     tokenizer: Any = None
-    timm_name: str | None = None
     hf_dir: Path | None = None  # directory whose tokenizer/processor files are copied
     info: dict = field(default_factory=dict)
 
@@ -74,8 +74,8 @@ def load_source(
 ) -> LoadedModel:
     """Load ``source`` on CPU in eval mode.  Raises :class:`SourceError` with one line."""
     resolved = resolve_short_name(source)
-    if resolved.startswith("timm:"):
-        return _load_timm(source, resolved[5:], weights, pretrained, allow_pickle, dtype)
+    if resolved.startswith(TIMM_PREFIX):
+        return _load_timm(source, resolved.removeprefix(TIMM_PREFIX), weights, pretrained, allow_pickle, dtype)
     path = Path(resolved)
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
@@ -116,7 +116,7 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _hf_task(config, gguf: bool) -> str:
+def hf_task(config, gguf: bool) -> str:
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return "causal-lm"
@@ -168,7 +168,7 @@ def _load_hf(
         config = transformers.AutoConfig.from_pretrained(path, **kw)
     except Exception as e:
         raise SourceError(f"cannot read the model config of {source}: {_first_line(e)}") from None
-    task = _hf_task(config, bool(gguf_file))
+    task = hf_task(config, bool(gguf_file))
     auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
     try:
         model = auto.from_pretrained(path, dtype=dtype or "auto", **kw)
@@ -224,8 +224,8 @@ def _load_timm(source: str, name: str, weights: str | None, pretrained: bool, al
     if dtype is not None:
         model.to(dtype)
     model.eval()
-    return LoadedModel(model, "timm", "image-classifier", source, f"timm:{name}", timm_name=name,
-                       info={"weights": weights or ("timm pretrained" if pretrained else "random init")})
+    return LoadedModel(model, "timm", "image-classifier", source, f"{TIMM_PREFIX}{name}",
+                       info={"weights": weights or ("timm pretrained" if pretrained else "random init"), "architecture": name})
 
 
 def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

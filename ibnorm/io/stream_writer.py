@@ -1,12 +1,13 @@
-"""Write safetensors shards tensor by tensor, in a planned order, holding one tensor in memory.
+"""Write safetensors shards tensor by tensor, holding one tensor in memory.
 
 Every output tensor's name, dtype and shape are known before any data is produced, so each
-shard's header is written first and tensor bytes follow as they become available.
+shard's header is written first and tensor bytes go to their planned place as they become available.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -45,10 +46,15 @@ class PlannedTensor:
 
 
 class ShardedWriter:
-    """Writes the planned tensors, in plan order, into shards of at most ``shard_size`` bytes (plus one tensor)."""
+    """Writes the planned tensors, in any order, into shards of at most ``shard_size`` bytes (plus one tensor).
+
+    Every shard's header is written when the writer opens, so each tensor has a fixed place and is
+    written there with one positioned write, whenever it is ready.
+    """
 
     def __init__(self, directory: Path, plan: list[PlannedTensor], shard_size: int) -> None:
         self.dir, self.plan = Path(directory), plan
+        self.planned = {t.name: t for t in plan}
         shards: list[list[PlannedTensor]] = [[]]
         size = 0
         for t in plan:
@@ -59,52 +65,61 @@ class ShardedWriter:
             size += t.nbytes
         n = len(shards)
         self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.shard_of = {t.name: i for i, shard in enumerate(shards) for t in shard}
-        self.shards = shards
-        self.position = 0
-        self.handle = None
-        self.current = -1
+        self.place: dict[str, tuple[int, int]] = {}  # name → (shard, absolute offset)
+        self.fds: list[int] = []
+        for i, shard in enumerate(shards):
+            self.fds.append(self._create(i, shard))
+        self._written: set[str] = set()
 
-    def _open(self, shard: int) -> None:
-        if self.handle:
-            self.handle.close()
+    def _create(self, i: int, shard: list[PlannedTensor]) -> int:
         header, offset = {}, 0
-        for t in self.shards[shard]:
+        for t in shard:
             header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
-        self.handle = open(self.dir / self.files[shard], "wb")
-        self.handle.write(struct.pack("<Q", len(raw)))
-        self.handle.write(raw)
-        self.current = shard
+        fd = os.open(self.dir / self.files[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides
+        os.write(fd, struct.pack("<Q", len(raw)) + raw)
+        os.ftruncate(fd, 8 + len(raw) + offset)
+        for t in shard:
+            self.place[t.name] = (i, 8 + len(raw) + header[t.name]["data_offsets"][0])
+        return fd
 
-    @property
-    def next_name(self) -> str | None:
-        return self.plan[self.position].name if self.position < len(self.plan) else None
+    def written(self, name: str) -> bool:
+        return name in self._written
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self.plan[self.position] if self.position < len(self.plan) else None
-        if expected is None or expected.name != name:
-            raise RuntimeError(f"write order: got {name!r}, expected {expected.name if expected else 'nothing'}")
+        expected = self.planned.get(name)
+        if expected is None or name in self._written:
+            raise RuntimeError(f"write: {name!r} is {'not planned' if expected is None else 'already written'}")
         if DTYPE_NAMES.get(tensor.dtype) != expected.dtype or tuple(tensor.shape) != expected.shape:
             raise RuntimeError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {expected.dtype} {expected.shape}")
-        shard = self.shard_of[name]
-        if shard != self.current:
-            self._open(shard)
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.handle.write(memoryview(data))
-        self.position += 1
+        shard, offset = self.place[name]
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fds[shard], data[done:], offset + done)
+        self._written.add(name)
+
+    def _close_files(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
     def close(self) -> list[str]:
-        if self.handle:
-            self.handle.close()
-            self.handle = None
-        if self.position != len(self.plan):
-            raise RuntimeError(f"only {self.position} of {len(self.plan)} planned tensors were written")
+        self._close_files()
+        missing = [t.name for t in self.plan if t.name not in self._written]
+        if missing:
+            raise RuntimeError(f"only {len(self._written)} of {len(self.plan)} planned tensors were written (first missing: {missing[0]})")
         if len(self.files) > 1:
             total = sum(t.nbytes for t in self.plan)
-            index = {"metadata": {"total_size": total}, "weight_map": {t.name: self.files[self.shard_of[t.name]] for t in self.plan}}
+            shard_of = {name: self.files[place[0]] for name, place in self.place.items()}
+            index = {"metadata": {"total_size": total}, "weight_map": {t.name: shard_of[t.name] for t in self.plan}}
             (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return self.files
+
+    def abort(self) -> None:
+        """Close the files after a failure (the temporary directory is removed by its owner)."""
+        if self.fds:
+            self._close_files()

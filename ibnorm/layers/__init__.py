@@ -1,6 +1,6 @@
 from .base import IBNormBase, project_lambdas
 from .batch import IBBatchNorm, IBBatchNorm1d, IBBatchNorm2d, IBBatchNorm3d
-from .factory import VARIANTS, from_module, from_spec
+from .factory import GROUPING_CHOICES, from_spec, grouping_of, resolve_grouping
 from .group import IBGroupNorm
 from .rowwise import IBLayerNorm, IBLayerNorm2d, IBRMSNorm, IBRMSNorm2d
 
@@ -16,7 +16,8 @@ __all__ = [
     "IBBatchNorm3d",
     "IBGroupNorm",
     "project_lambdas",
-    "from_module",
     "from_spec",
-    "VARIANTS",
+    "grouping_of",
+    "resolve_grouping",
+    "GROUPING_CHOICES",
 ]

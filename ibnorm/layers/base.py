@@ -20,6 +20,7 @@ class IBNormBase(nn.Module):
     """
 
     lam: Tensor
+    grouping: str  # rms | layer | batch | group, set by each subclass
 
     def _init_lambda(
         self,

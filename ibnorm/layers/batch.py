@@ -20,6 +20,8 @@ class IBBatchNorm(IBNormBase):
 
     _expected_dims: tuple[int, ...] | None = None
 
+    grouping = "batch"
+
     def __init__(
         self,
         num_features: int,

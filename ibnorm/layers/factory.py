@@ -1,32 +1,41 @@
-"""Build the IBNorm equivalent of a recognized norm: ``from_module`` and ``from_spec``."""
+"""Build the IBNorm equivalent of a recognized norm (``from_spec``).
+
+``ibnorm.from_module`` (recognize, then build) lives in ``ibnorm.surgery``: recognition sits above
+the layers, so the layers never import it.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..recognize import CHANNEL_KINDS, KINDS, ROW_KINDS, NormSpec, recognize
+from ..spec import CHANNEL_GROUPINGS, GROUPINGS, ROW_GROUPINGS, NormSpec
 from .base import IBNormBase
 from .batch import IBBatchNorm, IBBatchNorm1d, IBBatchNorm2d, IBBatchNorm3d
 from .group import IBGroupNorm
 from .rowwise import IBLayerNorm, IBLayerNorm2d, IBRMSNorm, IBRMSNorm2d
 
-VARIANTS = ("auto",) + KINDS
+GROUPING_CHOICES = ("auto",) + GROUPINGS
 _BATCH_CLASS_BY_DIMS = {(2, 3): IBBatchNorm1d, (4,): IBBatchNorm2d, (5,): IBBatchNorm3d}
 
 
-def resolve_variant(spec: NormSpec, variant: str) -> str:
+def resolve_grouping(spec: NormSpec, grouping: str) -> str:
     """The grouping the IBNorm layer will use; raises if it cannot apply to this source."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if variant == "auto" or variant == spec.kind:
-        return spec.kind
-    if spec.kind in ROW_KINDS and variant in ROW_KINDS:
-        return variant
+    if grouping not in GROUPING_CHOICES:
+        raise ValueError(f"unknown grouping {grouping!r}; choose one of {', '.join(GROUPING_CHOICES)}")
+    if grouping == "auto" or grouping == spec.grouping:
+        return spec.grouping
+    if spec.grouping in ROW_GROUPINGS and grouping in ROW_GROUPINGS:
+        return grouping
     raise ValueError(
-        f"variant {variant!r} cannot replace a {spec.kind} norm ({spec.source_class or 'unknown class'}): "
-        f"row-wise norms take rms/layer, {'/'.join(CHANNEL_KINDS)} norms keep their own grouping"
+        f"grouping {grouping!r} cannot replace a {spec.grouping} norm ({spec.source_class or 'unknown class'}): "
+        f"row-wise norms take rms/layer, {'/'.join(CHANNEL_GROUPINGS)} norms keep their own grouping"
     )
+
+
+def grouping_of(module: IBNormBase) -> str:
+    """rms | layer | batch | group."""
+    return module.grouping
 
 
 def from_spec(
@@ -34,20 +43,20 @@ def from_spec(
     *,
     op: str = "tanh",
     lam: float | Tensor = 0.0,
-    variant: str = "auto",
+    grouping: str = "auto",
     learnable_lam: bool = False,
 ) -> IBNormBase:
     """A new IBNorm module carrying the spec's weights, eps and running statistics."""
     if spec.skip_reason:
         raise ValueError(f"{spec.source_class} cannot be converted: {spec.skip_reason}")
-    kind = resolve_variant(spec, variant)
+    grouping = resolve_grouping(spec, grouping)
     lam_kw = {"op": op, "lam": lam, "per_channel": torch.as_tensor(lam).dim() > 0, "learnable_lam": learnable_lam}
     affine = spec.weight is not None
-    if kind in ROW_KINDS:
+    if grouping in ROW_GROUPINGS:
         classes = (IBRMSNorm, IBLayerNorm) if spec.channel_dim == -1 else (IBRMSNorm2d, IBLayerNorm2d)
-        cls = classes[0] if kind == "rms" else classes[1]
+        cls = classes[0] if grouping == "rms" else classes[1]
         module: IBNormBase = cls(spec.shape, spec.eps, affine, bias=spec.bias is not None, **lam_kw)
-    elif kind == "batch":
+    elif grouping == "batch":
         cls = _BATCH_CLASS_BY_DIMS.get(spec.batch_dims or (), IBBatchNorm)
         module = cls(spec.shape[0], spec.eps, spec.momentum, affine, spec.track_running_stats, **lam_kw)
     else:
@@ -71,31 +80,7 @@ def _copy_tensors(module: IBNormBase, spec: NormSpec) -> None:
             dst.zero_()
             continue
         dst.data = src.detach().clone().to(dtype=src.dtype)
-    if spec.kind == "batch" and spec.track_running_stats and spec.running_mean is not None:
+    if spec.grouping == "batch" and spec.track_running_stats and spec.running_mean is not None:
         module.running_mean.copy_(spec.running_mean)
         module.running_var.copy_(spec.running_var)
         module.num_batches_tracked.copy_(spec.num_batches_tracked)
-
-
-def from_module(
-    norm_module: nn.Module,
-    *,
-    op: str = "tanh",
-    lam: float | Tensor = 0.0,
-    variant: str = "auto",
-    learnable_lam: bool = False,
-) -> IBNormBase:
-    """The IBNorm equivalent of ``norm_module``.
-
-    Copies weight, bias, eps, normalized shape, running statistics, device, dtype
-    and train/eval mode; ``variant="auto"`` keeps the source's grouping.  At
-    ``lam=0`` the result computes the same function as the source.
-
-    Raises ``TypeError`` for modules that are not a recognized normalization layer.
-    """
-    spec = recognize(norm_module)
-    if spec is None:
-        raise TypeError(f"{type(norm_module).__qualname__} is not a normalization layer ibnorm can convert")
-    module = from_spec(spec, op=op, lam=lam, variant=variant, learnable_lam=learnable_lam)
-    module.train(norm_module.training)
-    return module

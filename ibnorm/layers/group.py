@@ -11,6 +11,8 @@ from .base import IBNormBase
 class IBGroupNorm(IBNormBase):
     """Drop-in for ``nn.GroupNorm``; λ is a scalar or one value per channel."""
 
+    grouping = "group"
+
     def __init__(
         self,
         num_groups: int,

@@ -53,6 +53,7 @@ class _IBRowNorm(IBNormBase):
 class IBRMSNorm(_IBRowNorm):
     """IBNorm with RMSNorm's grouping (not centred). Equals ``nn.RMSNorm`` at λ = 0."""
 
+    grouping = "rms"
     centered = False
 
     def __init__(
@@ -66,6 +67,7 @@ class IBRMSNorm(_IBRowNorm):
 class IBLayerNorm(_IBRowNorm):
     """IBNorm with LayerNorm's grouping (centred). Equals ``nn.LayerNorm`` at λ = 0."""
 
+    grouping = "layer"
     centered = True
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True, **kwargs) -> None:

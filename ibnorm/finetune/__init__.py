@@ -1,0 +1,8 @@
+"""Short adaptation fine-tuning: data, the training loop, checkpoints and resume, output."""
+
+from .checkpoints import latest_checkpoint
+from .loop import finetune, lambda_means, select_trainable
+from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, FinetuneOptions, FinetuneResult, global_batch_indices, lr_at
+
+__all__ = ["finetune", "FinetuneOptions", "FinetuneResult", "global_batch_indices", "lr_at", "latest_checkpoint",
+           "lambda_means", "select_trainable", "TRAIN_MODES", "CHECKPOINT_DIR_SUFFIX"]

@@ -1,0 +1,120 @@
+"""Checkpoints of a fine-tune: written atomically, resumed only by the run that wrote them.
+
+A checkpoint records the run's fingerprint (the model it started from, the recipe, the data),
+and ``resume`` refuses a checkpoint of another run and loads its weights strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import IBNormError
+from ..io.checkpoint import atomic_directory, write_json_atomic
+from .options import FinetuneOptions, FinetuneResult
+
+_KEEP = 2  # newest checkpoints kept
+
+
+def run_fingerprint(model_path: str, opts: FinetuneOptions, data_fingerprint: str) -> str:
+    """What identifies a run: its starting model (the weights' headers), recipe and data."""
+    h = hashlib.sha256()
+    root = Path(model_path)
+    for f in sorted(root.glob("*.safetensors")) if root.is_dir() else [root]:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 16))
+    h.update(json.dumps(opts.recipe(), sort_keys=True, default=str).encode())
+    h.update(data_fingerprint.encode())
+    return h.hexdigest()[:20]
+
+
+def dedup(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses shared storage (tied embeddings): keep one name per storage."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(directory.glob("step-*")) if directory.exists() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, result: FinetuneResult,
+                    opts: FinetuneOptions, fingerprint: str) -> Path:
+    """Everything ``resume`` needs, written atomically (a half-written checkpoint never appears)."""
+    from safetensors.torch import save_file
+
+    target = directory / f"step-{step:07d}"
+    with atomic_directory(target, force=True) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(dedup(state), str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
+                   tmp / "trainer_state.pt")
+        write_json_atomic(tmp / "progress.json", {"step": step, "losses": result.losses, "evals": result.evals,
+                                                  "lambda_trajectory": result.lambda_trajectory, "fingerprint": fingerprint,
+                                                  "options": opts.recipe()})
+    for old in sorted(directory.glob("step-*"))[:-_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def prepare_directory(directory: Path, opts: FinetuneOptions) -> None:
+    """A fresh run starts with no checkpoints of another: cleared with --force, refused otherwise."""
+    if opts.resume or latest_checkpoint(directory) is None:
+        return
+    if not opts.force:
+        raise IBNormError(f"{directory} holds checkpoints of an earlier run: pass --resume to continue it, "
+                          f"or --force to start over (they are deleted)")
+    shutil.rmtree(directory)
+
+
+@dataclass
+class Resumed:
+    step: int
+    progress: dict
+
+
+def resume(directory: Path, model: nn.Module, optimizer, fingerprint: str) -> Resumed:
+    """Restore the newest checkpoint of this run: weights (strictly), optimizer, RNG and progress."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt = latest_checkpoint(directory)
+    if ckpt is None:
+        raise IBNormError(f"--resume: no checkpoint in {directory}")
+    try:
+        progress = json.loads((ckpt / "progress.json").read_text())
+        state = load_file(str(ckpt / "model.safetensors"))
+        trainer = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, EOFError) as e:
+        raise IBNormError(f"--resume: checkpoint {ckpt} is unreadable ({type(e).__name__}); delete it to use an older one") from None
+    if not isinstance(progress, dict) or progress.get("fingerprint") != fingerprint:
+        raise IBNormError(f"--resume: {ckpt} belongs to another run (different model, options or data); "
+                          f"rerun with the same ones, or --force to start over")
+    expected = set(dedup(model.state_dict()))
+    if set(state) != expected:
+        extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+        raise IBNormError(f"--resume: {ckpt} does not fit this model ({len(missing)} tensors missing, {len(extra)} unexpected)")
+    model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    optimizer.load_state_dict(trainer["optimizer"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    random.setstate(trainer["rng"]["python"])
+    return Resumed(int(progress["step"]), progress)

@@ -1,0 +1,183 @@
+"""The training loop, top to bottom (on Hugging Face Accelerate).
+
+The same code runs in one process or under ``torchrun``/``accelerate launch`` (DDP; FSDP through
+an accelerate config).  The data order is a pure function of (seed, step), so ``resume``
+continues exactly where a run stopped, and N processes see the same global batches as one
+process with an N-times larger per-process batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import IBNormError
+from ..layers import IBNormBase, project_lambdas
+from ..loading import open_model
+from .checkpoints import latest_checkpoint, prepare_directory, resume, run_fingerprint, save_checkpoint
+from .data import Examples, build_examples, evaluate_loss, loss_of, read_data
+from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, FinetuneOptions, FinetuneResult, Progress, global_batch_indices, lr_at
+from .output import write_output
+
+
+def select_trainable(model: nn.Module, mode: str, lora_rank: int) -> nn.Module:
+    """Freeze what does not train.  IBNorm λ always becomes learnable; a model without IBNorm
+    (the baseline fine-tune of a source model) trains its original norms in ``norms`` mode."""
+    from ..surgery import find_norms
+
+    for m in model.modules():
+        if isinstance(m, IBNormBase) and not m.lam_is_learnable:
+            m.set_lambda(m.lam.detach(), learnable=True)
+    norms = [m for m in model.modules() if isinstance(m, IBNormBase)] or [s.module for s in find_norms(model)[0]]
+    for p in model.parameters():
+        p.requires_grad_(mode == "all")
+    if mode == "all":
+        return model
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear", lora_dropout=0.0))
+    for m in norms:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(True)
+    return model
+
+
+def lambda_means(model: nn.Module) -> dict[str, float]:
+    return {n: float(m.effective_lam.float().mean()) for n, m in model.named_modules() if isinstance(m, IBNormBase)}
+
+
+def _validate(opts: FinetuneOptions) -> None:
+    if opts.train not in TRAIN_MODES:
+        raise IBNormError(f"unknown --train {opts.train!r}; choose one of {', '.join(TRAIN_MODES)}")
+    if opts.steps < 1 or opts.batch_size < 1 or opts.grad_accum < 1:
+        raise IBNormError("--steps, --batch-size and --grad-accum must be ≥ 1")
+
+
+def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None) -> FinetuneResult:
+    """Fine-tune the model at ``path``; writes ``opts.out`` in the format ``convert`` writes."""
+    from accelerate import Accelerator
+
+    from ..kernels.dispatch import describe
+
+    _validate(opts)
+    out = Path(opts.out or f"{path.rstrip('/')}-ft")
+    ckpt_dir = Path(f"{out}{CHECKPOINT_DIR_SUFFIX}")
+    if out.exists() and not opts.force:
+        raise IBNormError(f"{out} already exists; pass --force to replace it")
+    raw = read_data(opts)  # the data is checked before any model work
+    progress = progress or (lambda _: None)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+
+    loaded = open_model(path)
+    train_set, held_out = build_examples(raw, loaded, opts, path)
+    fingerprint = run_fingerprint(path, opts, train_set.fingerprint())
+    if accelerator.is_main_process:
+        prepare_directory(ckpt_dir, opts)
+    model = select_trainable(loaded.model, opts.train, opts.lora_rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    result = FinetuneResult(str(out), opts.steps, kernel=describe() if cuda else "reference (CPU)",
+                            is_main_process=accelerator.is_main_process)
+    start = 0
+    if opts.resume:
+        state = resume(ckpt_dir, unwrapped, optimizer, fingerprint)
+        start = state.step
+        result.losses, result.evals = state.progress["losses"], state.progress["evals"]
+        result.lambda_trajectory = state.progress["lambda_trajectory"]
+    device = accelerator.device
+    if opts.compare_source and "manifest" in loaded.info and not raw.images and accelerator.is_main_process and not opts.resume:
+        result.source_eval = _source_eval(loaded.info["manifest"], held_out, opts)
+    if start == 0:
+        result.evals.append({"step": 0, **evaluate_loss(model, held_out, opts.batch_size, device)})
+        _record_lambdas(unwrapped, result)
+    progress({"event": "start", "kernel": result.kernel, "step": start, "steps": opts.steps, "processes": accelerator.num_processes,
+              "eval": result.evals[-1] if result.evals else None, "source_eval": result.source_eval})
+    save = lambda step: save_checkpoint(ckpt_dir, step, unwrapped, optimizer, result, opts, fingerprint)  # noqa: E731
+    t0 = time.perf_counter()
+    try:
+        tokens = _train(accelerator, model, unwrapped, optimizer, params, train_set, held_out, opts, start, result, progress,
+                        save, ckpt_dir)
+    except KeyboardInterrupt:
+        result.stopped = "interrupted"
+        if accelerator.is_main_process and result.losses:
+            progress({"event": "interrupted", "checkpoint": str(save(len(result.losses)))})
+        raise
+    result.evals.append({"step": opts.steps, **evaluate_loss(model, held_out, opts.batch_size, device)})
+    result.seconds = time.perf_counter() - t0
+    result.tokens_per_second = tokens / max(result.seconds, 1e-9)
+    if accelerator.is_main_process:
+        write_output(unwrapped, loaded, out, opts, result)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _record_lambdas(model: nn.Module, result: FinetuneResult) -> None:
+    for name, value in lambda_means(model).items():
+        result.lambda_trajectory.setdefault(name, []).append(value)
+
+
+def _train(accelerator, model, unwrapped, optimizer, params, train_set: Examples, held_out: Examples, opts: FinetuneOptions,
+           start: int, result: FinetuneResult, progress: Progress, save, ckpt_dir: Path) -> int:
+    """Steps ``start``…``opts.steps``; returns the number of tokens (or images) seen."""
+    device, world = accelerator.device, accelerator.num_processes
+    model.train()
+    t0, tokens = time.perf_counter(), 0
+    for step in range(start, opts.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, opts)
+        step_loss = torch.zeros((), device=device)
+        for micro in range(opts.grad_accum):
+            idx = global_batch_indices(step, micro, len(train_set), opts.batch_size * world, opts.grad_accum, opts.seed)
+            batch = train_set.take(idx[accelerator.process_index :: world])
+            x, y = batch.inputs.to(device), None if batch.labels is None else batch.labels.to(device)
+            last_micro = micro == opts.grad_accum - 1
+            with (accelerator.no_sync(model) if not last_micro and world > 1 else nullcontext()), accelerator.autocast():
+                loss = loss_of(model, x, y)
+                accelerator.backward(loss / opts.grad_accum)
+            step_loss += loss.detach() / opts.grad_accum
+            tokens += x.numel() * world
+        loss_value = float(accelerator.reduce(step_loss, reduction="mean"))
+        if not math.isfinite(loss_value):
+            last = latest_checkpoint(ckpt_dir)
+            raise IBNormError(f"loss became {loss_value} at step {step + 1}; stopped"
+                              + (f" (last good checkpoint: {last})" if last else " (no checkpoint was written)"))
+        if opts.clip > 0:
+            accelerator.clip_grad_norm_(params, opts.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        project_lambdas(unwrapped)
+        result.losses.append(loss_value)
+        _record_lambdas(unwrapped, result)
+        done = step + 1
+        record = {"event": "step", "step": done, "steps": opts.steps, "loss": loss_value, "lr": lr_at(step, opts),
+                  "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)}
+        if opts.eval_every and done % opts.eval_every == 0 and done != opts.steps:
+            result.evals.append({"step": done, **evaluate_loss(model, held_out, opts.batch_size, device)})
+            record["eval"] = result.evals[-1]
+        progress(record)
+        if opts.save_every and done % opts.save_every == 0 and accelerator.is_main_process:
+            save(done)
+    return tokens
+
+
+def _source_eval(manifest: dict, held_out: Examples, opts: FinetuneOptions) -> dict | None:
+    """The source model's figures on the same held-out examples, when the manifest names a loadable source."""
+    from ..io.sources import load_source
+
+    try:
+        src = load_source(manifest["source"]["resolved"])
+    except Exception:
+        return None
+    return evaluate_loss(src.model, held_out, opts.batch_size, "cpu")

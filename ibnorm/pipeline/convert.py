@@ -1,0 +1,128 @@
+"""The conversion pipeline: source → plan → calibrate → check → write.
+
+In-memory and streamed conversion run the same stages; they differ only in their store (where
+tensors come from and go to, ``stores.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+
+from .. import evaluate
+from ..errors import IBNormError, OutputExistsError
+from ..io.checkpoint import atomic_directory
+from ..io.sources import LoadedModel, load_source, resolve_short_name
+from ..layers import IBNormBase
+from .calibrate import Calibrated, build, calibrate, install
+from .check import check
+from .manifest import build_manifest
+from .options import ConversionResult, ConvertOptions, Progress, layer_record, no_progress
+from .plan import Plan, model_dtype, needs_streaming, plan_in_memory, plan_streamed
+from .write import write_in_memory, write_streamed
+
+STREAM_MODES = ("auto", "always", "never")
+
+
+def run_stages(plan: Plan, opts: ConvertOptions, progress: Progress) -> tuple[ConversionResult, dict[str, IBNormBase]]:
+    """Calibrate, check and build every norm; in memory they are also put in place."""
+    t0 = time.perf_counter()
+    cal: Calibrated = calibrate(plan, opts, progress)
+    end_to_end = check(plan, cal, opts, progress)
+    modules = {name: build(f, opts) for name, f in cal.fits.items()}
+    if not plan.store.streaming:
+        install(plan.model, modules)
+    records = [layer_record(s, modules[s.name], cal.fits[s.name].fit.error) for s in plan.sites]
+    result = ConversionResult(None if plan.store.streaming else plan.model, records, plan.skipped, cal.record,
+                              end_to_end, time.perf_counter() - t0)
+    return result, modules
+
+
+def convert_model(loaded: LoadedModel, opts: ConvertOptions, progress: Progress | None = None) -> ConversionResult:
+    """Convert ``loaded.model`` in place and return what was done (nothing is written)."""
+    return run_stages(plan_in_memory(loaded, opts), opts, progress or no_progress)[0]
+
+
+def _hf_safetensors_dir(resolved: str) -> Path | None:
+    p = Path(resolved)
+    if p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        return p
+    return None
+
+
+def _streams(source: str, opts: ConvertOptions, stream: str, weights: str | None) -> Path | None:
+    """The directory to stream from, or None for an in-memory conversion."""
+    if stream not in STREAM_MODES:
+        raise IBNormError(f"unknown stream mode {stream!r}; choose {', '.join(STREAM_MODES)}")
+    hf_dir = _hf_safetensors_dir(resolve_short_name(source))
+    if hf_dir is None or stream == "never" or weights is not None:
+        if stream == "always":
+            raise IBNormError(f"streaming needs a local transformers directory with safetensors weights; {source} is not one")
+        return None
+    return hf_dir if stream == "always" or needs_streaming(hf_dir, opts) else None
+
+
+def convert_checkpoint(
+    source: str,
+    out: str | Path,
+    opts: ConvertOptions,
+    *,
+    allow_pickle: bool = False,
+    weights: str | None = None,
+    pretrained: bool = True,
+    dtype: torch.dtype | None = None,
+    eval_data: str | None = None,
+    eval_tokens: int = 4096,
+    shard_size: str = "5GB",
+    force: bool = False,
+    progress: Progress | None = None,
+    stream: str = "auto",
+) -> tuple[ConversionResult, dict]:
+    """Load ``source``, convert it, optionally evaluate before/after, and write ``out`` atomically.
+
+    ``stream``: ``always`` streams block by block from the shards, ``never`` loads the whole
+    model, ``auto`` streams when the whole model would not fit comfortably in memory (and refuses,
+    showing the estimate, when such a model cannot be streamed).
+    """
+    out = Path(out)
+    if out.exists() and not force:  # fail before any work
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    progress = progress or no_progress
+    stream_dir = _streams(source, opts, stream, weights)
+    if stream_dir is not None and eval_data:
+        raise IBNormError("--eval needs the whole model in memory; evaluate the output with `ibnorm eval` instead")
+    if stream_dir is not None:
+        plan = plan_streamed(stream_dir, opts, source_name=source)
+        loaded = None
+    else:
+        progress("loading source", 0, 1)
+        loaded = load_source(source, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained, dtype=dtype)
+        progress("loading source", 1, 1)
+        plan = plan_in_memory(loaded, opts)
+    with atomic_directory(out, force) as tmp:
+        if plan.store.streaming:
+            plan.store.open_writer(tmp, shard_size)
+        before = _evaluate(loaded, eval_data, opts, eval_tokens) if eval_data else None
+        result, modules = run_stages(plan, opts, progress)
+        evaluation = {}
+        if before is not None:
+            progress("evaluating", 0, 1)
+            evaluation = {"data": eval_data, **evaluate.compare(before, _evaluate(loaded, eval_data, opts, eval_tokens))}
+        dtype_name = str(plan.store.dominant_dtype() if plan.store.streaming else model_dtype(plan.model)).removeprefix("torch.")
+        manifest = build_manifest(plan, opts, result, dtype_name, evaluation)
+        progress("writing", 0, 1)
+        if plan.store.streaming:
+            write_streamed(plan, tmp, manifest, modules)
+        else:
+            write_in_memory(plan, tmp, manifest, shard_size)
+        progress("writing", 1, 1)
+    return result, manifest
+
+
+def _evaluate(loaded: LoadedModel, data: str, opts: ConvertOptions, tokens: int) -> dict:
+    return evaluate.evaluate_model(loaded, loaded.model, data, opts.seq_len * 2, tokens, opts.text_field)
+
+
