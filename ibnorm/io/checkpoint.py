@@ -54,9 +54,9 @@ def versions() -> dict:
     import torch
     import transformers
 
-    import ibnorm
+    from ..version import __version__
 
-    out = {"ibnorm": ibnorm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    out = {"ibnorm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
            "safetensors": safetensors.__version__, "python": platform.python_version()}
     try:
         import timm

@@ -79,6 +79,7 @@ class CausalLM(ModelFamily):
     task: str = "causal-lm"
     drift_metric: str = "KL nats/token"
 
+    @torch.no_grad()
     def outputs(self, model: nn.Module, batch: Tensor) -> Tensor:
         return F.log_softmax(self.run(model, batch).logits.float(), -1)
 
@@ -99,6 +100,7 @@ class Encoder(ModelFamily):
     def run(self, model: nn.Module, batch: Tensor) -> Any:
         return model(input_ids=batch)
 
+    @torch.no_grad()
     def outputs(self, model: nn.Module, batch: Tensor) -> Tensor:
         return self.run(model, batch).last_hidden_state.float().mean(1)  # mean-pooled embeddings
 
@@ -122,6 +124,7 @@ class ImageClassifier(ModelFamily):
     def run(self, model: nn.Module, batch: Tensor) -> Tensor:
         return model(batch)
 
+    @torch.no_grad()
     def outputs(self, model: nn.Module, batch: Tensor) -> Tensor:
         return model(batch).float()
 
