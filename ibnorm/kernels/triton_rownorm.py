@@ -131,9 +131,16 @@ def _compress_grad(z, is_zero, lam_s, inv, OP: tl.constexpr, NEED_DLAM: tl.const
         c = _copysign(w - 1.0, z) * inv
         ds = _div(w, 1.0 + a)
         if NEED_DLAM:
-            L = lg2 * _LN2
-            dl = -_copysign(w * L * lam_s - (w - 1.0), z)
-            dl = tl.where(is_zero, -_copysign((1.0 + a) * L - a, z), dl)
+            # ∂s/∂λ = −sign(z)·((v − 1)e^v + 1), v = p·log1p(|z|): O(v²), so small |z| needs
+            # log1p to full relative precision and a series in v.
+            L_small = a * (1.0 + a * (-0.5 + a * (1.0 / 3.0 + a * (-0.25 + a * (0.2 + a * (-1.0 / 6.0 + a / 7.0))))))
+            L = tl.where(a < 0.1, L_small, lg2 * _LN2)
+            v = lam_s * L
+            g_small = v * v * (0.5 + v * (1.0 / 3.0 + v * (0.125 + v * (1.0 / 30.0 + v * (1.0 / 144.0 + v / 840.0)))))
+            dl = -_copysign(tl.where(v < 0.25, g_small, w * v - (w - 1.0)), z)
+            dl0 = (1.0 + a) * L - a  # the λ = 0 limit, also O(a²)
+            dl0 = tl.where(a < 0.1, a * a * (0.5 + a * (-1.0 / 6.0 + a * (1.0 / 12.0 + a * (-0.05 + a / 30.0)))), dl0)
+            dl = tl.where(is_zero, -_copysign(dl0, z), dl)
         else:
             dl = 0.0
     c = tl.where(is_zero, z, c)
@@ -192,12 +199,19 @@ def ibnorm_row_fwd_kernel(
     z = d * rstd
     c = _compress_value(z, is_zero, lam_s, inv, OP)  # 0 where masked: z = 0 there
     if CENTERED:
-        sc, sz, scc, szz = tl.reduce((c, z, c * c, z * z), 0, _add4)
+        sc, sz = tl.reduce((c, z), 0, _add2)
         cbar = sc * inv_n
         zbar = sz * inv_n
         mu_c = cbar - zbar  # = mean(c − z); exactly 0 when c == z
-        vc = scc * inv_n - cbar * cbar
-        vz = szz * inv_n - zbar * zbar
+        # Two-pass variances: mean(c) is far from 0 when one channel dominates (one-pass cancels).
+        cc = c - cbar
+        zc = z - zbar
+        if not EVEN:
+            cc = tl.where(mask, cc, 0.0)
+            zc = tl.where(mask, zc, 0.0)
+        scc, szz = tl.reduce((cc * cc, zc * zc), 0, _add2)
+        vc = scc * inv_n
+        vz = szz * inv_n
     else:
         scc, szz = tl.reduce((c * c, z * z), 0, _add2)
         cbar = 0.0
@@ -261,18 +275,26 @@ def _row_backward(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, mu_c, cbar, zb
     gh = g * w
     n = 1.0 / inv_n
     if CENTERED:
-        dsm = ds if EVEN else tl.where(mask, ds, 0.0)
+        # Centred c and z keep every sum free of cancellation against mean(c).
+        cc = c - cbar
+        zc = z - zbar
+        dsm = ds
+        if not EVEN:
+            cc = tl.where(mask, cc, 0.0)
+            zc = tl.where(mask, zc, 0.0)
+            dsm = tl.where(mask, ds, 0.0)
         s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz = tl.reduce(
-            (gh, gh * c, gh * ds, gh * ds * z, dsm, c * dsm, dsm * z, c * dsm * z), 0, _add8)
-        sk = s_gc - mu_c * s_g  # Σ gh·(c − μ_c)
+            (gh, gh * cc, gh * ds, gh * ds * zc, dsm, cc * dsm, dsm * zc, cc * dsm * zc), 0, _add8)
         mg = k * s_g * inv_n  # gradient through μ_c, per element
+        sk = s_gc + (cbar - mu_c) * s_g  # Σ gh·(c − μ_c)
         alpha = sk * kc
         beta = sk * kz
-        sum_dz = n * mg + k * s_gs - mg * s_s + alpha * (s_cs - cbar * s_s)
-        sum_dzz = mg * n * zbar + beta * n * vz + k * s_gsz - mg * s_sz + alpha * (s_csz - cbar * s_sz)
-        dc = gh * k - mg + alpha * (c - cbar)
-        dz = mg + beta * (z - zbar) + dc * ds
-        dx = rstd * (dz - sum_dz * inv_n - (z - zbar) * (sum_dzz * inv_n))
+        sum_dz = n * mg + k * s_gs - mg * s_s + alpha * s_cs
+        sum_dzc = beta * n * vz + k * s_gsz - mg * s_sz + alpha * s_csz
+        dc = gh * k - mg + alpha * cc
+        dz = mg + beta * zc + dc * ds
+        mean_dz = sum_dz * inv_n
+        dx = rstd * (dz - mean_dz - zc * (sum_dzc * inv_n + zbar * mean_dz))
         chat = (c - mu_c) * k
     else:
         s_gc, s_gsz, s_csz = tl.reduce((gh * c, gh * ds * z, c * ds * z), 0, _add3)
