@@ -135,6 +135,8 @@ def run_case(args, case: Case, op: str, bw: float, deadline: float) -> list[str]
          "torch": case.timings(torch_norm(case.centered, case.eps), op)}
     if time.time() < deadline and not (SMOKE and os.environ.get("IBNORM_BENCH_SMOKE_COMPILE") != "1"):
         torch._dynamo.reset()  # one fresh compiled baseline per shape: no recompile-limit fallback to eager
+        # The backward is replayed on one graph (retain_graph), which donated buffers forbid.
+        torch._functorch.config.donated_buffer = False
         compiled = torch.compile(IBF.ib_row_norm, dynamic=False)
         check("compiled reference", case.outputs(compiled, op), eager, tol)
         t["compiled"] = case.timings(compiled, op)

@@ -35,14 +35,14 @@ RESTANDARDIZE_FLOOR = 1e-12
 N_STATS = 8  # per-row fp32 statistics saved by the forward (see module docstring)
 # The interpreter has no libdevice; compiled kernels use the 2-instruction approximate divide
 # where the quotient only needs a few ulp (denominators here are in [1, 1 + λ√H]).
-_FAST_DIV: tl.constexpr = os.environ.get("TRITON_INTERPRET", "0") != "1"
-_LN2: tl.constexpr = 0.6931471805599453
-_LOG2E: tl.constexpr = 1.4426950408889634
+_FAST_DIV = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
 # Series cut-offs (in u = λ|z|): below them the closed forms lose digits to cancellation.
-_TANH_SMALL: tl.constexpr = 0.1
-_TANH_DLAM_SMALL: tl.constexpr = 0.3
-_LOG_SMALL: tl.constexpr = 0.1
-_LOG_DLAM_SMALL: tl.constexpr = 0.25
+_TANH_SMALL = tl.constexpr(0.1)
+_TANH_DLAM_SMALL = tl.constexpr(0.3)
+_LOG_SMALL = tl.constexpr(0.1)
+_LOG_DLAM_SMALL = tl.constexpr(0.25)
 
 
 @triton.jit
