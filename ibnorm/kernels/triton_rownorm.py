@@ -1,203 +1,366 @@
 """Fused Triton kernels for row-wise IBNorm (rms and layer groupings), forward and backward.
 
-Forward: one program per row; the row stays on chip, both statistics passes run there,
-and only the row's mean and rstd (fp32) are saved.  Backward: each program walks a
-contiguous range of rows, recomputes z, the compression and its derivatives from x,
-writes dx, and keeps fp32 partial sums of dγ, dβ and dλ in registers; the partials are
-summed afterwards in a fixed order (deterministic, no atomics).
+Forward: one program per row.  The row stays on chip; it writes y and eight fp32 statistics
+per row (mean, rstd, μ_c, mean c, mean z, var c, var z, k = σ_z/σ_c) that the backward reuses,
+so the backward runs no forward reductions.
 
-The math is ``ibnorm.functional.ib_row_norm``'s (docs/math.md); this file knows nothing of models.
+Backward: SM-count persistent programs, each walking a fixed strided set of rows.  Per row one
+multi-operand reduction gives every sum the gradient needs (the second reduction of the chain
+rule is expanded algebraically into sums of the first pass), then dx is written.  dγ, dβ and dλ
+are accumulated in registers, only when autograd needs them (constexpr switches), and written
+to one fp32 partial buffer (programs × K × N) that the host sums in a fixed order: deterministic,
+no atomics.
+
+Numerics (docs/math.md):
+* every transcendental is evaluated in a form that cannot overflow for any |z| (tanh through
+  e = exp(−2λ|z|) ∈ (0, 1]); log and power only see log2 of 1 + λ|z| ≤ 1 + λ√H;
+* λ = 0 is a select (c = z bit for bit) and σ_z/σ_c uses round-to-nearest sqrt and division,
+  so k is exactly 1 whenever c == z: step 4 is the identity at λ = 0 on any GPU;
+* a scalar λ stays a scalar: its reciprocals are computed once per program.
+
+The math is ``ibnorm.functional.ib_row_norm``'s; this file knows nothing of models.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 OP_CODES = {"tanh": 0, "log": 1, "power": 2}
 MAX_HIDDEN = 65536
 RESTANDARDIZE_FLOOR = 1e-12
+N_STATS = 8  # per-row fp32 statistics saved by the forward (see module docstring)
+# The interpreter has no libdevice; compiled kernels use the 2-instruction approximate divide
+# where the quotient only needs a few ulp (denominators here are in [1, 1 + λ√H]).
+_FAST_DIV = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
+# Series cut-offs (in u = λ|z|): below them the closed forms lose digits to cancellation.
+_TANH_SMALL = tl.constexpr(0.1)
+_TANH_DLAM_SMALL = tl.constexpr(0.3)
+_LOG_SMALL = tl.constexpr(0.1)
+_LOG_DLAM_SMALL = tl.constexpr(0.25)
 
 
 @triton.jit
-def _expm1(x):
-    # Kahan's trick: accurate for small |x| without a libdevice call.
-    w = tl.exp(x)
-    safe = tl.where(w == 1.0, 1.0, tl.log(w))
-    return tl.where(w == 1.0, x, (w - 1.0) * x / safe)
+def _div(a, b):
+    if _FAST_DIV:
+        return libdevice.fast_dividef(a, b)
+    else:
+        return a / b
 
 
 @triton.jit
-def _log1p(x):
-    w = 1.0 + x
-    safe = tl.where(w == 1.0, 1.0, w - 1.0)
-    return tl.where(w == 1.0, x, tl.log(w) * x / safe)
+def _copysign(mag, z):
+    return tl.where(z < 0, -mag, mag)
 
 
 @triton.jit
-def _compress(z, lam, OP: tl.constexpr):
-    """Returns c = s_λ(z), ∂s/∂z and ∂s/∂λ, elementwise, with the λ = 0 limit taken explicitly."""
-    a = tl.abs(z)
-    sg = tl.where(z < 0, -1.0, 1.0)
+def _lam_scalars(lam, OP: tl.constexpr):
+    """Per-λ quantities (scalar for a scalar λ): is-zero, a safe λ, and the op's reciprocals."""
+    lam = tl.maximum(lam, 0.0)  # effective λ; the straight-through gradient is the host's
     is_zero = lam == 0.0
     lam_s = tl.where(is_zero, 1.0, lam)
-    if OP == 0:  # tanh(λz)/λ = z·F(u), u = λ|z|, F(u) = tanh(u)/u
-        u = lam_s * a
-        u2 = u * u
-        small = u < 0.1
-        e = _expm1(2.0 * tl.where(small, 1.0, u))
-        t_big = e / (e + 2.0)
-        F_big = t_big / tl.where(small, 1.0, u)
-        F_small = 1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0))))
-        F = tl.where(small, F_small, F_big)
-        t = u * F
-        dF_small = u * (-2.0 / 3.0 + u2 * (8.0 / 15.0 + u2 * (-102.0 / 315.0 + u2 * (496.0 / 2835.0))))
-        dF_big = (u * (1.0 - t * t) - t) / tl.where(small, 1.0, u2)
-        dF = tl.where(small, dF_small, dF_big)
-        c = z * F
-        dc_dz = 1.0 - t * t
-        dc_dlam = z * a * dF
-        dlam0 = 0.0 * z
-    elif OP == 1:  # sign(z)·log(1+λ|z|)/λ = z·F(u), F(u) = log1p(u)/u
-        u = lam_s * a
-        small = u < 0.05
-        us = tl.where(small, 1.0, u)
-        F_big = _log1p(us) / us
-        F_small = 1.0 + u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0)))))
-        F = tl.where(small, F_small, F_big)
-        dF_big = (us / (1.0 + us) - _log1p(us)) / (us * us)
-        dF_small = -0.5 + u * (2.0 / 3.0 + u * (-0.75 + u * (0.8 + u * (-5.0 / 6.0 + u * (6.0 / 7.0)))))
-        dF = tl.where(small, dF_small, dF_big)
-        c = z * F
-        dc_dz = 1.0 / (1.0 + u)
-        dc_dlam = z * a * dF
-        dlam0 = -0.5 * z * a
-    else:  # sign(z)·((1+|z|)^p − 1)/p, p = 1/(1+λ)
+    if OP == 2:
         p = 1.0 / (1.0 + lam_s)
-        L = _log1p(a)
-        small = a < 1e-4
-        em = _expm1(p * L)
-        F_big = em / (p * tl.where(small, 1.0, a))
-        F_small = 1.0 + (p - 1.0) * a / 2.0 + (p - 1.0) * (p - 2.0) * a * a / 6.0
-        F = tl.where(small, F_small, F_big)
-        c = z * F
-        dc_dz = tl.exp((p - 1.0) * L)
-        dc_dlam = -sg * ((em + 1.0) * L * p - em)
-        dlam0 = -sg * ((1.0 + a) * L - a)
-    c = tl.where(is_zero, z, c)
-    dc_dz = tl.where(is_zero, 1.0, dc_dz)
-    dc_dlam = tl.where(is_zero, dlam0, dc_dlam)
-    return c, dc_dz, dc_dlam
+        return is_zero, p, 1.0 + lam_s
+    else:
+        return is_zero, lam_s, 1.0 / lam_s
 
 
 @triton.jit
-def _row_forward_math(x, lam, mask, N, eps, delta, CENTERED: tl.constexpr, OP: tl.constexpr):
-    if CENTERED:
-        mean = tl.sum(x, axis=0) / N
-        d = tl.where(mask, x - mean, 0.0)
+def _compress_value(z, is_zero, lam_s, inv, OP: tl.constexpr):
+    """c = s_λ(z).  For power ``lam_s`` is p and ``inv`` is 1/p; otherwise λ and 1/λ."""
+    a = tl.abs(z)
+    if OP == 0:
+        u = lam_s * a
+        e = tl.exp2(u * (-2.0 * _LOG2E))  # ∈ (0, 1]: no overflow for any u
+        t = _div(1.0 - e, 1.0 + e)
+        u2 = u * u
+        c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(t, z) * inv)
+    elif OP == 1:
+        u = lam_s * a
+        lg = tl.log2(1.0 + u) * _LN2
+        c_small = z * (1.0 + u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0))))))
+        c = tl.where(u < _LOG_SMALL, c_small, _copysign(lg, z) * inv)
     else:
-        mean = 0.0
-        d = x
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-    z = d * rstd
-    c, dc_dz, dc_dlam = _compress(z, lam, OP)
-    c = tl.where(mask, c, 0.0)
-    if CENTERED:
-        a = tl.sum(c - z, axis=0) / N
-        cbar = tl.sum(c, axis=0) / N
-        zbar = tl.sum(z, axis=0) / N
-        cc = tl.where(mask, c - cbar, 0.0)
-        zc = tl.where(mask, z - zbar, 0.0)
-        ct = tl.where(mask, c - a, 0.0)
+        # ((1+a)^p − 1)/p: the absolute error of w − 1 is an ulp of 1 for every a.
+        w = tl.exp2(lam_s * tl.log2(1.0 + a))
+        c = _copysign(w - 1.0, z) * inv
+    return tl.where(is_zero, z, c)
+
+
+@triton.jit
+def _compress_grad(z, is_zero, lam_s, inv, OP: tl.constexpr, NEED_DLAM: tl.constexpr):
+    """c, ∂s/∂z and (when NEED_DLAM) ∂s/∂λ, with the exact λ = 0 limits."""
+    a = tl.abs(z)
+    if OP == 0:
+        u = lam_s * a
+        e = tl.exp2(u * (-2.0 * _LOG2E))
+        t = _div(1.0 - e, 1.0 + e)
+        u2 = u * u
+        c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(t, z) * inv)
+        ds = 1.0 - t * t
+        if NEED_DLAM:
+            # z·|z|·F'(u), F(u) = tanh(u)/u; closed form (z s' − c)/λ cancels for small u.
+            dF = u * (-2.0 / 3.0 + u2 * (8.0 / 15.0 + u2 * (-102.0 / 315.0 + u2 * (496.0 / 2835.0 + u2 * (-13820.0 / 155925.0)))))
+            dl = tl.where(u < _TANH_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
+            dl = tl.where(is_zero, 0.0, dl)
+        else:
+            dl = 0.0
+    elif OP == 1:
+        u = lam_s * a
+        lg = tl.log2(1.0 + u) * _LN2
+        c_small = z * (1.0 + u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0))))))
+        c = tl.where(u < _LOG_SMALL, c_small, _copysign(lg, z) * inv)
+        ds = _div(1.0, 1.0 + u)
+        if NEED_DLAM:
+            # F'(u) = Σ_k (−1)^k k/(k+1) u^(k−1), k = 1…9
+            dF = -0.5 + u * (2.0 / 3.0 + u * (-0.75 + u * (0.8 + u * (-5.0 / 6.0 + u * (6.0 / 7.0 + u * (
+                -7.0 / 8.0 + u * (8.0 / 9.0 + u * (-0.9))))))))
+            dl = tl.where(u < _LOG_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
+            dl = tl.where(is_zero, -0.5 * z * a, dl)
+        else:
+            dl = 0.0
     else:
-        cc = c
-        zc = z
-        ct = c
-    vc = tl.sum(cc * cc, axis=0) / N
-    vz = tl.sum(zc * zc, axis=0) / N
-    k = tl.sqrt(tl.maximum(vz, delta)) / tl.sqrt(tl.maximum(vc, delta))
-    return mean, rstd, z, c, dc_dz, dc_dlam, cc, zc, ct, vc, vz, k
+        lg2 = tl.log2(1.0 + a)
+        w = tl.exp2(lam_s * lg2)
+        c = _copysign(w - 1.0, z) * inv
+        ds = _div(w, 1.0 + a)
+        if NEED_DLAM:
+            # ∂s/∂λ = −sign(z)·((v − 1)e^v + 1), v = p·log1p(|z|): O(v²), so small |z| needs
+            # log1p to full relative precision and a series in v.
+            L_small = a * (1.0 + a * (-0.5 + a * (1.0 / 3.0 + a * (-0.25 + a * (0.2 + a * (-1.0 / 6.0 + a / 7.0))))))
+            L = tl.where(a < 0.1, L_small, lg2 * _LN2)
+            v = lam_s * L
+            g_small = v * v * (0.5 + v * (1.0 / 3.0 + v * (0.125 + v * (1.0 / 30.0 + v * (1.0 / 144.0 + v / 840.0)))))
+            dl = -_copysign(tl.where(v < 0.25, g_small, w * v - (w - 1.0)), z)
+            dl0 = (1.0 + a) * L - a  # the λ = 0 limit, also O(a²)
+            dl0 = tl.where(a < 0.1, a * a * (0.5 + a * (-1.0 / 6.0 + a * (1.0 / 12.0 + a * (-0.05 + a / 30.0)))), dl0)
+            dl = tl.where(is_zero, -_copysign(dl0, z), dl)
+        else:
+            dl = 0.0
+    c = tl.where(is_zero, z, c)
+    ds = tl.where(is_zero, 1.0, ds)
+    return c, ds, dl
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _add8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7
+
+
+@triton.jit
+def _spread_ratio(vz, vc, delta):
+    # Round-to-nearest sqrt and division: k is exactly 1 when vz == vc (λ = 0), on any GPU.
+    return tl.div_rn(tl.sqrt_rn(tl.maximum(vz, delta)), tl.sqrt_rn(tl.maximum(vc, delta)))
 
 
 @triton.jit
 def ibnorm_row_fwd_kernel(
-    X, Y, W, B, LAM, MEAN, RSTD,
-    stride_x, stride_y, N, eps, delta,
+    X, Y, W, B, LAM, STATS,
+    stride_x, stride_y, eps, delta, N: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr,
     CENTERED: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    EVEN: tl.constexpr = N == BLOCK
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if LAM_PER_CHANNEL:
-        lam = tl.load(LAM + cols, mask=mask, other=0.0).to(tl.float32)
+        lam = tl.load(LAM + cols, mask=mask, other=0.0)
     else:
-        lam = tl.load(LAM).to(tl.float32) + 0.0 * x
-    lam = tl.maximum(lam, 0.0)
-    mean, rstd, z, c, dc_dz, dc_dlam, cc, zc, ct, vc, vz, k = _row_forward_math(x, lam, mask, N, eps, delta, CENTERED, OP)
-    y = ct * k
+        lam = tl.load(LAM)
+    is_zero, lam_s, inv = _lam_scalars(lam, OP)
+    inv_n = 1.0 / N
+    if CENTERED:
+        mean = tl.sum(x, axis=0) * inv_n
+        d = x - mean
+        if not EVEN:
+            d = tl.where(mask, d, 0.0)
+    else:
+        mean = 0.0
+        d = x
+    rstd = tl.rsqrt(tl.sum(d * d, axis=0) * inv_n + eps)
+    z = d * rstd
+    c = _compress_value(z, is_zero, lam_s, inv, OP)  # 0 where masked: z = 0 there
+    if CENTERED:
+        sc, sz = tl.reduce((c, z), 0, _add2)
+        cbar = sc * inv_n
+        zbar = sz * inv_n
+        mu_c = cbar - zbar  # = mean(c − z); exactly 0 when c == z
+        # Two-pass variances: mean(c) is far from 0 when one channel dominates (one-pass cancels).
+        cc = c - cbar
+        zc = z - zbar
+        if not EVEN:
+            cc = tl.where(mask, cc, 0.0)
+            zc = tl.where(mask, zc, 0.0)
+        scc, szz = tl.reduce((cc * cc, zc * zc), 0, _add2)
+        vc = scc * inv_n
+        vz = szz * inv_n
+    else:
+        scc, szz = tl.reduce((c * c, z * z), 0, _add2)
+        cbar = 0.0
+        zbar = 0.0
+        mu_c = 0.0
+        vc = scc * inv_n
+        vz = szz * inv_n
+    k = _spread_ratio(vz, vc, delta)
+    y = c - mu_c if CENTERED else c
     if HAS_W:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * (k * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32))
+    else:
+        y = y * k
     if HAS_B:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    s = STATS + row * 8
+    tl.store(s + 0, mean)
+    tl.store(s + 1, rstd)
+    tl.store(s + 2, mu_c)
+    tl.store(s + 3, cbar)
+    tl.store(s + 4, zbar)
+    tl.store(s + 5, vc)
+    tl.store(s + 6, vz)
+    tl.store(s + 7, k)
+
+
+@triton.jit
+def _row_scalars(STATS, row, delta, inv_n, CENTERED: tl.constexpr):
+    s = STATS + row * 8
+    mean = tl.load(s + 0)
+    rstd = tl.load(s + 1)
+    vc = tl.load(s + 5)
+    vz = tl.load(s + 6)
+    k = tl.load(s + 7)
+    # ∂k/∂v_c and ∂k/∂v_z (zero where the floor δ is active), times 2/N.
+    kc = tl.where(vc > delta, -k / vc, 0.0) * inv_n
+    kz = tl.where(vz > delta, k / vz, 0.0) * inv_n
+    if CENTERED:
+        return mean, rstd, tl.load(s + 2), tl.load(s + 3), tl.load(s + 4), vz, k, kc, kz
+    else:
+        return mean, rstd, 0.0, 0.0, 0.0, vz, k, kc, kz
+
+
+@triton.jit
+def _row_backward(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
+                  CENTERED: tl.constexpr, OP: tl.constexpr, EVEN: tl.constexpr, NEED_DLAM: tl.constexpr):
+    """dx (fp32), ĉ and dc·∂s/∂λ for one row, from the saved statistics.
+
+    The second reduction of the chain rule (mean(dz), mean(dz·z)) is expanded into sums that
+    the first pass already has, so one multi-operand reduction serves the whole row.
+    """
+    if CENTERED:
+        d = x - mean
+        if not EVEN:
+            d = tl.where(mask, d, 0.0)
+    else:
+        d = x
+    z = d * rstd
+    c, ds, dl = _compress_grad(z, is_zero, lam_s, inv, OP, NEED_DLAM)
+    gh = g * w
+    n = 1.0 / inv_n
+    if CENTERED:
+        # Centred c and z keep every sum free of cancellation against mean(c).
+        cc = c - cbar
+        zc = z - zbar
+        dsm = ds
+        if not EVEN:
+            cc = tl.where(mask, cc, 0.0)
+            zc = tl.where(mask, zc, 0.0)
+            dsm = tl.where(mask, ds, 0.0)
+        s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz = tl.reduce(
+            (gh, gh * cc, gh * ds, gh * ds * zc, dsm, cc * dsm, dsm * zc, cc * dsm * zc), 0, _add8)
+        mg = k * s_g * inv_n  # gradient through μ_c, per element
+        sk = s_gc + (cbar - mu_c) * s_g  # Σ gh·(c − μ_c)
+        alpha = sk * kc
+        beta = sk * kz
+        sum_dz = n * mg + k * s_gs - mg * s_s + alpha * s_cs
+        sum_dzc = beta * n * vz + k * s_gsz - mg * s_sz + alpha * s_csz
+        dc = gh * k - mg + alpha * cc
+        dz = mg + beta * zc + dc * ds
+        mean_dz = sum_dz * inv_n
+        dx = rstd * (dz - mean_dz - zc * (sum_dzc * inv_n + zbar * mean_dz))
+        chat = (c - mu_c) * k
+    else:
+        s_gc, s_gsz, s_csz = tl.reduce((gh * c, gh * ds * z, c * ds * z), 0, _add3)
+        alpha = s_gc * kc
+        beta = s_gc * kz
+        sum_dzz = beta * n * vz + k * s_gsz + alpha * s_csz
+        dc = gh * k + alpha * c
+        dz = beta * z + dc * ds
+        dx = rstd * (dz - z * (sum_dzz * inv_n))
+        chat = c * k
+    return dx, chat, dc * dl
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
 
 
 @triton.jit
 def ibnorm_row_bwd_kernel(
-    X, DY, DX, W, LAM, DW_PART, DB_PART, DLAM_PART,
-    stride_x, stride_dy, stride_dx, M, N, eps, delta, rows_per_program,
-    HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr,
-    CENTERED: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr,
+    X, DY, DX, W, LAM, STATS, PART,
+    stride_x, stride_dy, stride_dx, M, delta, N: tl.constexpr,
+    HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    EVEN: tl.constexpr = N == BLOCK
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     if HAS_W:
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     else:
-        w = tl.where(mask, 1.0, 0.0)
+        w = 1.0
     if LAM_PER_CHANNEL:
-        lam = tl.load(LAM + cols, mask=mask, other=0.0).to(tl.float32)
+        lam = tl.load(LAM + cols, mask=mask, other=0.0)
     else:
-        lam = tl.load(LAM).to(tl.float32) + 0.0 * w
-    lam = tl.maximum(lam, 0.0)
+        lam = tl.load(LAM)
+    is_zero, lam_s, inv = _lam_scalars(lam, OP)
+    inv_n = 1.0 / N
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    dlam_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = (row_start + i).to(tl.int64)
-        if row < M:
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            mean, rstd, z, c, dc_dz, dc_dlam, cc, zc, ct, vc, vz, k = _row_forward_math(x, lam, mask, N, eps, delta, CENTERED, OP)
-            chat = ct * k
+    dl_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = pid.to(tl.int64)
+    for i in tl.range(0, tl.cdiv(M - pid, nprog)):
+        row = first + i * nprog
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
+        dx, chat, dcl = _row_backward(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, mu_c, cbar, zbar, vz, k,
+                                      kc, kz, inv_n, CENTERED, OP, EVEN, NEED_DLAM)
+        if NEED_DX:
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if NEED_DW:
             dw_acc += g * chat
+        if NEED_DB:
             db_acc += g
-            gh = g * w
-            gt = gh * k
-            sk = tl.sum(gh * ct, axis=0)
-            dk_dvc = tl.where(vc > delta, -k / (2.0 * vc), 0.0)
-            dk_dvz = tl.where(vz > delta, k / (2.0 * vz), 0.0)
-            if CENTERED:
-                mg = tl.sum(gt, axis=0) / N
-                dc = gt - mg + sk * dk_dvc * 2.0 * cc / N
-                dz = mg + sk * dk_dvz * 2.0 * zc / N
-            else:
-                dc = gt + sk * dk_dvc * 2.0 * c / N
-                dz = sk * dk_dvz * 2.0 * z / N
-            dc = tl.where(mask, dc, 0.0)
-            dz = tl.where(mask, dz + dc * dc_dz, 0.0)
-            dlam_acc += dc * dc_dlam
-            dd = rstd * (dz - z * (tl.sum(dz * z, axis=0) / N))
-            if CENTERED:
-                dd = tl.where(mask, dd - tl.sum(dd, axis=0) / N, 0.0)
-            tl.store(DX + row * stride_dx + cols, dd.to(DX.dtype.element_ty), mask=mask)
-    part = pid.to(tl.int64) * N
-    tl.store(DW_PART + part + cols, dw_acc, mask=mask)
-    tl.store(DB_PART + part + cols, db_acc, mask=mask)
-    tl.store(DLAM_PART + part + cols, dlam_acc, mask=mask)
+        if NEED_DLAM:
+            dl_acc += dcl
+    part = PART + pid.to(tl.int64) * (NEED_DW + NEED_DB + NEED_DLAM) * N + cols
+    if NEED_DW:
+        tl.store(part, dw_acc, mask=mask)
+        part += N
+    if NEED_DB:
+        tl.store(part, db_acc, mask=mask)
+        part += N
+    if NEED_DLAM:
+        tl.store(part, dl_acc, mask=mask)
