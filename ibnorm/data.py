@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -170,3 +170,16 @@ def load_images(folder: ImageFolder, transform, max_images: int | None = None) -
         with Image.open(p) as im:
             xs.append(transform(im.convert("RGB")))
     return torch.stack(xs), torch.tensor(folder.labels[:n])
+
+
+def timm_eval_transform(model) -> Callable:
+    """timm's deterministic evaluation transform for ``model`` (resize, crop, normalize)."""
+    import timm
+
+    return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+
+
+def param_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model's inputs take: its first floating parameter's (float32 if none)."""
+    p = next(iter(model.parameters()), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32

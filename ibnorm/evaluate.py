@@ -9,30 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import image_folder, load_images, read_texts, token_examples
+from .data import image_folder, load_images, param_dtype, read_texts, timm_eval_transform, token_examples
 
 
 def _batches(n: int, batch_size: int):
     for i in range(0, n, batch_size):
         yield slice(i, min(n, i + batch_size))
-
-
-@torch.no_grad()
-def lm_logprobs(model: nn.Module, blocks: Tensor, batch_size: int = 4) -> Tensor:
-    """Next-token log-probabilities (blocks, seq, vocab) in float32."""
-    return torch.cat([F.log_softmax(model(input_ids=blocks[s]).logits.float(), -1) for s in _batches(len(blocks), batch_size)])
-
-
-@torch.no_grad()
-def lm_kl(model: nn.Module, blocks: Tensor, ref_logprobs: Tensor, batch_size: int = 4) -> float:
-    """Mean KL(source ‖ model) of next-token distributions, in nats per token."""
-    total, count = 0.0, 0
-    for s in _batches(len(blocks), batch_size):
-        logq = F.log_softmax(model(input_ids=blocks[s]).logits.float(), -1)
-        logp = ref_logprobs[s]
-        total += float((logp.exp() * (logp - logq)).sum())
-        count += logp.shape[0] * logp.shape[1]
-    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -68,11 +50,11 @@ def perplexity(
 
 
 @torch.no_grad()
-def embeddings(model: nn.Module, blocks: Tensor, batch_size: int = 8) -> Tensor:
-    """Mean-pooled last hidden states (one vector per block)."""
+def embeddings(model: nn.Module, examples: Tensor, batch_size: int = 8) -> Tensor:
+    """Mean-pooled last hidden states (one vector per example)."""
     out = []
-    for s in _batches(len(blocks), batch_size):
-        out.append(model(input_ids=blocks[s]).last_hidden_state.float().mean(1))
+    for s in _batches(len(examples), batch_size):
+        out.append(model(input_ids=examples[s]).last_hidden_state.float().mean(1))
     return torch.cat(out)
 
 
@@ -90,32 +72,19 @@ def top1(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean())
 
 
-def kl_from_logits(ref_logits: Tensor, logits: Tensor) -> float:
-    logp, logq = F.log_softmax(ref_logits, -1), F.log_softmax(logits, -1)
-    return float((logp.exp() * (logp - logq)).sum(-1).mean())
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    p = next(iter(model.parameters()), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
-
-
 def evaluate_model(loaded, model: nn.Module, data: str, seq_len: int, max_tokens: int,
                    text_field: str = "text") -> dict:
     """The figure a user judges a model by: perplexity (causal LM), top-1 (images) or embeddings (encoder)."""
     if loaded.task == "image-classifier":
-        import timm
-
-        cfg = timm.data.resolve_data_config({}, model=model)
-        images, labels = load_images(image_folder(data), timm.data.create_transform(**cfg))
-        logits = image_logits(model, images.to(_param_dtype(model)))
+        images, labels = load_images(image_folder(data), timm_eval_transform(model))
+        logits = image_logits(model, images.to(param_dtype(model)))
         return {"metric": "top-1", "value": top1(logits, labels), "images": len(images), "_logits": logits}
     ids = token_examples(loaded.tokenizer, read_texts(data, text_field), seq_len, max(1, max_tokens // seq_len))
     if loaded.task == "causal-lm":
         r = perplexity(model, ids, window=seq_len)
         return {"metric": "perplexity", "value": r["perplexity"], **{k: r[k] for k in ("tokens", "window", "stride")}}
     emb = embeddings(model, ids)
-    return {"metric": "embedding", "value": None, "blocks": len(ids), "_embeddings": emb}
+    return {"metric": "embedding", "value": None, "examples": len(ids), "_embeddings": emb}
 
 
 def compare(before: dict, after: dict) -> dict:

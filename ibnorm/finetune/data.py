@@ -9,10 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..data import image_folder, is_image_folder, load_images, read_texts, token_examples
+from ..data import image_folder, is_image_folder, load_images, read_texts, timm_eval_transform, token_examples
 from ..errors import IBNormError
 from ..io.sources import LoadedModel
-from ..pipeline.families import timm_eval_transform
 from .options import FinetuneOptions
 
 

@@ -21,7 +21,8 @@ from .calibrate import Calibrated, build, calibrate, install
 from .check import check
 from .manifest import build_manifest
 from .options import ConversionResult, ConvertOptions, Progress, layer_record, no_progress
-from .plan import Plan, model_dtype, needs_streaming, plan_in_memory, plan_streamed
+from ..data import param_dtype
+from .plan import Plan, needs_streaming, plan_in_memory, plan_streamed
 from .write import write_in_memory, write_streamed
 
 STREAM_MODES = ("auto", "always", "never")
@@ -111,7 +112,7 @@ def convert_checkpoint(
         if before is not None:
             progress("evaluating", 0, 1)
             evaluation = {"data": eval_data, **evaluate.compare(before, _evaluate(loaded, eval_data, opts, eval_tokens))}
-        dtype_name = str(plan.store.dominant_dtype() if plan.store.streaming else model_dtype(plan.model)).removeprefix("torch.")
+        dtype_name = str(plan.store.dominant_dtype() if plan.store.streaming else param_dtype(plan.model)).removeprefix("torch.")
         manifest = build_manifest(plan, opts, result, dtype_name, evaluation)
         progress("writing", 0, 1)
         if plan.store.streaming:

@@ -10,27 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data import image_folder, is_image_folder, load_images, read_texts, token_examples
+from ..data import image_folder, is_image_folder, load_images, param_dtype, read_texts, timm_eval_transform, token_examples
 from ..errors import IBNormError
 from .layout import Blocks, find_blocks
-
-
-def timm_eval_transform(model: nn.Module) -> Callable:
-    """timm's deterministic evaluation transform for ``model`` (resize, crop, normalize)."""
-    import timm
-
-    return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-
-
-def param_dtype(model: nn.Module) -> torch.dtype:
-    p = next(iter(model.parameters()), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,3 @@ def needs_streaming(hf_dir: Path, opts: ConvertOptions) -> bool:
             f"whole-model conversion of {hf_dir} needs about {need / 2**30:.1f} GiB, only {available / 2**30:.1f} GiB "
             f"is available, and it cannot be streamed ({why}); use a machine with more memory")
     return True
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    p = next(iter(model.parameters()), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
