@@ -42,7 +42,7 @@ def ops_command(json_out: bool = typer.Option(False, "--json", help="Print JSON 
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Model directory, hub id, .gguf file, timm:NAME, or a short name (smollm2-135m, gpt2, resnet50, …)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory, written atomically (default: ./NAME-ibnorm)."),
     grouping: str = typer.Option("auto", "--grouping", "--variant", help="auto|rms|layer|batch|group (auto keeps the source's grouping)."),
     op: str = typer.Option("tanh", help="Compression: tanh (IBNorm-T), log (IBNorm-L), power (IBNorm-S)."),
     lam: Optional[float] = typer.Option(None, "--lam", help="Fixed λ for every channel (no search); 0 reproduces the source."),
@@ -77,6 +77,12 @@ def convert(
             _bad("--grouping", grouping, ibnorm.GROUPING_CHOICES)
         if lam is not None and lam < 0:
             raise IBNormError("--lam must be ≥ 0")
+        if out is None:
+            from ibnorm.io.sources import default_output_name
+
+            out = Path(default_output_name(source))
+            if not json_out:
+                console.print(f"writing to ./{out} (choose with --out)")
         opts = ibnorm.ConvertOptions(grouping=grouping, op=op, lam=lam, only=only, exclude=exclude, calib=calib,
                                      calib_samples=calib_samples, seq_len=seq_len, tolerance=tolerance, budget=budget,
                                      text_field=text_field)

@@ -14,7 +14,7 @@ from .render import console, err_console, print_json, quiet_libraries, table, us
 @app.command()
 def finetune(
     converted: str = typer.Argument(..., help="A directory written by `ibnorm convert`."),
-    data: str = typer.Option(..., "--data", help="Training text: file, directory, .jsonl, .parquet, a saved `datasets` dataset, or builtin:pydoc:train."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training text: file, directory, .jsonl, .parquet, a saved `datasets` dataset, or builtin:pydoc:train (default: the calibration data the manifest records, else builtin:pydoc:train)."),
     steps: int = typer.Option(1000, help="Optimizer steps."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (default: CONVERTED-ft)."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: the last 10% of --data)."),
@@ -41,6 +41,10 @@ def finetune(
         quiet_libraries()
         import ibnorm.finetune as ft
 
+        if data is None:
+            data, why = ft.default_data(converted)
+            if not json_out:
+                err_console.print(f"--data not given: training on {data} ({why})")
         opts = ft.FinetuneOptions(data=data, steps=steps, out=out, eval_data=eval_data, eval_every=eval_every, train=train,
                                   lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum,
                                   clip=clip, seq_len=seq_len, text_field=text_field, seed=seed, save_every=save_every,

@@ -190,3 +190,23 @@ def test_eval_image_folder_top1(tmp_path):
     r = ibnorm("eval", str(tmp_path / "r18"), "--data", str(tmp_path / "imgs"), "--json")
     res = json.loads(r.stdout)
     assert r.returncode == 0 and res["metric"] == "top-1" and 0.0 <= res["value"] <= 1.0 and res["images"] == 6
+
+
+def test_first_commands_run_as_typed(hf_dir, tmp_path):
+    """`convert` without --out writes ./NAME-ibnorm (and refuses it next time); a converted directory is
+    refused as a source, never read as its base model; `finetune` without --data says what it uses."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = ibnorm("convert", str(hf_dir), "--lam", "0.2", cwd=work)
+    assert r.returncode == 0, r.stderr
+    out = work / "tiny-llama-ibnorm"
+    assert "tiny-llama-ibnorm" in r.stdout and (out / "ibnorm_manifest.json").is_file()
+    assert_one_line_error(ibnorm("convert", str(hf_dir), "--lam", "0.2", cwd=work), "already exists")
+    for lam in ("0", "0.3"):
+        r = ibnorm("convert", str(out), "--lam", lam, "--out", str(tmp_path / f"again{lam}"))
+        assert_one_line_error(r, "already an ibnorm conversion")
+        assert not (tmp_path / f"again{lam}").exists()
+    import ibnorm as lib
+
+    data, why = lib.finetune.default_data(str(out))
+    assert data == "builtin:pydoc:train" and "built-in" in why  # converted without calibration data

@@ -118,3 +118,17 @@ def evaluate_loss(model: nn.Module, data: Examples, batch_size: int, device) -> 
     if data.labels is None:
         return {"loss": nll, "perplexity": math.exp(nll), "tokens": count}
     return {"loss": nll, "accuracy": correct / max(count, 1), "images": count}
+
+
+def default_data(path: str) -> tuple[str, str]:
+    """Training data when none is named: the calibration data the manifest records, else built-in text."""
+    from pathlib import Path
+
+    from ..io.manifest import MANIFEST, read_manifest
+
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        recorded = (read_manifest(p).get("calibration") or {}).get("data")
+        if recorded and (recorded.startswith("builtin:") or Path(recorded).exists()):
+            return recorded, "the calibration data recorded in its manifest"
+    return "builtin:pydoc:train", "built-in English text (the Python reference manual)"

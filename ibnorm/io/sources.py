@@ -78,6 +78,7 @@ def load_source(
         return _load_timm(source, resolved.removeprefix(TIMM_PREFIX), weights, pretrained, allow_pickle, dtype)
     path = Path(resolved)
     if path.exists():
+        refuse_converted(path)
         if path.is_file() and path.suffix == ".gguf":
             return _load_hf(source, str(path.parent), gguf_file=path.name, dtype=dtype)
         if path.is_file() and path.suffix in PICKLE_SUFFIXES:
@@ -89,6 +90,31 @@ def load_source(
         return _load_hf(source, _hub_snapshot(resolved), allow_pickle=allow_pickle, dtype=dtype, hub_id=resolved)
     hint = f" (known short names: {', '.join(sorted(SHORT_NAMES))})" if "/" not in source else ""
     raise SourceError(f"source not found: {source}{hint}")
+
+
+def refuse_converted(path: Path) -> None:
+    """A converted directory read as a plain model would lose its λ: say what to do instead."""
+    import json
+
+    from .manifest import MANIFEST
+
+    if not (path.is_dir() and (path / MANIFEST).is_file()):
+        return
+    try:
+        source = json.loads((path / MANIFEST).read_text())["source"]["name"]
+    except Exception:
+        source = "its source"
+    raise SourceError(f"{path} is already an ibnorm conversion: convert {source} instead, or continue from this "
+                      f"one with `ibnorm finetune {path}`")
+
+
+def default_output_name(source: str) -> str:
+    """``./<model-name>-ibnorm`` for what the user named (short name, path, hub id, timm:NAME, .gguf)."""
+    name = source.rstrip("/").removeprefix(TIMM_PREFIX)
+    name = name.rsplit("/", 1)[-1]
+    for suffix in (".gguf", ".safetensors"):
+        name = name.removesuffix(suffix)
+    return f"{name or 'model'}-ibnorm"
 
 
 def _hub_snapshot(repo_id: str) -> str:
@@ -158,8 +184,6 @@ def _load_hf(
         kw["gguf_file"] = gguf_file
     else:
         if not (p / "config.json").is_file():
-            if (p / "ibnorm_manifest.json").is_file():
-                raise SourceError(f"{p} is already an ibnorm conversion; convert its source instead")
             raise SourceError(f"{p} is not a model directory (no config.json)")
         _check_weights_present(p, allow_pickle)
         validate_safetensors_dir(p)

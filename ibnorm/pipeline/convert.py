@@ -15,7 +15,7 @@ import torch
 from .. import evaluate
 from ..errors import IBNormError, OutputExistsError
 from ..io.checkpoint import atomic_directory
-from ..io.sources import LoadedModel, load_source, resolve_short_name
+from ..io.sources import LoadedModel, load_source, refuse_converted, resolve_short_name
 from ..layers import IBNormBase
 from .calibrate import Calibrated, build, calibrate, install
 from .check import check
@@ -92,6 +92,7 @@ def convert_checkpoint(
     if out.exists() and not force:  # fail before any work
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     progress = progress or no_progress
+    refuse_converted(Path(resolve_short_name(source)))
     stream_dir = _streams(source, opts, stream, weights)
     if stream_dir is not None and eval_data:
         raise IBNormError("--eval needs the whole model in memory; evaluate the output with `ibnorm eval` instead")
