@@ -314,6 +314,13 @@ def check_state_matches(model_params: Mapping[str, tuple[int, ...]], tensors: Ma
         raise StateMismatchError(f"{where} holds {len(extra)} tensor(s) the config does not describe, e.g. {extra[0]!r}")
 
 
+def tied_parameter_names(model: Any) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier one (tied weights, stored once)."""
+    every = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    unique = {n for n, _ in model.named_parameters()}
+    return {n for n in every if n not in unique}
+
+
 def _is_buffer_like(name: str) -> bool:
     # Saved buffers (BatchNorm statistics, rotary caches of old checkpoints) are not parameters.
     leaf = name.rsplit(".", 1)[-1]
