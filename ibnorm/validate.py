@@ -75,7 +75,9 @@ def check_tolerance(tolerance: float) -> float:
 
 
 def check_budget(budget: float) -> float:
-    """``--budget``: a KL (nats/token) or 1 − cosine, ≥ 0 and finite."""
+    """``--budget``: a KL (nats/token) or 1 − cosine, ≥ 0; ``inf`` means no end-to-end back-off."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget == math.inf:
+        return math.inf
     return check_range("--budget", budget, low=0.0)
 
 

@@ -75,7 +75,8 @@ def validate_manifest(manifest: Any, where: str | Path = MANIFEST) -> dict:
 
 def _check_numbers_finite(where: str, key: str, value: Any) -> None:
     # A NaN metric in a manifest is a broken conversion reported as a result; refuse to show it as one.
-    if isinstance(value, float) and not math.isfinite(value):
+    # (An infinite budget is an option meaning "no back-off", not a measurement.)
+    if isinstance(value, float) and not math.isfinite(value) and not (key.endswith("budget") and value == math.inf):
         raise CorruptFileError(f"{where}: {key} is {value} (not finite)")
     if isinstance(value, dict):
         for k, v in value.items():
