@@ -31,6 +31,9 @@ _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_
 # Headroom kept free on the output's file system: metadata, side files, and the estimate's error.
 DISK_MARGIN = 1.05
 DISK_SLACK_BYTES = 64 * 2**20
+# Parameter dtypes (safetensors names, and torch's, so callers can pass either).
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "float64", "float32", "float16", "bfloat16",
+                 "torch.float64", "torch.float32", "torch.float16", "torch.bfloat16")
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -308,6 +311,8 @@ def check_state_matches(model_params: Mapping[str, tuple[int, ...]], tensors: Ma
         used.add(key)
         if tuple(tensors[key][0]) != tuple(shape):
             raise StateMismatchError(f"{where}: {key!r} has shape {list(tensors[key][0])}, the config expects {list(shape)}")
+        if tensors[key][1] not in _FLOAT_DTYPES:  # parameters are float; an integer one is a different tensor
+            raise StateMismatchError(f"{where}: {key!r} is stored as {tensors[key][1]}, a parameter must be float")
     patterns = [re.compile(p) for p in ignore_unexpected]
     known = used | tied | ({f"{strip}{t}" for t in tied} if strip else set())
     extra = sorted(n for n in tensors if n not in known and (not strip or f"{strip}{n}" not in tied)

@@ -195,6 +195,11 @@ def test_state_matches_hub_prefix_and_buffers():
     stored = {k.removeprefix("transformer."): (tuple(v.shape), "F32") for k, v in model.state_dict().items() if k != "lm_head.weight"}
     stored["h.0.attn.bias"] = ((1, 1, 8, 8), "BOOL")  # old checkpoints save the causal mask buffer
     V.check_state_matches(_params(model), stored, _tied(model), base_prefix="transformer")
+    wte = stored["wte.weight"]
+    stored["wte.weight"] = (wte[0], "I32")
+    with pytest.raises(StateMismatchError, match="'wte.weight' is stored as I32"):
+        V.check_state_matches(_params(model), stored, _tied(model), base_prefix="transformer")
+    stored["wte.weight"] = wte
     del stored["h.0.mlp.c_fc.weight"]
     with pytest.raises(StateMismatchError, match="transformer.h.0.mlp.c_fc.weight"):
         V.check_state_matches(_params(model), stored, _tied(model), base_prefix="transformer")
@@ -404,6 +409,9 @@ def _copy(converted: Path, tmp_path: Path) -> Path:
     (lambda m: {**m, "layers": [{**m["layers"][0], "lam_mean": float("nan")}]}, "not finite"),
     (lambda m: {**m, "evaluation": {"source": 1.0, "converted": float("inf")}}, "evaluation.converted is inf"),
     (lambda m: {**m, "format": "other/1"}, "unsupported format"),
+    (lambda m: {**m, "task": "seq2seq"}, "task 'seq2seq'"),
+    (lambda m: {**m, "options": {**m["options"], "op": "relu"}}, "options.op 'relu'"),
+    (lambda m: {**m, "layers": [{**m["layers"][0], "variant": "instance"}]}, "variant 'instance'"),
 ])
 def test_manifest_schema(converted, edit, fragment):
     manifest = read_manifest(converted)
@@ -411,6 +419,14 @@ def test_manifest_schema(converted, edit, fragment):
     with pytest.raises(SourceError) as e:
         validate_manifest(edit(json.loads(json.dumps(manifest))), "m.json")
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_manifest_enums_match_the_library():
+    import ibnorm
+    from ibnorm.io import manifest as M
+    from ibnorm.recognize import KINDS
+
+    assert set(M.OPS) == set(ibnorm.COMPRESSION_OPS) and set(M.LAYER_VARIANTS) == set(KINDS)
 
 
 def test_manifest_not_utf8(converted, tmp_path):

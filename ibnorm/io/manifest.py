@@ -12,6 +12,10 @@ from ..errors import CorruptFileError, SourceError
 MANIFEST = "ibnorm_manifest.json"
 FORMAT = "ibnorm-converted/1"
 FAMILIES = ("hf", "timm")
+TASKS = ("causal-lm", "encoder", "image-classifier")
+# Kept equal to ibnorm.COMPRESSION_OPS and the recognizer's KINDS (a test checks it): this module runs without torch.
+OPS = ("tanh", "log", "power")
+LAYER_VARIANTS = ("rms", "layer", "batch", "group")
 _MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 # Field → accepted types.  What `load`, `inspect`, `eval` and the renderers read without a fallback.
@@ -53,8 +57,10 @@ def validate_manifest(manifest: Any, where: str | Path = MANIFEST) -> dict:
     _check_fields(where, manifest["source"], _SOURCE, {}, "source ")
     if manifest["family"] not in FAMILIES:
         raise CorruptFileError(f"{where}: family {manifest['family']!r} is not one of {', '.join(FAMILIES)}")
-    if not isinstance(manifest["options"].get("op"), str):
-        raise CorruptFileError(f"{where}: options lacks the compression op")
+    if manifest["task"] not in TASKS:
+        raise CorruptFileError(f"{where}: task {manifest['task']!r} is not one of {', '.join(TASKS)}")
+    if manifest["options"].get("op") not in OPS:
+        raise CorruptFileError(f"{where}: options.op {manifest['options'].get('op')!r} is not one of {', '.join(OPS)}")
     if not isinstance(manifest["calibration"].get("mode"), str):
         raise CorruptFileError(f"{where}: calibration lacks its mode")
     names = set()
@@ -65,6 +71,8 @@ def validate_manifest(manifest: Any, where: str | Path = MANIFEST) -> dict:
         shape = layer["lam_shape"]
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise CorruptFileError(f"{where}: layers[{i}] lam_shape {shape!r} must be a list of non-negative integers")
+        if layer["variant"] not in LAYER_VARIANTS:
+            raise CorruptFileError(f"{where}: layers[{i}] variant {layer['variant']!r} is not one of {', '.join(LAYER_VARIANTS)}")
         if layer["name"] in names:
             raise CorruptFileError(f"{where}: layer {layer['name']!r} is listed twice")
         names.add(layer["name"])
