@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
 from ibnorm.errors import IBNormError, SourceError, StateMismatchError
@@ -28,7 +28,9 @@ from validation_helpers import join_safetensors, run_cli, small_safetensors, spl
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
-FUZZ_SLOW = settings(FUZZ, max_examples=12)
+FUZZ_SLOW = settings(FUZZ, max_examples=25)
+# Until the pipeline calls the checks, convert fails early: no shrinking, so an expected failure stays cheap.
+FUZZ_CONVERT = settings(FUZZ, max_examples=15, phases=[Phase.explicit, Phase.generate])
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**66), 2**66), st.integers(-3, 300),
                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6))
@@ -396,10 +398,10 @@ NEEDS_PIPELINE = pytest.mark.xfail(strict=False, reason="needs pipeline integrat
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory) -> dict:
-    from models import tiny_hf
+    from models import tiny_lm_with_tokenizer
 
     root = tmp_path_factory.mktemp("fuzzsrc")
-    tiny_hf("llama").save_pretrained(root / "src")
+    tiny_lm_with_tokenizer(root / "src")
     clean_out = root / "clean"
     r = run_cli("convert", str(root / "src"), "--out", str(clean_out), "--lam", "0.1", "--stream", "never", "--json")
     assert r.exit_code == 0, r.output
@@ -416,7 +418,7 @@ def _same_tensors(a: Path, b: Path) -> bool:
 
 
 @NEEDS_PIPELINE
-@FUZZ_SLOW
+@FUZZ_CONVERT
 @given(data=st.data(), stream=st.sampled_from(["never", "always"]))
 def test_fuzz_convert_cli(source_dir, data, stream):
     """convert of a damaged source: the clean conversion's tensors exactly, or one error line and nothing on disk."""
@@ -477,10 +479,9 @@ def test_convert_cli_silent_wrong_output_cases(source_dir, tmp_path, case):
         cfg["num_hidden_layers"] += 1
         (work / "config.json").write_text(json.dumps(cfg))
     elif case == "overlap_stream":
-        names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-        same = [n for n in names if header[n]["shape"] == header[names[0]]["shape"] and n != names[0]]
-        assert same
-        header[same[0]]["data_offsets"] = header[names[0]]["data_offsets"]
+        k, v = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+        assert header[k]["shape"] == header[v]["shape"]
+        header[v]["data_offsets"] = header[k]["data_offsets"]  # v reads k's bytes; v's own bytes are unused
         st_file.write_bytes(join_safetensors(header, body))
         stream = "always"
     elif case == "u32_norm":
