@@ -322,10 +322,15 @@ def check_state_matches(model_params: Mapping[str, tuple[int, ...]], tensors: Ma
 
 
 def tied_parameter_names(model: Any) -> set[str]:
-    """Names of parameters that are the same tensor as an earlier one (tied weights, stored once)."""
+    """Names of parameters tied to another and stored once: those sharing a tensor with an earlier one, and
+    (on a meta-device skeleton, where nothing is tied yet) those transformers will tie for this config."""
     every = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     unique = {n for n, _ in model.named_parameters()}
-    return {n for n in every if n not in unique}
+    tied = {n for n in every if n not in unique}
+    declared = getattr(model, "all_tied_weights_keys", None)  # transformers ≥ 5: {target: source}, config-aware
+    if isinstance(declared, Mapping):
+        tied.update(k for k in declared if k in unique)
+    return tied
 
 
 def _is_buffer_like(name: str) -> bool:
@@ -340,6 +345,87 @@ def check_norm_dtype(name: str, dtype: str) -> None:
     from .io.safetensors_index import require_float
 
     require_float(name, dtype)
+
+
+# ----------------------------------------------------------------------------- HF checkpoints (config + weights)
+
+
+def read_config(model_dir: str | Path) -> Any:
+    """The transformers config of a model directory; a malformed ``config.json`` is one SourceError line."""
+    from .errors import SourceError
+
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise SourceError(f"{model_dir} is not a model directory (no config.json)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise SourceError(f"{path} is corrupt (not UTF-8 JSON)") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type", ""), str):
+        raise SourceError(f"{path} is corrupt (not a config object)")
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # noqa: BLE001  transformers raises many kinds for bad field values
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SourceError(f"{path} is not a valid config: {first}") from None
+
+
+def skeleton_of(config: Any) -> Any:
+    """The architecture a config describes, on the meta device (no memory, no random values)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        with init_empty_weights(include_buffers=False):
+            return auto.from_config(config)
+    except Exception as e:  # noqa: BLE001  an inconsistent config (heads not dividing the width, …)
+        from .errors import SourceError
+
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SourceError(f"the config describes no buildable model: {first}") from None
+
+
+def check_hf_checkpoint(model_dir: str | Path, index: Any = None, norm_names: Iterable[str] | None = None) -> None:
+    """Config and safetensors weights of an HF directory describe the same model, and its norm tensors are
+    float and finite.  ``index``: an open :class:`~ibnorm.io.safetensors_index.TensorIndex` (opened here if
+    None); ``norm_names``: the norm modules (default: modules whose class name contains "Norm")."""
+    from .io.safetensors_index import TensorIndex
+
+    config = read_config(model_dir)
+    model = skeleton_of(config)
+    own = index is None
+    index = TensorIndex.open(model_dir) if own else index
+    try:
+        check_state_matches({n: tuple(p.shape) for n, p in model.named_parameters()},
+                            {n: (t.shape, t.dtype) for n, t in index.tensors.items()}, tied_parameter_names(model),
+                            base_prefix=getattr(model, "base_model_prefix", None) or None,
+                            ignore_unexpected=getattr(model, "_keys_to_ignore_on_load_unexpected", None) or (),
+                            where=str(model_dir))
+        if norm_names is None:
+            norm_names = [n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()]
+        check_norm_tensors(index, norm_names, getattr(model, "base_model_prefix", None))
+    finally:
+        if own:
+            index.close()
+
+
+def check_norm_tensors(index: Any, modules: Iterable[str], base_prefix: str | None = None) -> None:
+    """Every weight/bias/λ of the named norm modules in ``index`` is float and finite (they are small: read them)."""
+    strip = f"{base_prefix}." if base_prefix else None
+    for module in modules:
+        for leaf in ("weight", "bias", "lam"):
+            name = f"{module}.{leaf}"
+            if name not in index and strip and name.startswith(strip):
+                name = name[len(strip):]
+            if name not in index:
+                continue
+            check_norm_dtype(name, index.tensors[name].dtype)
+            check_finite(f"norm tensor {name!r}", index.get_numpy(name))
 
 
 # ----------------------------------------------------------------------------- fine-tune resume

@@ -735,3 +735,83 @@ def test_errors_are_one_line_subclasses():
     for cls in (OptionError, CorruptFileError, StateMismatchError, NonFiniteError, OutputError):
         assert issubclass(cls, IBNormError)
     assert one_error_line("error: x\n") == "error: x"
+
+
+# ----------------------------------------------------------------------------- HF checkpoints: config vs weights, norm tensors
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> dict:
+    from models import tiny_hf
+
+    root = tmp_path_factory.mktemp("hfdirs")
+    tiny_hf("llama").save_pretrained(root / "llama")
+    tiny_hf("gpt2").save_pretrained(root / "gpt2-sharded", max_shard_size="20KB")
+    tiny_hf("qwen3").save_pretrained(root / "qwen3")
+    return root
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2-sharded", "qwen3"])
+def test_hf_checkpoint_clean(hf_dirs, name):
+    V.check_hf_checkpoint(hf_dirs / name)
+
+
+def _edited_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case,error,fragment", [
+    ("more_layers", StateMismatchError, "lacks 9 parameter(s) the config describes, e.g. 'model.layers.2."),
+    ("fewer_layers", StateMismatchError, "does not describe, e.g. 'model.layers.1."),
+    ("wider", StateMismatchError, "has shape"),
+    ("u32_norm", SourceError, "must be float"),
+    ("nan_norm", NonFiniteError, "'model.norm.weight' has 32 of 32 values NaN"),
+    ("config_junk", SourceError, "is not a valid config"),
+    ("config_list", SourceError, "not a config object"),
+    ("config_heads", SourceError, ""),
+])
+def test_hf_checkpoint_refused(hf_dirs, tmp_path, case, error, fragment):
+    d = _edited_copy(hf_dirs / "llama", tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    st = d / "model.safetensors"
+    if case in ("more_layers", "fewer_layers"):
+        cfg["num_hidden_layers"] += 1 if case == "more_layers" else -1
+    elif case == "wider":
+        cfg["intermediate_size"] = 65
+    elif case == "u32_norm":
+        _set_tensor_bytes(st, "model.norm.weight", dtype="U32")
+    elif case == "nan_norm":
+        _set_tensor_bytes(st, "model.norm.weight", values=np.full(32, np.nan, np.float32))
+    elif case == "config_junk":
+        cfg["num_hidden_layers"] = [1, 2]
+    elif case == "config_heads":
+        cfg["num_attention_heads"] = 5  # does not divide the width
+    (d / "config.json").write_text(json.dumps([cfg] if case == "config_list" else cfg))
+    with pytest.raises(error) as e:
+        V.check_hf_checkpoint(d)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+# ----------------------------------------------------------------------------- fine-tune resume belongs to this run
+
+
+def test_resume_fingerprint(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "ibnorm_manifest.json").write_text('{"a": 1}')
+    opts = {"lr": 1e-3, "seq_len": 32, "train": "norms", "steps": 10, "resume": False, "out": "x"}
+    fp = V.run_fingerprint(model, opts, ["text one", "text two"])
+    # what does not change the trajectory does not change the fingerprint
+    assert V.run_fingerprint(model, {**opts, "steps": 20, "resume": True, "out": "y"}, ["text one", "text two"]) == fp
+    for other in (V.run_fingerprint(model, {**opts, "lr": 2e-3}, ["text one", "text two"]),
+                  V.run_fingerprint(model, opts, ["text one", "text 2"]),
+                  V.run_fingerprint(tmp_path, opts, ["text one", "text two"])):
+        assert other != fp
+    V.check_resume("ck", {"step": 3, "fingerprint": fp}, fp)
+    for progress, fragment in (({"step": 3, "fingerprint": "0" * 64}, "belongs to another run"), ({"step": 3}, "another run"),
+                               ([1, 2], "damaged"), ({"step": "3", "fingerprint": fp}, "damaged"), (None, "damaged")):
+        with pytest.raises(StateMismatchError, match=fragment):
+            V.check_resume("ck", progress, fp)
