@@ -363,6 +363,9 @@ def read_config(model_dir: str | Path) -> Any:
         raise SourceError(f"{path} is corrupt (not UTF-8 JSON)") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type", ""), str):
         raise SourceError(f"{path} is corrupt (not a config object)")
+    archs = raw.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise SourceError(f"{path} is corrupt: architectures must be a list of class names")
     import transformers
 
     try:
