@@ -59,26 +59,43 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + (".jsonl", ".parquet"))
         docs = [d for f in files for d in read_texts(str(f), text_field)]
     elif path.suffix.lower() == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError(f"{path}:{lineno}: not valid JSON") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    raise DataError(f"{path}:{lineno}: no {text_field!r} field (set --text-field)")
-                docs.append(str(row[text_field]))
+        docs = _jsonl_texts(path, text_field)
     else:
         try:
-            docs = [path.read_text(encoding="utf-8")]
-        except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text") from None
+            docs = [path.read_bytes().decode("utf-8")]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror}") from None
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"no text found in {source}")
+    return docs
+
+
+def _jsonl_texts(path: Path, text_field: str) -> list[str]:
+    """One document per line; every line must decode as UTF-8 and parse as a JSON object holding ``text_field``."""
+    docs = []
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    for lineno, line_bytes in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise DataError(f"{path}:{lineno}: not valid JSON") from None
+        if not isinstance(row, dict) or text_field not in row:
+            raise DataError(f"{path}:{lineno}: no {text_field!r} field (set --text-field)")
+        if not isinstance(row[text_field], str):
+            raise DataError(f"{path}:{lineno}: field {text_field!r} is a {type(row[text_field]).__name__}, not text")
+        docs.append(row[text_field])
     return docs
 
 
@@ -108,6 +125,10 @@ def _saved_dataset_texts(path: Path, text_field: str) -> list[str]:
 
 def token_examples(tokenizer, texts: Sequence[str], seq_len: int, max_examples: int | None = None) -> torch.Tensor:
     """Tokenize, join documents with EOS, and pack into ``(examples, seq_len)`` token ids."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise DataError(f"sequence length must be a positive number of tokens, got {seq_len!r}")
+    if max_examples is not None and max_examples < 1:
+        raise DataError(f"number of samples must be ≥ 1, got {max_examples}")
     sep = tokenizer.eos_token_id
     ids: list[int] = []
     need = None if max_examples is None else max_examples * seq_len
@@ -167,8 +188,7 @@ def load_images(folder: ImageFolder, transform, max_images: int | None = None) -
     n = len(folder.paths) if max_images is None else min(max_images, len(folder.paths))
     xs = []
     for p in folder.paths[:n]:
-        with Image.open(p) as im:
-            xs.append(transform(im.convert("RGB")))
+        xs.append(transform(_open_rgb(p)))
     return torch.stack(xs), torch.tensor(folder.labels[:n])
 
 
@@ -183,3 +203,31 @@ def param_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype a model's inputs take: its first floating parameter's (float32 if none)."""
     p = next(iter(model.parameters()), None)
     return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+def _open_rgb(path: Path):
+    """One image, decoded completely (a truncated file fails here, not inside the transform)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        # PIL reports truncation as OSError and some corrupt headers as SyntaxError/ValueError
+        raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: image too large (decompression bomb guard)") from None
+
+
+def check_images(folder: ImageFolder, max_images: int | None = None) -> int:
+    """Decode the images a run will use, before any model work; returns how many were checked."""
+    n = len(folder.paths) if max_images is None else min(max_images, len(folder.paths))
+    for p in folder.paths[:n]:
+        _open_rgb(p)
+    return n
+
+
+def check_text_data(source: str, text_field: str = "text") -> int:
+    """Read (and so validate) text data before any model work; returns the number of documents."""
+    return len(read_texts(source, text_field))

@@ -13,3 +13,23 @@ class SourceError(IBNormError):
 
 class OutputExistsError(IBNormError):
     """The output path exists and ``force`` was not given."""
+
+
+class OptionError(IBNormError):
+    """A command-line option is out of range, not finite, or does not apply to this source."""
+
+
+class CorruptFileError(SourceError):
+    """A file (safetensors header, shard index, manifest) is malformed or inconsistent."""
+
+
+class StateMismatchError(SourceError):
+    """The weights do not match the architecture (missing, unexpected or misshapen tensors)."""
+
+
+class NonFiniteError(IBNormError):
+    """A weight or a metric the tool would write or report is NaN or infinite."""
+
+
+class OutputError(IBNormError):
+    """The output cannot be written (no space, read-only, overlaps the source)."""

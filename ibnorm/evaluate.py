@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import image_folder, load_images, param_dtype, read_texts, timm_eval_transform, token_examples
+from .errors import OptionError
+from .validate import check_finite, check_seq_len
 
 
 def _batches(n: int, batch_size: int):
@@ -74,29 +76,56 @@ def top1(logits: Tensor, labels: Tensor) -> float:
 
 def evaluate_model(loaded, model: nn.Module, data: str, seq_len: int, max_tokens: int,
                    text_field: str = "text") -> dict:
-    """The figure a user judges a model by: perplexity (causal LM), top-1 (images) or embeddings (encoder)."""
+    """The figure a user judges a model by: perplexity (causal LM), top-1 (images) or embeddings (encoder).
+
+    Refuses a sequence length the model cannot score (< 2, or beyond its positions) before reading data,
+    and a non-finite result after (a NaN perplexity is a broken model, not a number to report).
+    """
     if loaded.task == "image-classifier":
         images, labels = load_images(image_folder(data), timm_eval_transform(model))
         logits = image_logits(model, images.to(param_dtype(model)))
+        check_finite("the model's outputs (logits)", logits)
         return {"metric": "top-1", "value": top1(logits, labels), "images": len(images), "_logits": logits}
+    check_seq_len(seq_len, getattr(model, "config", None))
+    if loaded.tokenizer is None:
+        raise OptionError(f"{loaded.source} has no tokenizer: it cannot be evaluated on text")
     ids = token_examples(loaded.tokenizer, read_texts(data, text_field), seq_len, max(1, max_tokens // seq_len))
     if loaded.task == "causal-lm":
         r = perplexity(model, ids, window=seq_len)
+        check_finite("perplexity", r["perplexity"])
         return {"metric": "perplexity", "value": r["perplexity"], **{k: r[k] for k in ("tokens", "window", "stride")}}
     emb = embeddings(model, ids)
+    check_finite("the model's embeddings", emb)
     return {"metric": "embedding", "value": None, "examples": len(ids), "_embeddings": emb}
 
 
+def check_comparable(task_a: str, task_b: str, name_a: str = "the model", name_b: str = "--compare") -> None:
+    """Two models can be compared only on the same kind of output (call before evaluating either)."""
+    if task_a != task_b:
+        raise OptionError(f"cannot compare {name_a} ({task_a}) with {name_b} ({task_b}): both must be the same kind of model")
+
+
 def compare(before: dict, after: dict) -> dict:
+    """Source (``before``) vs converted (``after``) on the same data; both results of :func:`evaluate_model`."""
+    if before.get("metric") != after.get("metric"):
+        raise OptionError(f"cannot compare a {before.get('metric')} result with a {after.get('metric')} result "
+                          "(the two models are not the same kind)")
     if before["metric"] == "embedding":
-        agree = embedding_agreement(before.pop("_embeddings"), after.pop("_embeddings"))
-        return {"metric": "embedding cosine (converted vs source)", "source": 1.0, "converted": agree["mean_cosine"],
-                "min_cosine": agree["min_cosine"]}
-    if before["metric"] == "top-1":
-        agree = float((before.pop("_logits").argmax(-1) == after.pop("_logits").argmax(-1)).float().mean())
-        return {"metric": "top-1", "source": before["value"], "converted": after["value"], "prediction_agreement": agree}
-    return {"metric": before["metric"], "source": before["value"], "converted": after["value"],
-            "relative_change": after["value"] / before["value"] - 1.0,
-            **{k: before[k] for k in ("tokens", "window", "stride")}}
-
-
+        a, b = before.pop("_embeddings"), after.pop("_embeddings")
+        if a.shape != b.shape:
+            raise OptionError(f"cannot compare embeddings of width {a.shape[-1]} and {b.shape[-1]}")
+        agree = embedding_agreement(a, b)
+        out = {"metric": "embedding cosine (converted vs source)", "source": 1.0, "converted": agree["mean_cosine"],
+               "min_cosine": agree["min_cosine"]}
+    elif before["metric"] == "top-1":
+        la, lb = before.pop("_logits"), after.pop("_logits")
+        if la.shape != lb.shape:
+            raise OptionError(f"cannot compare classifiers with {la.shape[-1]} and {lb.shape[-1]} classes")
+        agree = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
+        out = {"metric": "top-1", "source": before["value"], "converted": after["value"], "prediction_agreement": agree}
+    else:
+        out = {"metric": before["metric"], "source": before["value"], "converted": after["value"],
+               "relative_change": after["value"] / before["value"] - 1.0,
+               **{k: before[k] for k in ("tokens", "window", "stride")}}
+    check_finite(out["metric"], out)
+    return out

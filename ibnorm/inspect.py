@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import SourceError
 from .io.manifest import MANIFEST, read_manifest
-from .io.safetensors_index import TensorIndex
+from .io.safetensors_index import FLOAT_DTYPES, TensorIndex
 
 # Parameter names that belong to normalization layers in HF/timm checkpoints.
 _NORM_NAME = re.compile(r"(^|[._])(norm|layernorm|layer_norm|ln|ln_\w+|bn\d*|rmsnorm|\w*_norm|\w*norm\d*)([._]|$)", re.I)
@@ -59,6 +59,10 @@ def inspect_checkpoint(path: str | Path) -> dict:
         lam_values = []
         for module, leaves in norms.items():
             for leaf in leaves:
+                info = index.tensors[f"{module}.{leaf}"]
+                if leaf in ("weight", "bias", "lam") and info.dtype not in FLOAT_DTYPES:
+                    problems.append(f"{module}.{leaf}: dtype {info.dtype}, norm tensors must be float")
+                    continue
                 t = index.get_numpy(f"{module}.{leaf}")
                 if t is None:
                     continue
@@ -92,12 +96,28 @@ def inspect_checkpoint(path: str | Path) -> dict:
             m = read_manifest(root)
             out["manifest"] = {k: m.get(k) for k in ("source", "task", "dtype", "options", "calibration", "end_to_end", "evaluation", "finetune", "written", "versions")}
             out["manifest"]["layers"] = len(m.get("layers", []))
-            missing = [l["name"] for l in m.get("layers", []) if f"{l['name']}.lam" not in index]
-            if missing:
-                problems.append(f"manifest names {len(missing)} layers without λ in the weights (e.g. {missing[0]})")
+            problems.extend(manifest_problems(m, index))
         return out
     finally:
         index.close()
+
+
+def manifest_problems(manifest: dict, index: TensorIndex) -> list[str]:
+    """Where a (schema-valid) manifest and the weights disagree: the checks ``ibnorm.load`` refuses on."""
+    problems = []
+    layers = manifest["layers"]
+    missing = [l["name"] for l in layers if f"{l['name']}.lam" not in index]
+    if missing:
+        problems.append(f"manifest names {len(missing)} layers without λ in the weights (e.g. {missing[0]})")
+    for l in layers:
+        info = index.tensors.get(f"{l['name']}.lam")
+        if info is not None and list(info.shape) != list(l["lam_shape"]):
+            problems.append(f"{l['name']}.lam has shape {list(info.shape)}, the manifest says {l['lam_shape']}")
+    named = {f"{l['name']}.lam" for l in layers}
+    unlisted = sorted(n for n in index.tensors if n.endswith(".lam") and n not in named)
+    if unlisted:
+        problems.append(f"weights hold {len(unlisted)} λ tensors the manifest does not list (e.g. {unlisted[0]})")
+    return problems
 
 
 def _inspect_gguf(path: Path) -> dict:

@@ -43,7 +43,7 @@ def _install_ibnorm_layers(model: nn.Module, manifest: dict) -> None:
         spec = recognize(module)
         if spec is None:
             raise IBNormError(f"manifest names {layer['name']!r} as a norm, but it is a {type(module).__name__}")
-        new = from_spec(spec, op=op, lam=torch.zeros(layer["lam_shape"]), grouping=layer.get("grouping") or layer["variant"])  # "variant": format 1
+        new = from_spec(spec, op=op, lam=torch.zeros(layer["lam_shape"]), grouping=layer["grouping"])
         if type(new).__name__ != layer["new_class"]:
             raise IBNormError(f"manifest says {layer['name']} is {layer['new_class']}, rebuilt as {type(new).__name__}")
         set_submodule(model, layer["name"], new)

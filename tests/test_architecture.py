@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ibnorm"
 # modules of its own rank or below.  Modules not listed are top level (they may import anything).
 RANKS = {
     "ibnorm.errors": 0, "ibnorm.version": 0, "ibnorm.spec": 0, "ibnorm.compression": 0, "ibnorm.functional": 0, "ibnorm.kernels": 0,
-    "ibnorm.io": 0, "ibnorm.data": 0, "ibnorm.plot": 0,
+    "ibnorm.io": 0, "ibnorm.data": 0, "ibnorm.plot": 0, "ibnorm.validate": 0,
     "ibnorm.layers": 1,
     "ibnorm.recognize": 2, "ibnorm.surgery": 2,
     "ibnorm.calibration": 3,

@@ -1,12 +1,12 @@
 """Checkpoints of a fine-tune: written atomically, resumed only by the run that wrote them.
 
-A checkpoint records the run's fingerprint (the model it started from, the recipe, the data),
-and ``resume`` refuses a checkpoint of another run and loads its weights strictly.
+A checkpoint records the run's fingerprint (``validate.run_fingerprint``: the model it started
+from, the recipe, the data), and ``resume`` refuses a checkpoint of another run and loads its
+weights strictly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -17,25 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import IBNormError
-from ..io.checkpoint import atomic_directory, write_json_atomic
+from ..io.atomic import atomic_directory
+from ..io.checkpoint import write_json_atomic
+from ..validate import check_resume
 from .options import FinetuneOptions, FinetuneResult
 
 _KEEP = 2  # newest checkpoints kept
-
-
-def run_fingerprint(model_path: str, opts: FinetuneOptions, data_fingerprint: str) -> str:
-    """What identifies a run: its starting model (the weights' headers), recipe and data."""
-    h = hashlib.sha256()
-    root = Path(model_path)
-    for f in sorted(root.glob("*.safetensors")) if root.is_dir() else [root]:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 16))
-    h.update(json.dumps(opts.recipe(), sort_keys=True, default=str).encode())
-    h.update(data_fingerprint.encode())
-    return h.hexdigest()[:20]
 
 
 def dedup(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -104,9 +91,7 @@ def resume(directory: Path, model: nn.Module, optimizer, fingerprint: str) -> Re
         trainer = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, EOFError) as e:
         raise IBNormError(f"--resume: checkpoint {ckpt} is unreadable ({type(e).__name__}); delete it to use an older one") from None
-    if not isinstance(progress, dict) or progress.get("fingerprint") != fingerprint:
-        raise IBNormError(f"--resume: {ckpt} belongs to another run (different model, options or data); "
-                          f"rerun with the same ones, or --force to start over")
+    check_resume(ckpt, progress, fingerprint)
     expected = set(dedup(model.state_dict()))
     if set(state) != expected:
         extra, missing = sorted(set(state) - expected), sorted(expected - set(state))

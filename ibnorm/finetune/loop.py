@@ -20,7 +20,8 @@ from torch import nn
 from ..errors import IBNormError
 from ..layers import IBNormBase, project_lambdas
 from ..loading import open_model
-from .checkpoints import latest_checkpoint, prepare_directory, resume, run_fingerprint, save_checkpoint
+from ..validate import run_fingerprint, validate_finetune_options
+from .checkpoints import latest_checkpoint, prepare_directory, resume, save_checkpoint
 from .data import Examples, build_examples, evaluate_loss, loss_of, read_data
 from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, FinetuneOptions, FinetuneResult, Progress, global_batch_indices, lr_at
 from .output import write_output
@@ -56,8 +57,9 @@ def lambda_means(model: nn.Module) -> dict[str, float]:
 def _validate(opts: FinetuneOptions) -> None:
     if opts.train not in TRAIN_MODES:
         raise IBNormError(f"unknown --train {opts.train!r}; choose one of {', '.join(TRAIN_MODES)}")
-    if opts.steps < 1 or opts.batch_size < 1 or opts.grad_accum < 1:
-        raise IBNormError("--steps, --batch-size and --grad-accum must be ≥ 1")
+    validate_finetune_options(lr=opts.lr, lora_rank=opts.lora_rank, seq_len=opts.seq_len, steps=opts.steps,
+                              batch_size=opts.batch_size, grad_accum=opts.grad_accum, warmup=opts.warmup,
+                              weight_decay=opts.weight_decay, clip=opts.clip)
 
 
 def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None) -> FinetuneResult:
@@ -80,7 +82,7 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
 
     loaded = open_model(path)
     train_set, held_out = build_examples(raw, loaded, opts, path)
-    fingerprint = run_fingerprint(path, opts, train_set.fingerprint())
+    fingerprint = run_fingerprint(path, opts.recipe(), [train_set.fingerprint()])
     if accelerator.is_main_process:
         prepare_directory(ckpt_dir, opts)
     model = select_trainable(loaded.model, opts.train, opts.lora_rank)

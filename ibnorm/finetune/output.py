@@ -8,7 +8,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..io.checkpoint import atomic_directory, write_json_atomic
+from ..io.atomic import atomic_directory
+from ..io.checkpoint import write_json_atomic
 from ..io.sources import LoadedModel
 from ..layers import IBNormBase
 from ..pipeline.families import family_of

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from ..errors import SourceError
+from ..errors import CorruptFileError, SourceError
 
 if TYPE_CHECKING:  # torch is imported only when a tensor is read
     import torch
@@ -77,8 +78,91 @@ class TensorInfo:
         return self.end - self.begin
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_MAX_RANK = 16  # no real tensor has more dimensions; bounds the work a hostile header can ask for
+_MAX_DIM = 2**48
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # json keeps the last of repeated keys silently; a tensor named twice is ambiguous, so refuse it
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_header_json(raw: bytes, where: Path | str) -> dict:
+    """The JSON header as a dict: valid UTF-8 JSON, an object, no repeated keys, nesting bounded."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _Duplicate as e:
+        raise CorruptFileError(f"{where} is corrupt: its safetensors header names {e.args[0]!r} twice") from None
+    except RecursionError:
+        raise CorruptFileError(f"{where} is corrupt: its safetensors header is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise CorruptFileError(f"{where} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{where} is corrupt: its safetensors header is a {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CorruptFileError(f"{where} is corrupt: __metadata__ must map strings to strings")
+    header["__metadata__"] = meta
+    return header
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(name)  # NaN/Infinity are not JSON
+
+
+def _entry(where: Path | str, name: str, t: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field checked."""
+    if not isinstance(t, dict) or set(t) - {"dtype", "shape", "data_offsets"} or len(t) != 3:
+        raise CorruptFileError(f"{where} is corrupt: entry of tensor {name!r} must have exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = t["dtype"], t["shape"], t["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise CorruptFileError(f"{where} is corrupt: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > _MAX_RANK or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape):
+        raise CorruptFileError(f"{where} is corrupt: tensor {name!r} has shape {shape!r} (need a list of non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise CorruptFileError(f"{where} is corrupt: tensor {name!r} has data_offsets {offsets!r} (need two integers)")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise CorruptFileError(f"{where} is corrupt: tensor {name!r} has data_offsets [{begin}, {end}]")
+    expect = ITEMSIZE[dtype] * _prod(shape)
+    if end - begin != expect:
+        raise CorruptFileError(f"{where} is corrupt: tensor {name!r} has {end - begin} bytes, expected {expect}")
+    return dtype, tuple(shape), begin, end
+
+
+def check_layout(where: Path | str, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Tensor byte ranges, sorted by offset, must tile [0, data_size) exactly: no overlap, no gap, nothing past the end."""
+    pos, last = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < pos:
+            raise CorruptFileError(f"{where} is corrupt: tensors {last!r} and {name!r} overlap (bytes {begin}..{pos})")
+        if begin > pos:
+            raise CorruptFileError(f"{where} is corrupt: {begin - pos} unused bytes before tensor {name!r}")
+        pos, last = end, name
+    if pos > data_size:
+        raise SourceError(f"{where} is truncated: tensor {last!r} ends at data byte {pos}, the file has {data_size}")
+    if pos < data_size:
+        raise CorruptFileError(f"{where} is corrupt: {data_size - pos} bytes after the last tensor")
+
+
 def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
-    """(metadata, tensors) of one safetensors file; raises SourceError if it is malformed."""
+    """(metadata, tensors) of one safetensors file, fully validated; raises SourceError if it is malformed."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -86,31 +170,21 @@ def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
             if len(raw) < 8:
                 raise SourceError(f"{path} is not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, _MAX_HEADER):
-                raise SourceError(f"{path} is truncated or not a safetensors file (header length {n} > file size {size})")
+            if n > min(size - 8, _MAX_HEADER) or n < 2:
+                raise SourceError(f"{path} is truncated or not a safetensors file (header length {n}, file size {size})")
             header_bytes = f.read(n)
     except OSError as e:
         raise SourceError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SourceError(f"{path} is corrupt: its safetensors header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise SourceError(f"{path} is corrupt: unexpected safetensors header")
-    meta = header.pop("__metadata__", {}) or {}
+    header = parse_header_json(header_bytes, path)
+    meta = header.pop("__metadata__")
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
+    spans = []
     for name, t in header.items():
-        try:
-            dtype, shape, (b, e) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SourceError(f"{path} is corrupt: bad entry for tensor {name!r}") from None
-        expect = ITEMSIZE.get(dtype, 0) * _prod(shape)
-        if e - b != expect or b < 0:
-            raise SourceError(f"{path} is corrupt: tensor {name!r} has {e - b} bytes, expected {expect}")
-        if data_start + e > size:
-            raise SourceError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + e}, file has {size}")
+        dtype, shape, b, e = _entry(path, name, t)
+        spans.append((b, e, name))
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + b, data_start + e)
+    check_layout(path, spans, size - data_start)
     return meta, tensors
 
 
@@ -119,6 +193,12 @@ def _prod(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def require_float(name: str, dtype: str) -> None:
+    """Norm weights, biases and λ must be floating point: an integer norm weight is garbage, not a scale."""
+    if dtype not in FLOAT_DTYPES:
+        raise CorruptFileError(f"norm tensor {name!r} has dtype {dtype}; norm weights must be float ({', '.join(FLOAT_DTYPES)})")
 
 
 def validate_safetensors_file(path: Path) -> None:
@@ -132,6 +212,46 @@ def validate_safetensors_dir(path: Path) -> None:
         return
     for f in sorted(path.glob("*.safetensors")):
         read_header(f)
+
+
+def _safe_shard_name(index_file: Path, fname: object) -> str:
+    """A shard name must be a plain relative path inside the model directory (no absolute path, no ``..``)."""
+    if not isinstance(fname, str) or not fname or "\0" in fname:
+        raise CorruptFileError(f"{index_file} is corrupt: shard name {fname!r} is not a file name")
+    pure = PurePosixPath(fname)
+    if pure.is_absolute() or fname.startswith("\\") or ".." in pure.parts or "\\" in fname or re.match(r"^[A-Za-z]:", fname):
+        raise CorruptFileError(f"{index_file} names shard {fname!r} outside its directory; shard names must be relative")
+    return fname
+
+
+def read_index(index_file: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, validated: tensor name → shard file name inside the directory, shards present."""
+    try:
+        raw = index_file.read_bytes()
+    except OSError as e:
+        raise SourceError(f"cannot read {index_file}: {e.strerror}") from None
+    if len(raw) > _MAX_HEADER:
+        raise CorruptFileError(f"{index_file} is corrupt: {len(raw)} bytes is too large for a shard index")
+    try:
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _Duplicate as e:
+        raise CorruptFileError(f"{index_file} is corrupt: it names {e.args[0]!r} twice") from None
+    except RecursionError:
+        raise CorruptFileError(f"{index_file} is corrupt: nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise CorruptFileError(f"{index_file} is corrupt (not JSON)") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CorruptFileError(f"{index_file} is corrupt (no weight_map object)")
+    weight_map = index["weight_map"]
+    if not weight_map:
+        raise CorruptFileError(f"{index_file} is corrupt (empty weight_map)")
+    root = index_file.parent
+    for name, fname in weight_map.items():
+        _safe_shard_name(index_file, fname)
+    for fname in sorted(set(weight_map.values())):
+        if not (root / fname).is_file():
+            raise SourceError(f"{index_file} names a missing shard: {fname}")
+    return weight_map
 
 
 class TensorIndex:
@@ -151,14 +271,8 @@ class TensorIndex:
             return cls(tensors, meta, [path], path.parent)
         index_file = path / INDEX_NAME
         if index_file.exists():
-            try:
-                weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SourceError(f"{index_file} is corrupt (no weight_map)") from None
+            weight_map = read_index(index_file)
             files = sorted({path / f for f in weight_map.values()})
-            for f in files:
-                if not f.exists():
-                    raise SourceError(f"{index_file} names a missing shard: {f.name}")
         else:
             files = sorted(path.glob("*.safetensors"))
             weight_map = None
@@ -169,11 +283,14 @@ class TensorIndex:
         for f in files:
             m, t = read_header(f)
             meta.update(m)
+            twice = next((k for k in t if k in tensors), None)
+            if twice is not None:
+                raise CorruptFileError(f"{path}: tensor {twice!r} is stored in both {tensors[twice].file.name} and {f.name}")
             tensors.update(t)
         if weight_map is not None:
             for name, fname in weight_map.items():
                 info = tensors.get(name)
-                if info is None or info.file.name != fname:
+                if info is None or info.file != path / fname:
                     raise SourceError(f"{index_file} maps {name!r} to {fname}, which does not contain it")
         return cls(tensors, meta, files, path)
 

@@ -187,6 +187,10 @@ def _load_hf(
             raise SourceError(f"{p} is not a model directory (no config.json)")
         _check_weights_present(p, allow_pickle)
         validate_safetensors_dir(p)
+        if any(x.suffix == ".safetensors" for x in p.iterdir()):
+            from ..validate import check_hf_checkpoint
+
+            check_hf_checkpoint(p)  # config and weights agree (nothing random-initialised), norms finite
         kw["use_safetensors"] = not allow_pickle or any(x.suffix == ".safetensors" for x in p.iterdir())
     try:
         config = transformers.AutoConfig.from_pretrained(path, **kw)

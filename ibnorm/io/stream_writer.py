@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import IBNormError
 from .safetensors_index import DTYPES, INDEX_NAME, ITEMSIZE
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise IBNormError(f"cannot read size {text!r} (examples: 5GB, 500MB, 2GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """A byte count with SI or binary units (5GB, 500MB, 2GiB); see :func:`ibnorm.validate.parse_size`."""
+    from ..validate import parse_size as parse
+
+    return parse(text)
 
 
 @dataclass(frozen=True)

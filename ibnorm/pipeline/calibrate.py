@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..calibration import LayerFit, capture_inputs, fit_layer, fit_layer_data_free
 from ..layers import IBNormBase, from_spec
 from ..surgery import NormSite, replace_norms
+from ..validate import check_seq_len
 from .layout import CachedCall, catch_block_inputs, run_block, run_tail, stop_after
 from .options import ConvertOptions, Progress
 from .plan import Plan
@@ -187,6 +188,8 @@ class _Sequential:
 
 def calibrate_with_data(plan: Plan, opts: ConvertOptions, progress: Progress) -> Calibrated:
     progress("reading calibration data", 0, 1)
+    if plan.family.task != "image-classifier":
+        check_seq_len(opts.seq_len, getattr(plan.model, "config", None))
     inputs = plan.family.calibration_inputs(opts.calib, plan.tokenizer, opts.calib_samples, opts.seq_len,
                                             opts.text_field, plan.model)
     if plan.family.task == "image-classifier":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..calibration import LayerFit, refit_for_lambda
+from ..validate import check_finite
 from .calibrate import Calibrated, Fitted, build, install
 from .layout import catch_block_inputs, run_block, run_tail
 from .options import ConvertOptions, Progress
@@ -49,6 +50,7 @@ def check(plan: Plan, cal: Calibrated, opts: ConvertOptions, progress: Progress)
     if opts.calib is None:
         return {}
     drift = plan.family.drift(cal.reference, cal.outputs)
+    check_finite(f"the end-to-end drift ({plan.family.drift_metric})", drift)
     result = {"metric": plan.family.drift_metric, "budget": opts.budget, "value": drift, "backoff_factor": 1.0}
     if opts.lam is None and drift > opts.budget:
         calibrated = {name: f.fit for name, f in cal.fits.items()}
@@ -57,6 +59,7 @@ def check(plan: Plan, cal: Calibrated, opts: ConvertOptions, progress: Progress)
             for name, f in cal.fits.items():
                 f.fit = _scaled(f, calibrated[name], factor, opts.op)
             drift = plan.family.drift(cal.reference, forward_check(plan, cal, opts))
+            check_finite(f"the end-to-end drift ({plan.family.drift_metric})", drift)
             result.update(value=drift, backoff_factor=factor)
             if drift <= opts.budget:
                 break

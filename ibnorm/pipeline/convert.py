@@ -6,6 +6,7 @@ tensors come from and go to, ``stores.py``).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 
 from .. import evaluate
 from ..errors import IBNormError, OutputExistsError
-from ..io.checkpoint import atomic_directory
+from ..validate import check_finite, ensure_disk_space, estimate_output_bytes, validate_convert_options
+from ..io.atomic import atomic_directory
 from ..io.sources import LoadedModel, load_source, refuse_converted, resolve_short_name
 from ..layers import IBNormBase
 from .calibrate import Calibrated, build, calibrate, install
@@ -92,7 +94,11 @@ def convert_checkpoint(
     if out.exists() and not force:  # fail before any work
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     progress = progress or no_progress
-    refuse_converted(Path(resolve_short_name(source)))
+    resolved = resolve_short_name(source)
+    validate_convert_options(lam=opts.lam, tolerance=opts.tolerance, budget=opts.budget, calib_samples=opts.calib_samples,
+                             seq_len=opts.seq_len, shard_size=shard_size, source=resolved, weights=weights,
+                             random_weights=not pretrained and weights is None and resolved.startswith("timm:"))
+    refuse_converted(Path(resolved))
     stream_dir = _streams(source, opts, stream, weights)
     if stream_dir is not None and eval_data:
         raise IBNormError("--eval needs the whole model in memory; evaluate the output with `ibnorm eval` instead")
@@ -104,7 +110,8 @@ def convert_checkpoint(
         loaded = load_source(source, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained, dtype=dtype)
         progress("loading source", 1, 1)
         plan = plan_in_memory(loaded, opts)
-    with atomic_directory(out, force) as tmp:
+    ensure_disk_space(out.parent, estimate_output_bytes(_tensor_bytes(plan), sum(math.prod(s.spec.shape) for s in plan.sites)))
+    with atomic_directory(out, force, source=_source_path(resolved, plan)) as tmp:
         if plan.store.streaming:
             plan.store.open_writer(tmp, shard_size)
         before = _evaluate(loaded, eval_data, opts, eval_tokens) if eval_data else None
@@ -122,6 +129,21 @@ def convert_checkpoint(
             write_in_memory(plan, tmp, manifest, shard_size)
         progress("writing", 1, 1)
     return result, manifest
+
+
+def _tensor_bytes(plan: Plan) -> int:
+    if plan.store.streaming:
+        return sum(t.nbytes for t in plan.store.index.tensors.values())
+    tensors = list(plan.model.parameters()) + list(plan.model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _source_path(resolved: str, plan: Plan) -> Path | None:
+    """The source on disk (the output may not be, contain or sit inside it)."""
+    if plan.source_dir is not None:
+        return plan.source_dir
+    p = Path(resolved)
+    return p if p.exists() else None
 
 
 def _evaluate(loaded: LoadedModel, data: str, opts: ConvertOptions, tokens: int) -> dict:

@@ -13,6 +13,7 @@ from ..errors import IBNormError
 from ..io.safetensors_index import TensorIndex
 from ..io.sources import LoadedModel
 from ..surgery import NormSite, SkippedNorm, find_norms
+from ..validate import check_finite, check_grouping, check_hf_checkpoint
 from .families import ModelFamily, family_of
 from .layout import Blocks
 from .options import ConvertOptions
@@ -45,6 +46,12 @@ def _sites(model: nn.Module, opts: ConvertOptions, source: str) -> tuple[list[No
     if not sites:
         raise IBNormError(f"no convertible normalization layers found in {source}"
                           + (f" ({len(skipped)} skipped: {skipped[0].reason})" if skipped else ""))
+    check_grouping(opts.grouping, {s.spec.grouping for s in sites})
+    for s in sites:  # a NaN in a norm the tool rewrites would be written on, silently
+        for leaf in ("weight", "bias"):
+            t = getattr(s.spec, leaf)
+            if t is not None and not t.is_meta:
+                check_finite(f"norm tensor {s.name}.{leaf}", t.detach())
     return sites, skipped
 
 
@@ -105,6 +112,7 @@ def plan_streamed(source_dir: Path, opts: ConvertOptions, source_name: str | Non
     if not ok:
         raise IBNormError(f"cannot stream-convert {source_dir}: {why}")
     index = TensorIndex.open(source_dir)
+    check_hf_checkpoint(source_dir, index, [s.name for s in sites])
     store = ShardStore(model, family, index, sites)
     store.check_complete(tied_names(model))
     try:
