@@ -143,7 +143,7 @@ def check_grouping(grouping: str, found: Iterable[str]) -> str:
         return grouping
     bad = sorted(k for k in found if k != grouping and not (k in ROW_GROUPINGS and grouping in ROW_GROUPINGS))
     if bad:
-        raise OptionError(f"--grouping {grouping} cannot replace this model's {'/'.join(bad)} norms "
+        raise OptionError(f"--grouping/--variant {grouping} cannot replace this model's {'/'.join(bad)} norms "
                           f"(row-wise norms take rms or layer; batch and group norms keep their grouping; use --grouping auto)")
     return grouping
 
@@ -375,13 +375,15 @@ def read_config(model_dir: str | Path) -> Any:
         raise SourceError(f"{path} is not a valid config: {first}") from None
 
 
-def skeleton_of(config: Any) -> Any:
-    """The architecture a config describes, on the meta device (no memory, no random values)."""
+def skeleton_of(config: Any, causal: bool | None = None) -> Any:
+    """The architecture a config describes, on the meta device (no memory, no random values).
+    ``causal``: build the causal-LM class (default: when the config's architectures name one)."""
     import transformers
     from accelerate import init_empty_weights
 
     archs = getattr(config, "architectures", None) or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if causal is None:
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     try:
         with init_empty_weights(include_buffers=False):

@@ -392,9 +392,8 @@ def _weights_intact(work: Path, clean: Path) -> bool:
         b.close()
 
 
-# ----------------------------------------------------------------------------- convert (CLI): needs the lead's integration
+# ----------------------------------------------------------------------------- convert (CLI)
 
-NEEDS_PIPELINE = pytest.mark.xfail(strict=False, reason="needs pipeline integration")
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +436,6 @@ def _same_tensors(a: Path, b: Path) -> bool:
         ib.close()
 
 
-@NEEDS_PIPELINE
 @FUZZ_CONVERT
 @given(data=st.data(), stream=st.sampled_from(["never", "always"]))
 def test_fuzz_convert_cli(source_dir, data, stream):
@@ -474,7 +472,6 @@ CONVERT_CASES = [  # the issue's cases, as options of `ibnorm convert SRC --out 
 ]
 
 
-@NEEDS_PIPELINE
 @pytest.mark.parametrize("args,fragment", CONVERT_CASES)
 def test_convert_cli_refusals(source_dir, tmp_path, args, fragment):
     from validation_helpers import assert_clean_refusal
@@ -484,7 +481,6 @@ def test_convert_cli_refusals(source_dir, tmp_path, args, fragment):
     assert tree(tmp_path) == []
 
 
-@NEEDS_PIPELINE
 @pytest.mark.parametrize("case", ["config_more_layers", "overlap_stream", "u32_norm", "nan_norm", "out_inside_source"])
 def test_convert_cli_silent_wrong_output_cases(source_dir, tmp_path, case):
     from validation_helpers import assert_clean_refusal

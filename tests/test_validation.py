@@ -54,7 +54,7 @@ OPTION_CASES = [  # (check, args, expected value or the exception's message frag
     (V.parse_size, ("5XB",), "cannot read size"), (V.parse_size, ("",), "cannot read size"), (V.parse_size, ("nanGB",), "cannot read size"),
     (V.parse_size, ("1e3GB",), "cannot read size"), (V.parse_size, (True,), "cannot read size"),
     (V.check_grouping, ("auto", {"rms", "batch"}), "auto"), (V.check_grouping, ("layer", {"rms"}), "layer"),
-    (V.check_grouping, ("group", {"group"}), "group"), (V.check_grouping, ("batch", {"rms"}), "--grouping batch cannot replace this model's rms"),
+    (V.check_grouping, ("group", {"group"}), "group"), (V.check_grouping, ("batch", {"rms"}), "--grouping/--variant batch cannot replace this model's rms"),
     (V.check_grouping, ("rms", {"batch"}), "cannot replace this model's batch"), (V.check_grouping, ("group", {"batch", "group"}), "batch"),
     (V.check_weights_option, ("timm:resnet18", "w.safetensors"), None), (V.check_weights_option, ("gpt2", None), None),
     (V.check_weights_option, ("gpt2", "w.safetensors"), "--weights applies only to timm:NAME"),

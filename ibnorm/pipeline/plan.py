@@ -13,7 +13,7 @@ from ..errors import IBNormError
 from ..io.safetensors_index import TensorIndex
 from ..io.sources import LoadedModel
 from ..surgery import NormSite, SkippedNorm, find_norms
-from ..validate import check_finite, check_grouping, check_hf_checkpoint
+from ..validate import check_finite, check_grouping, check_hf_checkpoint, read_config, skeleton_of
 from .families import ModelFamily, family_of
 from .layout import Blocks
 from .options import ConvertOptions
@@ -66,16 +66,11 @@ def plan_in_memory(loaded: LoadedModel, opts: ConvertOptions) -> Plan:
 
 def hf_skeleton(source_dir: Path) -> tuple[Any, str, nn.Module]:
     """(config, task, meta-device model) of a transformers directory; buffers (rotary tables) are real."""
-    import transformers
-    from accelerate import init_empty_weights
-
     from ..io.sources import hf_task
 
-    config = transformers.AutoConfig.from_pretrained(source_dir)
+    config = read_config(source_dir)
     task = hf_task(config, False)
-    auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config)
+    model = skeleton_of(config, causal=task == "causal-lm")
     return config, task, model.eval()  # from_config leaves dropout on
 
 
