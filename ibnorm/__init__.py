@@ -37,9 +37,20 @@ _EXPORTS = {
     "convert_model": "convert",
     "convert_checkpoint": "convert",
 }
-_SUBMODULES = ("functional", "errors", "convert", "evaluate", "finetune", "streaming", "surgery", "calibration", "kernels", "io", "data")
+_SUBMODULES = ("hf", "functional", "errors", "convert", "evaluate", "finetune", "streaming", "surgery", "calibration", "kernels", "io", "data")
 
 __all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
+
+
+def _register_with_transformers() -> None:
+    # Lets transformers' Auto classes load converted directories without remote code; cheap: it
+    # registers when transformers' Auto classes are imported (see ibnorm/hf/register.py).
+    from .hf.register import install
+
+    install()
+
+
+_register_with_transformers()
 
 
 def __getattr__(name: str) -> Any:

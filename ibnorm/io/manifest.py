@@ -9,6 +9,9 @@ from ..errors import SourceError
 
 MANIFEST = "ibnorm_manifest.json"
 FORMAT = "ibnorm-converted/1"
+# The format whose config.json is its own architecture (ibnorm_<base>, shipped code; see ibnorm/hf).
+FORMAT_2 = "ibnorm-converted/2"
+READABLE_FORMATS = (FORMAT, FORMAT_2)
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -20,6 +23,6 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mf.read_text())
     except json.JSONDecodeError:
         raise SourceError(f"{mf} is corrupt (not JSON)") from None
-    if manifest.get("format") != FORMAT:
-        raise SourceError(f"{mf}: unsupported format {manifest.get('format')!r} (expected {FORMAT})")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise SourceError(f"{mf}: unsupported format {manifest.get('format')!r} (expected one of {', '.join(READABLE_FORMATS)})")
     return manifest
