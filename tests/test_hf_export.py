@@ -400,15 +400,18 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_upgrade_cli(dirs, tmp_path):
+    from ibnorm.errors import SourceError
+
     d = tmp_path / "old"
     shutil.copytree(dirs["gpt2"][1], d)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "ibnorm_manifest.json").write_text("{not json")
-    for args, needle in ((["missing"], "not a converted model directory"), ([str(dirs["gpt2"][0])], "no ibnorm_manifest.json"),
-                         ([str(tmp_path / "bad")], "corrupt")):
-        proc = _cli("upgrade", *args, cwd=tmp_path)
-        assert proc.returncode == 2 and proc.stderr.startswith("error:") and needle in proc.stderr
-        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    for path, needle in ((dirs["gpt2"][0], "no ibnorm_manifest.json"), (tmp_path / "bad", "corrupt")):
+        with pytest.raises(SourceError, match=needle):
+            upgrade(path)
+    proc = _cli("upgrade", "missing", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "not a converted model directory" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = _cli("upgrade", str(d), "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model_type"] == "ibnorm_gpt2"
