@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import ibnorm
-from ibnorm.hf import base_config_dict, hf_config_for, upgrade
+from ibnorm.hf import base_config, base_config_dict, hf_config_for, upgrade
 from models import MINILM, needs_minilm, tiny_hf, tiny_lm_with_tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -290,51 +290,57 @@ def test_peft_lora_adapter(dirs, tmp_path):
 
 # --- the shipped IBNorm module against the reference math ------------------------------------
 
-def _layer(grouping: str, shape, op: str, lam_shape, channel_dim: int = -1, num_groups=None, bias=True) -> dict:
+def _layer(grouping: str, shape, op: str, lam_shape, channel_dim: int = -1, num_groups=None, weight=True, bias=True) -> dict:
     return {"name": "n", "grouping": grouping, "normalized_shape": list(shape), "channel_dim": channel_dim,
-            "num_groups": num_groups, "eps": 1e-5, "weight": True, "bias": bias, "op": op, "lam_shape": list(lam_shape)}
+            "num_groups": num_groups, "eps": 1e-5, "weight": weight, "bias": bias, "op": op, "lam_shape": list(lam_shape)}
 
 
-@pytest.mark.parametrize("op", ["tanh", "log", "power"])
-@pytest.mark.parametrize("case", ["rms", "layer", "layer_channels_first", "group"])
-def test_shipped_module_matches_functional(op, case):
+def _reference(case: str, x, w, b, lam, op):
     from ibnorm import functional as IBF
+
+    ch = x.shape[1] if case in ("layer_channels_first", "group") else x.shape[-1]
+    if case in ("rms", "rms_no_affine"):
+        return IBF.ib_rms_norm(x, (ch,), w, lam, op, 1e-5)
+    if case == "layer":
+        return IBF.ib_layer_norm(x, (ch,), w, b, lam, op, 1e-5)
+    if case == "layer_channels_first":
+        return IBF.ib_layer_norm(x.movedim(1, -1), (ch,), w, b, lam, op, 1e-5).movedim(-1, 1)
+    return IBF.ib_group_norm(x, 3, w, b, lam, op, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", ["tanh", "log", "power"])
+@pytest.mark.parametrize("case", ["rms", "rms_no_affine", "layer", "layer_channels_first", "group"])
+def test_shipped_module_equals_reference_bitwise(case, op, dtype):
+    """The exported IBNorm computes exactly what ibnorm's reference computes (per-channel λ, some 0;
+    λ near the series cutoff; z = 0 entries), so an exported model equals ibnorm.load's."""
     from ibnorm.hf.modeling_ibnorm import IBNorm
 
     g = torch.Generator().manual_seed(3)
     ch = 12
-    lam = torch.rand(ch, generator=g, dtype=torch.float64) * 2
+    lam = (torch.rand(ch, generator=g, dtype=torch.float64) * 2).to(dtype)
     lam[::4] = 0.0
-    w, b = torch.randn(ch, generator=g, dtype=torch.float64), torch.randn(ch, generator=g, dtype=torch.float64)
-    grouping = "layer" if case.startswith("layer") else case
+    lam[1] = 1e-5  # λ·|z| below the series cutoff
+    w, b = torch.randn(ch, generator=g, dtype=dtype), torch.randn(ch, generator=g, dtype=dtype)
+    affine = case != "rms_no_affine"
+    grouping = "layer" if case.startswith("layer") else case.split("_")[0]
     layer = _layer(grouping, (ch,), op, (ch,), channel_dim=1 if case in ("layer_channels_first", "group") else -1,
-                   num_groups=3 if case == "group" else None, bias=case != "rms")
-    module = IBNorm(layer).double()
+                   num_groups=3 if case == "group" else None, weight=affine, bias=grouping != "rms")
+    module = IBNorm(layer).to(dtype)
     with torch.no_grad():
-        module.weight.copy_(w)
         module.lam.copy_(lam)
+        if affine:
+            module.weight.copy_(w)
         if module.bias is not None:
             module.bias.copy_(b)
-    x = torch.randn(4, 5, ch, generator=g, dtype=torch.float64) * 3 + 0.5
-    if case == "rms":
-        want = IBF.ib_rms_norm(x, (ch,), w, lam, op, 1e-5)
-    elif case == "layer":
-        want = IBF.ib_layer_norm(x, (ch,), w, b, lam, op, 1e-5)
-    elif case == "layer_channels_first":
+    x = torch.randn(4, 5, ch, generator=g, dtype=torch.float64).mul(3).add(0.5).to(dtype)
+    x[0, 0, :2] = 0.0
+    if case == "layer_channels_first":
         x = x.permute(0, 2, 1).unsqueeze(-1)  # N, C, H, 1
-        want = IBF.ib_layer_norm(x.movedim(1, -1), (ch,), w, b, lam, op, 1e-5).movedim(-1, 1)
-    else:
+    elif case == "group":
         x = x.permute(0, 2, 1)  # N, C, L
-        want = IBF.ib_group_norm(x, 3, w, b, lam, op, 1e-5)
-    assert torch.allclose(module(x), want, rtol=1e-12, atol=1e-12)
-    # float32 at λ = 0 everywhere: exactly the reference (the base norm, bit for bit)
-    with torch.no_grad():
-        module.lam.zero_()
-    m32, x32 = module.float(), x.float()
-    ref32 = {"rms": lambda: IBF.ib_rms_norm(x32, (ch,), m32.weight, 0.0, op, 1e-5),
-             "layer": lambda: IBF.ib_layer_norm(x32, (ch,), m32.weight, m32.bias, 0.0, op, 1e-5)}.get(case)
-    if ref32 is not None:
-        assert torch.equal(m32(x32), ref32())
+    want = _reference(case, x, w if affine else None, b if grouping != "rms" else None, lam, op)
+    assert torch.equal(module(x), want)
 
 
 def test_hf_config_keeps_every_base_field(dirs):
@@ -350,6 +356,9 @@ def test_hf_config_keeps_every_base_field(dirs):
         {k: v for k, v in base.items() if k not in ("model_type", "architectures", "_name_or_path")}
     assert [layer["name"] for layer in cfg["ibnorm"]["layers"]] == [layer["name"] for layer in json.loads((v1 / "ibnorm_manifest.json").read_text())["layers"]]
     assert base_config_dict(cfg)["model_type"] == "gpt2" and "ibnorm" not in base_config_dict(cfg)
+    rebuilt = base_config(json.loads((v2 / "config.json").read_text()))  # what ibnorm.load builds its skeleton from
+    assert type(rebuilt) is transformers.GPT2Config
+    assert {k: v for k, v in rebuilt.to_dict().items() if k in base} == {k: v for k, v in base.items() if k != "_name_or_path"}
     assert json.loads((v2 / "config.json").read_text())["ibnorm"]["layers"] == cfg["ibnorm"]["layers"]
     with pytest.raises(ValueError, match="already an ibnorm config"):
         hf_config_for(cfg, [], "tanh")

@@ -16,6 +16,7 @@ _EXPORTS = {
     "layer_entries": "export",
     "write_remote_code": "export",
     "base_config_dict": "export",
+    "base_config": "export",
     "timm_config_for": "export",
     "timm_base_name": "export",
     "upgrade": "upgrade_dir",

@@ -100,6 +100,14 @@ def base_config_dict(config_dict: dict) -> dict:
     return cfg
 
 
+def base_config(config_dict: dict):
+    """The base model's transformers config (``LlamaConfig``, …) of a converted ``config.json``, either format."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    base = base_config_dict(config_dict)
+    return CONFIG_MAPPING[base["model_type"]].from_dict(base)
+
+
 def write_remote_code(out_dir: str | Path) -> list[str]:
     """Copy the self-contained configuration and modeling files into ``out_dir``."""
     here = Path(__file__).resolve().parent
@@ -126,5 +134,5 @@ def timm_base_name(config_dict: dict) -> str:
     return base if base else config_dict["architecture"]
 
 
-__all__ = ["FORMAT_2", "AUTO_MODEL_MAPPINGS", "layer_entry", "layer_entries", "hf_config_for", "base_config_dict",
+__all__ = ["FORMAT_2", "AUTO_MODEL_MAPPINGS", "layer_entry", "layer_entries", "hf_config_for", "base_config_dict", "base_config",
            "write_remote_code", "timm_config_for", "timm_base_name"]
