@@ -39,10 +39,21 @@ _EXPORTS = {
     "convert_model": "pipeline",
     "convert_checkpoint": "pipeline",
 }
-_SUBMODULES = ("functional", "errors", "pipeline", "evaluate", "finetune", "surgery", "calibration", "kernels", "io", "data",
-               "loading", "recognize", "layers", "spec")
+_SUBMODULES = ("hf", "functional", "errors", "pipeline", "evaluate", "finetune", "surgery", "calibration", "kernels", "io",
+               "data", "loading", "recognize", "layers", "spec")
 
 __all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
+
+
+def _register_with_transformers() -> None:
+    # Lets transformers' Auto classes load converted directories without remote code; cheap: it
+    # registers when transformers' Auto classes are imported (see ibnorm/hf/register.py).
+    from .hf.register import install
+
+    install()
+
+
+_register_with_transformers()
 
 
 def __getattr__(name: str) -> Any:

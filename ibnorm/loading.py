@@ -19,15 +19,18 @@ from .surgery import set_submodule
 
 def _skeleton(path: Path, manifest: dict) -> nn.Module:
     """The architecture without weights: timm on CPU (small), transformers on the meta device."""
+    cfg = json.loads((path / "config.json").read_text())
     if manifest["family"] == "timm":
         import timm
 
-        cfg = json.loads((path / "config.json").read_text())
-        return timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes") or 1000)
+        architecture = (cfg.get("ibnorm") or {}).get("base_architecture") or cfg["architecture"]
+        return timm.create_model(architecture, pretrained=False, num_classes=cfg.get("num_classes") or 1000)
     import transformers
     from accelerate import init_empty_weights
 
-    config = transformers.AutoConfig.from_pretrained(path)
+    from .hf.export import base_config
+
+    config = base_config(cfg)  # the base architecture; its norms are replaced from the manifest below
     auto = transformers.AutoModelForCausalLM if manifest["task"] == "causal-lm" else transformers.AutoModel
     with init_empty_weights(include_buffers=False):
         return auto.from_config(config).eval()

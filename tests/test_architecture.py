@@ -18,7 +18,7 @@ RANKS = {
     "ibnorm.layers": 1,
     "ibnorm.recognize": 2, "ibnorm.surgery": 2,
     "ibnorm.calibration": 3,
-    "ibnorm.pipeline": 4, "ibnorm.loading": 4, "ibnorm.evaluate": 4, "ibnorm.inspect": 4,
+    "ibnorm.hf": 4, "ibnorm.pipeline": 4, "ibnorm.loading": 4, "ibnorm.evaluate": 4, "ibnorm.inspect": 4,
 }
 TOP = 9
 

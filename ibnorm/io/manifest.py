@@ -11,7 +11,7 @@ from ..errors import CorruptFileError, SourceError
 
 MANIFEST = "ibnorm_manifest.json"
 FORMAT_1 = "ibnorm-converted/1"  # layers name their grouping "variant"; config.json keeps the base model type
-FORMAT = "ibnorm-converted/2"  # the current format
+FORMAT = "ibnorm-converted/2"  # config.json is its own architecture (ibnorm_<base>, shipped code; see ibnorm/hf)
 READABLE_FORMATS = (FORMAT_1, FORMAT)
 FAMILIES = ("hf", "timm")
 TASKS = ("causal-lm", "encoder", "image-classifier")
@@ -96,6 +96,7 @@ def _check_numbers_finite(where: str, key: str, value: Any) -> None:
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _check_numbers_finite(where, f"{key}[{i}]", v)
+FORMAT_2 = FORMAT
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 
 from ..io.checkpoint import versions
-from ..io.manifest import FORMAT, MANIFEST
+from torch import nn
+
+from ..io.manifest import FORMAT
 from .options import ConversionResult, ConvertOptions
 from .plan import Plan
 
@@ -31,9 +33,16 @@ def finish_manifest(manifest: dict, copied: list[str], shards: list[str]) -> dic
     return manifest
 
 
-def converted_config(base: dict, manifest: dict) -> dict:
-    """The output's config.json: the source's, plus an ``ibnorm`` section."""
-    return {**base, "ibnorm": {"format": FORMAT, "manifest": MANIFEST, "op": manifest["options"]["op"]}}
+def converted_config(base: dict, manifest: dict, modules: dict[str, nn.Module]) -> dict:
+    """The output's config.json.  transformers: an architecture of its own (``ibnorm_<base>``, every base
+    field kept, the IBNorm layers listed, ``auto_map`` to the shipped code), so no tool reads it as the base
+    model.  timm: an architecture timm refuses, naming ``ibnorm.load``."""
+    from ..hf.export import hf_config_for, layer_entry, timm_config_for
+
+    op = manifest["options"]["op"]
+    if manifest["family"] == "timm":
+        return timm_config_for(base["architecture"], base.get("num_classes"), op)
+    return hf_config_for(base, [layer_entry(name, m) for name, m in modules.items()], op)
 
 
 def model_card(manifest: dict) -> str:
@@ -56,5 +65,11 @@ def model_card(manifest: dict) -> str:
     if manifest.get("evaluation"):
         e = manifest["evaluation"]
         lines.append(f"- {e['metric']}: source {e['source']}, converted {e['converted']}")
-    lines += ["", "Load it with `ibnorm.load(path)`; `ibnorm_manifest.json` records every layer's λ and error.", ""]
+    if manifest["family"] == "timm":
+        lines += ["", "Load it with `ibnorm.load(path)`; `ibnorm_manifest.json` records every layer's λ and error.", ""]
+    else:
+        lines += ["", "Load it with `ibnorm.load(path)`, or with transformers: `AutoModelForCausalLM.from_pretrained(path)` "
+                  "(`AutoModel` for encoders) after `import ibnorm`, or with `trust_remote_code=True` where ibnorm is not "
+                  "installed (the modeling code ships in this directory). `ibnorm_manifest.json` records every layer's λ "
+                  "and error.", ""]
     return "\n".join(lines)

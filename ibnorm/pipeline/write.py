@@ -8,7 +8,9 @@ from pathlib import Path
 
 from torch import nn
 
+from ..hf.export import write_remote_code
 from ..io.checkpoint import copy_side_files, write_json_atomic
+from ..layers import IBNormBase
 from ..io.manifest import MANIFEST
 from .families import ModelFamily
 from .manifest import converted_config, finish_manifest, model_card
@@ -16,9 +18,11 @@ from .plan import Plan
 from .stores import ShardStore
 
 
-def _side_files(tmp: Path, manifest: dict, base_config: dict, shards: list[str], tokenizer, source_dir: Path | None,
-                card: str | None) -> None:
-    write_json_atomic(tmp / "config.json", converted_config(base_config, manifest))
+def _side_files(tmp: Path, manifest: dict, base_config: dict, modules: dict[str, nn.Module], shards: list[str], tokenizer,
+                source_dir: Path | None, card: str | None) -> None:
+    write_json_atomic(tmp / "config.json", converted_config(base_config, manifest, modules))
+    if manifest["family"] == "hf":
+        write_remote_code(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     finish_manifest(manifest, copy_side_files(source_dir, tmp), shards)
@@ -31,7 +35,8 @@ def write_model(tmp: Path, model: nn.Module, family: ModelFamily, manifest: dict
     """A converted (or fine-tuned) model that is whole in memory, in the converted format."""
     family.save_weights(model, tmp, shard_size)
     base = family.base_config(model, tmp, manifest["source"])
-    _side_files(tmp, manifest, base, sorted(p.name for p in tmp.glob("*.safetensors")), tokenizer, source_dir, card)
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, IBNormBase)}
+    _side_files(tmp, manifest, base, modules, sorted(p.name for p in tmp.glob("*.safetensors")), tokenizer, source_dir, card)
 
 
 def write_in_memory(plan: Plan, tmp: Path, manifest: dict, shard_size: str) -> None:
@@ -49,4 +54,4 @@ def write_streamed(plan: Plan, tmp: Path, manifest: dict, modules: dict[str, nn.
     shards = store.writer.close()
     store.index.close()
     base = json.loads((plan.source_dir / "config.json").read_text())
-    _side_files(tmp, manifest, base, shards, plan.tokenizer, plan.source_dir, None)
+    _side_files(tmp, manifest, base, modules, shards, plan.tokenizer, plan.source_dir, None)

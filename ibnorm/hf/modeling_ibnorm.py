@@ -1,0 +1,203 @@
+"""Modeling code of an ibnorm-converted transformers model (self-contained: torch + transformers only).
+
+Shipped inside every converted model directory and registered by ``import ibnorm``.  A model class
+``IBNorm<Base>`` (``IBNormLlamaForCausalLM``, ``IBNormBertModel``, …) is the base architecture with
+the normalization layers named in ``config.ibnorm["layers"]`` replaced by :class:`IBNorm`, a pure-torch
+IBNorm (docs/math.md of the ibnorm project):
+
+1. d = x − mean_G(x) (rms: d = x);  2. z = d / sqrt(mean_G(d²) + ε);  3. c = s_λ(z) elementwise;
+4. ĉ = (c − mean_G(c − z)) · sqrt(max(var_G z, δ) / max(var_G c, δ));  5. y = γ ⊙ ĉ + β.
+
+Statistics are computed in float32 (float64 for float64 inputs) and the result has the input dtype.
+γ is the effective multiplier (Gemma's ``1 + w`` was folded in by the converter).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from .configuration_ibnorm import base_model_type, config_class_for, write_code_files
+
+# Floor under the variances of step 4: guards constant and zero groups.
+RESTANDARDIZE_FLOOR = 1e-12
+# Below this argument the ratios use a truncated series.
+SERIES_CUTOFF = 1e-4
+
+
+def _ratio(op: str, lam: Tensor, a: Tensor) -> Tensor:
+    """r with s_λ(z) = z · r(|z|), evaluated exactly as ibnorm's reference does.
+
+    The direct forms (tanh(λz)/λ, …) take fewer ops but differ by an ulp per layer, and that
+    grows through a deep network (1e-3 in SmolLM2's logits); this form matches the reference
+    bit for bit, so the exported model computes what ``ibnorm.load`` computes.
+    """
+    if op == "power":  # ((1 + a)^p − 1) / (p·a), p = 1/(1+λ)
+        p = 1.0 / (1.0 + lam)
+        u, series = a, 1.0 + (p - 1.0) * a / 2.0 + (p - 1.0) * (p - 2.0) * a * a / 6.0
+    else:
+        u = lam * a
+        if op == "tanh":  # tanh(λa) / (λa)
+            series = 1.0 - u * u / 3.0
+        elif op == "log":  # log(1 + λa) / (λa)
+            series = 1.0 - u / 2.0 + u * u / 3.0
+        else:
+            raise ValueError(f"unknown IBNorm compression op {op!r}")
+    small = u < SERIES_CUTOFF
+    v = torch.where(small, torch.ones_like(u), u)  # keeps the unused branch NaN-free
+    if op == "tanh":
+        exact = torch.tanh(v) / v
+    elif op == "log":
+        exact = torch.log1p(v) / v
+    else:
+        exact = torch.expm1(p * torch.log1p(v)) / (p * v)
+    return torch.where(small, series, exact)
+
+
+def _compress(z: Tensor, lam: Tensor, op: str) -> Tensor:
+    """s_λ(z) elementwise; channels with λ = 0 pass z through unchanged (bit for bit)."""
+    is_zero = lam == 0
+    lam_safe = torch.where(is_zero, torch.ones_like(lam), lam)
+    return torch.where(is_zero, z, z * _ratio(op, lam_safe, z.abs()))
+
+
+class IBNorm(nn.Module):
+    """One IBNorm layer described by a ``config.ibnorm["layers"]`` entry.
+
+    Groupings: ``rms`` and ``layer`` over the trailing ``normalized_shape`` (or over dim 1 when
+    ``channel_dim`` is 1), and ``group``.  λ is a fixed buffer (scalar or one value per channel).
+    """
+
+    def __init__(self, layer: dict) -> None:
+        super().__init__()
+        self.grouping = layer["grouping"]
+        if self.grouping not in ("rms", "layer", "group"):
+            raise ValueError(f"{layer['name']}: IBNorm grouping {self.grouping!r} is not supported by this code")
+        self.op = layer["op"]
+        self.eps = float(layer["eps"])
+        self.normalized_shape = tuple(layer["normalized_shape"])
+        self.channel_dim = int(layer.get("channel_dim", -1))
+        self.num_groups = layer.get("num_groups")
+        shape = self.normalized_shape
+        self.weight = nn.Parameter(torch.ones(shape)) if layer.get("weight", True) else None
+        self.bias = nn.Parameter(torch.zeros(shape)) if layer.get("bias", False) else None
+        self.register_buffer("lam", torch.zeros(tuple(layer["lam_shape"]), dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self.grouping == "group":
+            return self._group(x, ct)
+        xf = x.to(ct) if self.channel_dim == -1 else x.movedim(1, -1).to(ct)
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        centered = self.grouping == "layer"
+        d = xf - xf.mean(dims, keepdim=True) if centered else xf
+        z = d * torch.rsqrt(d.square().mean(dims, keepdim=True) + self.eps)
+        c = _compress(z, self.lam.to(ct), self.op)
+        y = self._affine(self._restandardize(z, c, dims, centered), ct)
+        y = y if self.channel_dim == -1 else y.movedim(-1, 1)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def _restandardize(z: Tensor, c: Tensor, dims: tuple, centered: bool) -> Tensor:
+        # var_c and var_z are computed by the same operations, so at λ = 0 (c == z) the ratio is exactly 1.
+        if centered:
+            mu_c = (c - z).mean(dims, keepdim=True)
+            var_c = (c - c.mean(dims, keepdim=True)).square().mean(dims, keepdim=True)
+            var_z = (z - z.mean(dims, keepdim=True)).square().mean(dims, keepdim=True)
+            c = c - mu_c
+        else:
+            var_c = c.square().mean(dims, keepdim=True)
+            var_z = z.square().mean(dims, keepdim=True)
+        return c * (torch.sqrt(var_z.clamp_min(RESTANDARDIZE_FLOOR)) / torch.sqrt(var_c.clamp_min(RESTANDARDIZE_FLOOR)))
+
+    def _group(self, x: Tensor, ct: torch.dtype) -> Tensor:
+        n, ch = x.shape[:2]
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        g = x.to(ct).reshape(n, self.num_groups, -1)
+        d = g - g.mean(-1, keepdim=True)
+        z = (d * torch.rsqrt(d.square().mean(-1, keepdim=True) + self.eps)).reshape(x.shape)
+        lam = self.lam.to(ct)
+        c = _compress(z, lam.reshape(view) if lam.dim() == 1 else lam, self.op)
+        y = self._restandardize(z.reshape(n, self.num_groups, -1), c.reshape(n, self.num_groups, -1), (-1,), True)
+        return self._affine(y.reshape(x.shape), ct, view).to(x.dtype)
+
+    def _affine(self, y: Tensor, ct: torch.dtype, view: tuple | None = None) -> Tensor:
+        for p, combine in ((self.weight, torch.mul), (self.bias, torch.add)):
+            if p is not None:
+                p = p.to(ct)
+                y = combine(y, p.reshape(view) if view is not None else p)
+        return y
+
+    def extra_repr(self) -> str:
+        lam = self.lam.float()
+        return (f"{self.grouping}, {self.normalized_shape}, eps={self.eps}, op={self.op}, "
+                f"lam_mean={lam.mean().item() if lam.numel() and not lam.is_meta else float('nan'):.4g}")
+
+
+def swap_in_ibnorm(model: nn.Module, layers: list) -> None:
+    """Replace each named module by an :class:`IBNorm` built from its entry."""
+    for layer in layers:
+        parent_name, _, child = layer["name"].rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not hasattr(parent, child):
+            raise ValueError(f"config names IBNorm layer {layer['name']!r}, which {type(model).__name__} does not have")
+        setattr(parent, child, IBNorm(layer))
+
+
+def _post_init(self) -> None:
+    # The base __init__ ends with post_init: swap the norms first so every later step (weight
+    # init, tied keys, device maps) sees the IBNorm modules.
+    swap_in_ibnorm(self, self.config.ibnorm["layers"])
+    self._ibnorm_base_post_init()
+
+
+def _init_weights(self, module: nn.Module) -> None:
+    if isinstance(module, IBNorm):
+        from transformers import initialization as init
+
+        if module.weight is not None:
+            init.ones_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+        init.zeros_(module.lam)  # λ = 0: the base norm; converted checkpoints carry their λ
+        return
+    self._ibnorm_base_init_weights(module)
+
+
+def _save_pretrained(self, save_directory, *args, **kwargs):
+    out = self._ibnorm_base_save_pretrained(save_directory, *args, **kwargs)
+    write_code_files(save_directory)
+    return out
+
+
+_MODEL_CLASSES: dict = {}
+
+
+def model_class_for(base_class_name: str) -> type:
+    """``IBNorm<base_class_name>``: the base transformers class with IBNorm layers."""
+    cls = _MODEL_CLASSES.get(base_class_name)
+    if cls is None:
+        base = getattr(transformers, base_class_name)
+        cls = type(f"IBNorm{base_class_name}", (base,), {
+            "config_class": config_class_for(base.config_class.model_type),
+            "__module__": __name__,
+            "_ibnorm_base_post_init": base.post_init,
+            "post_init": _post_init,
+            "_ibnorm_base_init_weights": base._init_weights,
+            "_init_weights": _init_weights,
+            "_ibnorm_base_save_pretrained": base.save_pretrained,
+            "save_pretrained": _save_pretrained,
+        })
+        _MODEL_CLASSES[base_class_name] = cls
+    return cls
+
+
+__all__ = ["IBNorm", "swap_in_ibnorm", "model_class_for", "base_model_type"]
+
+
+def __getattr__(name: str):
+    # ``auto_map`` names a class such as ``IBNormLlamaForCausalLM``; build it on first access.
+    if name.startswith("IBNorm") and hasattr(transformers, name[len("IBNorm"):]):
+        return model_class_for(name[len("IBNorm"):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
