@@ -409,7 +409,8 @@ def check_hf_checkpoint(model_dir: str | Path, index: Any = None, norm_names: It
         check_state_matches({n: tuple(p.shape) for n, p in model.named_parameters()},
                             {n: (t.shape, t.dtype) for n, t in index.tensors.items()}, tied_parameter_names(model),
                             base_prefix=getattr(model, "base_model_prefix", None) or None,
-                            ignore_unexpected=getattr(model, "_keys_to_ignore_on_load_unexpected", None) or (),
+                            ignore_unexpected=[*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+                                               *(rf"(^|\.){re.escape(n)}$" for n, _ in model.named_buffers())],  # saved buffers
                             where=str(model_dir))
         if norm_names is None:
             norm_names = [n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()]

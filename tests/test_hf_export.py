@@ -66,12 +66,38 @@ def _randomize_lambda(directory: Path, seed: int) -> None:
     save_file(state, path, metadata={"format": "pt"})
 
 
+def as_format_1(directory: Path) -> None:
+    """Rewrite a converted directory the way ibnorm's format 1 wrote it: the base config.json with an
+    ``ibnorm`` section, no code files, and a manifest whose layers name their grouping "variant"."""
+    from ibnorm.hf import base_config_dict
+
+    config = json.loads((directory / "config.json").read_text())
+    manifest = json.loads((directory / "ibnorm_manifest.json").read_text())
+    if manifest["family"] == "hf":
+        base = base_config_dict(config)
+        base["ibnorm"] = {"format": "ibnorm-converted/1", "manifest": "ibnorm_manifest.json", "op": config["ibnorm"]["op"]}
+        for name in ("configuration_ibnorm.py", "modeling_ibnorm.py"):
+            (directory / name).unlink()
+    else:
+        base = {"architecture": config["ibnorm"]["base_architecture"], "library": "timm", "num_classes": config["num_classes"],
+                "ibnorm": {"format": "ibnorm-converted/1", "manifest": "ibnorm_manifest.json", "op": config["ibnorm"]["op"]}}
+    (directory / "config.json").write_text(json.dumps(base, indent=2))
+    manifest["format"] = "ibnorm-converted/1"
+    manifest["layers"] = [{("variant" if k == "grouping" else k): v for k, v in layer.items()} for layer in manifest["layers"]]
+    (directory / "ibnorm_manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
 def _convert(src: Path, root: Path, name: str, op: str, seed: int) -> tuple[Path, Path]:
+    """(format 1 directory, the same upgraded to format 2); the conversion itself writes format 2 directly,
+    and upgrading the format-1 copy gives exactly that config."""
     v1, v2 = root / f"v1_{name}", root / f"v2_{name}"
     ibnorm.convert_checkpoint(str(src), v1, ibnorm.ConvertOptions(lam=0.3, op=op))
     _randomize_lambda(v1, seed)
+    direct = json.loads((v1 / "config.json").read_text())
+    as_format_1(v1)
     shutil.copytree(v1, v2)
     upgrade(v2)
+    assert json.loads((v2 / "config.json").read_text()) == direct
     return v1, v2
 
 
@@ -358,7 +384,8 @@ def test_hf_config_keeps_every_base_field(dirs):
     assert base_config_dict(cfg)["model_type"] == "gpt2" and "ibnorm" not in base_config_dict(cfg)
     rebuilt = base_config(json.loads((v2 / "config.json").read_text()))  # what ibnorm.load builds its skeleton from
     assert type(rebuilt) is transformers.GPT2Config
-    assert {k: v for k, v in rebuilt.to_dict().items() if k in base} == {k: v for k, v in base.items() if k != "_name_or_path"}
+    assert {k: v for k, v in rebuilt.to_dict().items() if k in base and k != "_name_or_path"} == \
+        {k: v for k, v in base.items() if k != "_name_or_path"}
     assert json.loads((v2 / "config.json").read_text())["ibnorm"]["layers"] == cfg["ibnorm"]["layers"]
     with pytest.raises(ValueError, match="already an ibnorm config"):
         hf_config_for(cfg, [], "tanh")
@@ -371,7 +398,10 @@ def test_timm_output_is_refused_by_timm(tmp_path):
 
     v1 = tmp_path / "v1"
     ibnorm.convert_checkpoint("timm:resnet10t", v1, ibnorm.ConvertOptions(lam=0.2), pretrained=False)
-    upgrade(v1)
+    with pytest.raises(RuntimeError, match="Unknown model .*load it with ibnorm.load"):  # as converted
+        timm.create_model(f"local-dir:{v1}", pretrained=True)
+    as_format_1(v1)
+    assert upgrade(v1)["changed"] is True
     with pytest.raises(RuntimeError, match="Unknown model .*load it with ibnorm.load"):
         timm.create_model(f"local-dir:{v1}", pretrained=True)
     assert json.loads((v1 / "ibnorm_manifest.json").read_text())["format"] == "ibnorm-converted/2"

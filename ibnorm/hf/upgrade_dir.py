@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IBNormError, SourceError
-from ..io.manifest import FORMAT_1, MANIFEST
+from ..io.manifest import FORMAT_1, MANIFEST, read_manifest
 from .export import FORMAT_2, hf_config_for, layer_entry, timm_config_for, write_remote_code
 
 
@@ -52,7 +52,7 @@ def _hf_layer_entries(path: Path, manifest: dict) -> list[dict]:
         if spec is None:
             raise IBNormError(f"manifest names {layer['name']!r} as a norm, but it is a {type(module).__name__}")
         new = from_spec(spec, op=layer.get("op", manifest["options"]["op"]), lam=torch.zeros(layer["lam_shape"]),
-                        variant=layer["variant"])
+                        grouping=layer["grouping"])
         try:
             entries.append(layer_entry(layer["name"], new))
         except ValueError as e:
@@ -116,7 +116,7 @@ def upgrade(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"not a converted model directory: {path}")
-    manifest = _read_json(path / MANIFEST)
+    manifest = read_manifest(path)  # schema-checked; a format-1 layer's "variant" is read as its grouping
     fmt = manifest.get("format")
     if fmt == FORMAT_2:
         return {"path": str(path), "changed": False, "format": fmt, "reason": "already in the current format"}
@@ -135,7 +135,7 @@ def upgrade(path: str | Path) -> dict[str, Any]:
         new_config = timm_config_for(config["architecture"], config.get("num_classes"), op)
     else:
         raise SourceError(f"{path}: unknown family {manifest['family']!r} in the manifest")
-    layers = [{("grouping" if k == "variant" else k): v for k, v in layer.items()} for layer in manifest["layers"]]
+    layers = [{k: v for k, v in layer.items() if k != "variant"} for layer in manifest["layers"]]
     new_manifest = {**manifest, "format": FORMAT_2, "layers": layers,
                     "upgraded": {"from": FORMAT_1, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     _swap_in(path, {"config.json": new_config, MANIFEST: new_manifest}, code=manifest["family"] == "hf")
