@@ -52,6 +52,7 @@ DT = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4)}
 POINTERS_F32 = {"LAM", "STATS", "PART"}
 POINTERS = POINTERS_F32 | {"X", "Y", "W", "B", "DY", "DX"}
 FLOATS = {"eps", "delta"}
+RELOAD = None if os.environ.get("IBNORM_STATIC_RELOAD") is None else os.environ["IBNORM_STATIC_RELOAD"] == "1"
 
 
 @dataclass
@@ -140,9 +141,10 @@ def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype
         warps = R.forward_warps(block)
         k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered), warps)
     else:
-        warps = R.backward_warps(block)
+        warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or R.backward_warps(block)
         needs = dict(NEED_DX=True, NEED_DW=True, NEED_DB=centered, NEED_DLAM=per_channel)
-        k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, **needs), warps)
+        reload = R.backward_reload(block, 1 + centered + per_channel) if RELOAD is None else RELOAD
+        k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, RELOAD=reload, **needs), warps)
     regs, spill = ptxas_usage(k.asm["ptx"])
     lines = sass_lines(k.asm["cubin"])
     per_thread = block / (32 * warps)

@@ -32,6 +32,11 @@ def backward_warps(block: int) -> int:
     return min(max(block // 512, 1), 32)
 
 
+def backward_reload(block: int, n_grads: int) -> bool:
+    """Re-read x and dy after the row reduction (instead of keeping them live) for wide rows."""
+    return block // (32 * backward_warps(block)) * (6 + n_grads) > 120
+
+
 def _rows(x: Tensor, n: int) -> Tensor:
     x2 = x.reshape(-1, n)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -86,7 +91,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
             x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0, m, RESTANDARDIZE_FLOOR, N=n,
             HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op],
             NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl,
-            BLOCK=block, num_warps=backward_warps(block),
+            BLOCK=block, RELOAD=backward_reload(block, k), num_warps=backward_warps(block),
         )
     # Fixed-order reduction over programs: deterministic.  Separate tensors (custom-op outputs may not alias).
     out, i = [dx.view(x.shape) if need_dx else dx], 0

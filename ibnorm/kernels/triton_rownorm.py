@@ -65,10 +65,10 @@ def _lam_scalars(lam, OP: tl.constexpr):
     is_zero = lam == 0.0
     lam_s = tl.where(is_zero, 1.0, lam)
     if OP == 2:
-        p = 1.0 / (1.0 + lam_s)
+        p = _div(1.0, 1.0 + lam_s)
         return is_zero, p, 1.0 + lam_s
     else:
-        return is_zero, lam_s, 1.0 / lam_s
+        return is_zero, lam_s, _div(1.0, lam_s)
 
 
 @triton.jit
@@ -257,13 +257,9 @@ def _row_scalars(STATS, row, delta, inv_n, CENTERED: tl.constexpr):
 
 
 @triton.jit
-def _row_backward(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
-                  CENTERED: tl.constexpr, OP: tl.constexpr, EVEN: tl.constexpr, NEED_DLAM: tl.constexpr):
-    """dx (fp32), ĉ and dc·∂s/∂λ for one row, from the saved statistics.
-
-    The second reduction of the chain rule (mean(dz), mean(dz·z)) is expanded into sums that
-    the first pass already has, so one multi-operand reduction serves the whole row.
-    """
+def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
+                CENTERED: tl.constexpr, OP: tl.constexpr, EVEN: tl.constexpr, NEED_DLAM: tl.constexpr):
+    """Recomputes z (centred: z − mean z), c (centred: c − mean c), ∂s/∂z, ∂s/∂λ and γ·dy from x."""
     if CENTERED:
         d = x - mean
         if not EVEN:
@@ -272,38 +268,79 @@ def _row_backward(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, mu_c, cbar, zb
         d = x
     z = d * rstd
     c, ds, dl = _compress_grad(z, is_zero, lam_s, inv, OP, NEED_DLAM)
-    gh = g * w
-    n = 1.0 / inv_n
     if CENTERED:
         # Centred c and z keep every sum free of cancellation against mean(c).
-        cc = c - cbar
-        zc = z - zbar
-        dsm = ds
+        c = c - cbar
+        z = z - zbar
         if not EVEN:
-            cc = tl.where(mask, cc, 0.0)
-            zc = tl.where(mask, zc, 0.0)
-            dsm = tl.where(mask, ds, 0.0)
+            c = tl.where(mask, c, 0.0)
+            z = tl.where(mask, z, 0.0)
+            ds = tl.where(mask, ds, 0.0)
+    return z, c, ds, dl, g * w
+
+
+@triton.jit
+def _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENTERED: tl.constexpr):
+    """Row scalars of the backward from ONE multi-operand reduction.
+
+    The chain rule needs mean(dz) and mean(dz·z) of a dz that itself depends on Σ gh·c; both are
+    expanded into sums available in the same pass.  Returns (mg, α, β, mean dz, m1) such that
+    dc = γdy·k − mg + α·c, dz = mg + β·z + dc·s', dx = rstd·(dz − mean dz − z·m1) (z, c centred).
+    """
+    n = 1.0 / inv_n
+    if CENTERED:
         s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz = tl.reduce(
-            (gh, gh * cc, gh * ds, gh * ds * zc, dsm, cc * dsm, dsm * zc, cc * dsm * zc), 0, _add8)
+            (gh, gh * c, gh * ds, gh * ds * z, ds, c * ds, ds * z, c * ds * z), 0, _add8)
         mg = k * s_g * inv_n  # gradient through μ_c, per element
         sk = s_gc + (cbar - mu_c) * s_g  # Σ gh·(c − μ_c)
         alpha = sk * kc
         beta = sk * kz
-        sum_dz = n * mg + k * s_gs - mg * s_s + alpha * s_cs
-        sum_dzc = beta * n * vz + k * s_gsz - mg * s_sz + alpha * s_csz
-        dc = gh * k - mg + alpha * cc
-        dz = mg + beta * zc + dc * ds
-        mean_dz = sum_dz * inv_n
-        dx = rstd * (dz - mean_dz - zc * (sum_dzc * inv_n + zbar * mean_dz))
-        chat = (c - mu_c) * k
+        mean_dz = (n * mg + k * s_gs - mg * s_s + alpha * s_cs) * inv_n
+        m1 = (beta * n * vz + k * s_gsz - mg * s_sz + alpha * s_csz) * inv_n + zbar * mean_dz
     else:
         s_gc, s_gsz, s_csz = tl.reduce((gh * c, gh * ds * z, c * ds * z), 0, _add3)
+        mg = 0.0
         alpha = s_gc * kc
         beta = s_gc * kz
-        sum_dzz = beta * n * vz + k * s_gsz + alpha * s_csz
-        dc = gh * k + alpha * c
-        dz = beta * z + dc * ds
-        dx = rstd * (dz - z * (sum_dzz * inv_n))
+        mean_dz = 0.0
+        m1 = (beta * n * vz + k * s_gsz + alpha * s_csz) * inv_n
+    return mg, alpha, beta, mean_dz, m1
+
+
+@triton.jit
+def _row_outputs(z, c, ds, dl, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED: tl.constexpr):
+    """dx (fp32), ĉ = (c − μ_c)·k and dc·∂s/∂λ."""
+    dc = gh * k - mg + alpha * c
+    dz = mg + beta * z + dc * ds
+    dx = rstd * (dz - mean_dz - z * m1)
+    if CENTERED:
+        chat = (c + (cbar - mu_c)) * k
+    else:
+        chat = c * k
+    return dx, chat, dc * dl
+
+
+@triton.jit
+def _row_two_rounds(z, c, ds, dl, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n,
+                    CENTERED: tl.constexpr, EVEN: tl.constexpr):
+    """dx, ĉ, dc·∂s/∂λ with the chain rule's two row reductions done as two rounds (values live)."""
+    if CENTERED:
+        s_g, s_gc = tl.reduce((gh, gh * c), 0, _add2)
+        mg = k * s_g * inv_n
+        sk = s_gc + (cbar - mu_c) * s_g  # Σ gh·(c − μ_c)
+        dc = gh * k - mg + (sk * kc) * c
+        dz = mg + (sk * kz) * z + dc * ds
+        if not EVEN:
+            dz = tl.where(mask, dz, 0.0)
+        s_dz, s_dzz = tl.reduce((dz, dz * z), 0, _add2)
+        mean_dz = s_dz * inv_n
+        dx = rstd * (dz - mean_dz - z * (s_dzz * inv_n + zbar * mean_dz))
+        chat = (c + (cbar - mu_c)) * k
+    else:
+        sk = tl.sum(gh * c, axis=0)
+        dc = gh * k + (sk * kc) * c
+        dz = (sk * kz) * z + dc * ds
+        dx = rstd * (dz - z * (tl.sum(dz * z, axis=0) * inv_n))
         chat = c * k
     return dx, chat, dc * dl
 
@@ -314,27 +351,28 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
+def _lam_per_row(LAM, cols, mask, OP: tl.constexpr):
+    # Per-channel λ is re-read each row (an L1/L2 hit) rather than held in registers.
+    return _lam_scalars(tl.load(LAM + cols, mask=mask, other=0.0), OP)
+
+
+@triton.jit
 def ibnorm_row_bwd_kernel(
     X, DY, DX, W, LAM, STATS, PART,
     stride_x, stride_dy, stride_dx, M, delta, N: tl.constexpr,
     HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, RELOAD: tl.constexpr,
 ):
+    """RELOAD: after the row reduction, re-read x and dy (L1/L2 hits) and recompute instead of
+    keeping every per-element value live across it; wide rows need it to stay out of local memory."""
     EVEN: tl.constexpr = N == BLOCK
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    else:
-        w = 1.0
-    if LAM_PER_CHANNEL:
-        lam = tl.load(LAM + cols, mask=mask, other=0.0)
-    else:
-        lam = tl.load(LAM)
-    is_zero, lam_s, inv = _lam_scalars(lam, OP)
+    if not LAM_PER_CHANNEL:
+        is_zero, lam_s, inv = _lam_scalars(tl.load(LAM), OP)
     inv_n = 1.0 / N
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -342,11 +380,25 @@ def ibnorm_row_bwd_kernel(
     first = pid.to(tl.int64)
     for i in tl.range(0, tl.cdiv(M - pid, nprog)):
         row = first + i * nprog
+        if LAM_PER_CHANNEL:
+            is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
-        dx, chat, dcl = _row_backward(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, mu_c, cbar, zbar, vz, k,
-                                      kc, kz, inv_n, CENTERED, OP, EVEN, NEED_DLAM)
+        z, c, ds, dl, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
+                                       CENTERED, OP, EVEN, NEED_DLAM and not RELOAD)
+        if RELOAD:
+            mg, alpha, beta, mean_dz, m1 = _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
+                                                             CENTERED)
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            z, c, ds, dl, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
+                                           CENTERED, OP, EVEN, NEED_DLAM)
+            dx, chat, dcl = _row_outputs(z, c, ds, dl, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED)
+        else:
+            dx, chat, dcl = _row_two_rounds(z, c, ds, dl, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n,
+                                            CENTERED, EVEN)
         if NEED_DX:
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
