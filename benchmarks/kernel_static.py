@@ -138,7 +138,7 @@ def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype
     block = R._block(h)
     common = dict(HAS_W=True, LAM_PER_CHANNEL=per_channel, CENTERED=centered, OP=OP_CODES[op], BLOCK=block, N=h)
     if kind == "fwd":
-        warps = R.forward_warps(block)
+        warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block)
         k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered), warps)
     else:
         warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or R.backward_warps(block)

@@ -289,3 +289,35 @@ def test_reload_backward_matches_reference(monkeypatch, centered):
         _, grads_ref = _run(_reference, x, w, b, lam, dy.double(), n, op, centered)
         for got, want in zip(grads, grads_ref):
             assert _rel_err(got, want) < 1e-4, op
+
+
+def test_channel_variants_use_reference_off_cuda(monkeypatch):
+    from ibnorm.kernels import channel_norm
+
+    assert not channel_norm.use_compiled(torch.randn(2, 3))
+    monkeypatch.setenv("IBNORM_KERNEL", "reference")
+    assert not channel_norm.use_compiled(torch.randn(2, 3, device=DEVICE))
+
+
+@GPU_ONLY
+def test_gpu_channel_variants_compiled_path():
+    # IBBatchNorm2d (train: running buffers too) and IBGroupNorm on CUDA go through torch.compile.
+    import ibnorm
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(8, 32, 10, 10, generator=g) * 3 + 1).to(DEVICE)
+    dy = torch.randn(8, 32, 10, 10, generator=g).to(DEVICE)
+    for make in (lambda: ibnorm.IBGroupNorm(4, 32, op="log", lam=0.7), lambda: ibnorm.IBBatchNorm2d(32, op="tanh", lam=0.9)):
+        mod, twin = make().to(DEVICE), make().to(DEVICE)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = mod(xa)
+        os.environ["IBNORM_KERNEL"] = "reference"  # the force_triton fixture restores it
+        yb = twin(xb)
+        os.environ["IBNORM_KERNEL"] = "triton"
+        assert _rel_err(ya, yb.double()) < 1e-5
+        ga = torch.autograd.grad(ya, [xa, mod.weight], dy)
+        gb = torch.autograd.grad(yb, [xb, twin.weight], dy)
+        for a, b in zip(ga, gb):
+            assert _rel_err(a, b.double()) < 1e-4
+        for name, buf in mod.named_buffers():
+            torch.testing.assert_close(buf, dict(twin.named_buffers())[name])
