@@ -94,8 +94,8 @@ def _compress_value(z, is_zero, lam_s, inv, OP: tl.constexpr):
 
 
 @triton.jit
-def _compress_grad(z, is_zero, lam_s, inv, OP: tl.constexpr, NEED_DLAM: tl.constexpr):
-    """c, ∂s/∂z and (when NEED_DLAM) ∂s/∂λ, with the exact λ = 0 limits."""
+def _compress_grad(z, is_zero, lam_s, inv, OP: tl.constexpr):
+    """c and ∂s/∂z, with the exact λ = 0 limits."""
     a = tl.abs(z)
     if OP == 0:
         u = lam_s * a
@@ -104,48 +104,56 @@ def _compress_grad(z, is_zero, lam_s, inv, OP: tl.constexpr, NEED_DLAM: tl.const
         u2 = u * u
         c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(t, z) * inv)
         ds = 1.0 - t * t
-        if NEED_DLAM:
-            # z·|z|·F'(u), F(u) = tanh(u)/u; closed form (z s' − c)/λ cancels for small u.
-            dF = u * (-2.0 / 3.0 + u2 * (8.0 / 15.0 + u2 * (-102.0 / 315.0 + u2 * (496.0 / 2835.0 + u2 * (-13820.0 / 155925.0)))))
-            dl = tl.where(u < _TANH_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
-            dl = tl.where(is_zero, 0.0, dl)
-        else:
-            dl = 0.0
     elif OP == 1:
         u = lam_s * a
         lg = tl.log2(1.0 + u) * _LN2
         c_small = z * (1.0 + u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0))))))
         c = tl.where(u < _LOG_SMALL, c_small, _copysign(lg, z) * inv)
         ds = _div(1.0, 1.0 + u)
-        if NEED_DLAM:
-            # F'(u) = Σ_k (−1)^k k/(k+1) u^(k−1), k = 1…9
-            dF = -0.5 + u * (2.0 / 3.0 + u * (-0.75 + u * (0.8 + u * (-5.0 / 6.0 + u * (6.0 / 7.0 + u * (
-                -7.0 / 8.0 + u * (8.0 / 9.0 + u * (-0.9))))))))
-            dl = tl.where(u < _LOG_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
-            dl = tl.where(is_zero, -0.5 * z * a, dl)
-        else:
-            dl = 0.0
     else:
-        lg2 = tl.log2(1.0 + a)
-        w = tl.exp2(lam_s * lg2)
+        w = tl.exp2(lam_s * tl.log2(1.0 + a))
         c = _copysign(w - 1.0, z) * inv
         ds = _div(w, 1.0 + a)
-        if NEED_DLAM:
-            # ∂s/∂λ = −sign(z)·((v − 1)e^v + 1), v = p·log1p(|z|): O(v²), so small |z| needs
-            # log1p to full relative precision and a series in v.
-            L_small = a * (1.0 + a * (-0.5 + a * (1.0 / 3.0 + a * (-0.25 + a * (0.2 + a * (-1.0 / 6.0 + a / 7.0))))))
-            L = tl.where(a < 0.1, L_small, lg2 * _LN2)
-            v = lam_s * L
-            g_small = v * v * (0.5 + v * (1.0 / 3.0 + v * (0.125 + v * (1.0 / 30.0 + v * (1.0 / 144.0 + v / 840.0)))))
-            dl = -_copysign(tl.where(v < 0.25, g_small, w * v - (w - 1.0)), z)
-            dl0 = (1.0 + a) * L - a  # the λ = 0 limit, also O(a²)
-            dl0 = tl.where(a < 0.1, a * a * (0.5 + a * (-1.0 / 6.0 + a * (1.0 / 12.0 + a * (-0.05 + a / 30.0)))), dl0)
-            dl = tl.where(is_zero, -_copysign(dl0, z), dl)
-        else:
-            dl = 0.0
     c = tl.where(is_zero, z, c)
     ds = tl.where(is_zero, 1.0, ds)
-    return c, ds, dl
+    return c, ds
+
+
+@triton.jit
+def _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP: tl.constexpr):
+    """∂s/∂λ from z, c = s(z) and s'(z), with the exact λ = 0 limit.
+
+    Computed after the row reductions from values that are live anyway, so it holds no registers
+    across them.  The closed forms (z·s' − c)/λ cancel for small u = λ|z|: series there.
+    """
+    a = tl.abs(z)
+    if OP == 0:
+        u = lam_s * a
+        u2 = u * u
+        # z·|z|·F'(u), F(u) = tanh(u)/u
+        dF = u * (-2.0 / 3.0 + u2 * (8.0 / 15.0 + u2 * (-102.0 / 315.0 + u2 * (496.0 / 2835.0 + u2 * (-13820.0 / 155925.0)))))
+        dl = tl.where(u < _TANH_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
+        dl = tl.where(is_zero, 0.0, dl)
+    elif OP == 1:
+        u = lam_s * a
+        # F'(u) = Σ_k (−1)^k k/(k+1) u^(k−1), k = 1…9
+        dF = -0.5 + u * (2.0 / 3.0 + u * (-0.75 + u * (0.8 + u * (-5.0 / 6.0 + u * (6.0 / 7.0 + u * (
+            -7.0 / 8.0 + u * (8.0 / 9.0 + u * (-0.9))))))))
+        dl = tl.where(u < _LOG_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
+        dl = tl.where(is_zero, -0.5 * z * a, dl)
+    else:
+        # ∂s/∂λ = −sign(z)·((v − 1)e^v + 1), v = p·log1p(|z|), e^v = s'·(1 + |z|): O(v²), so small
+        # |z| needs log1p to full relative precision and a series in v.
+        w = ds * (1.0 + a)
+        L_small = a * (1.0 + a * (-0.5 + a * (1.0 / 3.0 + a * (-0.25 + a * (0.2 + a * (-1.0 / 6.0 + a / 7.0))))))
+        L = tl.where(a < 0.1, L_small, tl.log2(1.0 + a) * _LN2)
+        v = lam_s * L
+        g_small = v * v * (0.5 + v * (1.0 / 3.0 + v * (0.125 + v * (1.0 / 30.0 + v * (1.0 / 144.0 + v / 840.0)))))
+        dl = -_copysign(tl.where(v < 0.25, g_small, w * v - (w - 1.0)), z)
+        dl0 = (1.0 + a) * L - a  # the λ = 0 limit, also O(a²)
+        dl0 = tl.where(a < 0.1, a * a * (0.5 + a * (-1.0 / 6.0 + a * (1.0 / 12.0 + a * (-0.05 + a / 30.0)))), dl0)
+        dl = tl.where(is_zero, -_copysign(dl0, z), dl)
+    return dl
 
 
 @triton.jit
@@ -258,8 +266,8 @@ def _row_scalars(STATS, row, delta, inv_n, CENTERED: tl.constexpr):
 
 @triton.jit
 def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
-                CENTERED: tl.constexpr, OP: tl.constexpr, EVEN: tl.constexpr, NEED_DLAM: tl.constexpr):
-    """Recomputes z (centred: z − mean z), c (centred: c − mean c), ∂s/∂z, ∂s/∂λ and γ·dy from x."""
+                CENTERED: tl.constexpr, OP: tl.constexpr, EVEN: tl.constexpr):
+    """Recomputes z (centred: z − mean z), c (centred: c − mean c), ∂s/∂z and γ·dy from x."""
     if CENTERED:
         d = x - mean
         if not EVEN:
@@ -267,7 +275,7 @@ def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
     else:
         d = x
     z = d * rstd
-    c, ds, dl = _compress_grad(z, is_zero, lam_s, inv, OP, NEED_DLAM)
+    c, ds = _compress_grad(z, is_zero, lam_s, inv, OP)
     if CENTERED:
         # Centred c and z keep every sum free of cancellation against mean(c).
         c = c - cbar
@@ -276,7 +284,7 @@ def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
             c = tl.where(mask, c, 0.0)
             z = tl.where(mask, z, 0.0)
             ds = tl.where(mask, ds, 0.0)
-    return z, c, ds, dl, g * w
+    return z, c, ds, g * w
 
 
 @triton.jit
@@ -308,8 +316,8 @@ def _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENT
 
 
 @triton.jit
-def _row_outputs(z, c, ds, dl, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED: tl.constexpr):
-    """dx (fp32), ĉ = (c − μ_c)·k and dc·∂s/∂λ."""
+def _row_outputs(z, c, ds, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED: tl.constexpr):
+    """dx (fp32), ĉ = (c − μ_c)·k and dc."""
     dc = gh * k - mg + alpha * c
     dz = mg + beta * z + dc * ds
     dx = rstd * (dz - mean_dz - z * m1)
@@ -317,13 +325,13 @@ def _row_outputs(z, c, ds, dl, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz
         chat = (c + (cbar - mu_c)) * k
     else:
         chat = c * k
-    return dx, chat, dc * dl
+    return dx, chat, dc
 
 
 @triton.jit
-def _row_two_rounds(z, c, ds, dl, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n,
+def _row_two_rounds(z, c, ds, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n,
                     CENTERED: tl.constexpr, EVEN: tl.constexpr):
-    """dx, ĉ, dc·∂s/∂λ with the chain rule's two row reductions done as two rounds (values live)."""
+    """dx, ĉ and dc with the chain rule's two row reductions done as two rounds (values live)."""
     if CENTERED:
         s_g, s_gc = tl.reduce((gh, gh * c), 0, _add2)
         mg = k * s_g * inv_n
@@ -342,7 +350,7 @@ def _row_two_rounds(z, c, ds, dl, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, i
         dz = (sk * kz) * z + dc * ds
         dx = rstd * (dz - z * (tl.sum(dz * z, axis=0) * inv_n))
         chat = c * k
-    return dx, chat, dc * dl
+    return dx, chat, dc
 
 
 @triton.jit
@@ -386,19 +394,16 @@ def ibnorm_row_bwd_kernel(
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
-        z, c, ds, dl, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
-                                       CENTERED, OP, EVEN, NEED_DLAM and not RELOAD)
+        z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
         if RELOAD:
             mg, alpha, beta, mean_dz, m1 = _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
                                                              CENTERED)
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
             g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            z, c, ds, dl, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
-                                           CENTERED, OP, EVEN, NEED_DLAM)
-            dx, chat, dcl = _row_outputs(z, c, ds, dl, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED)
+            z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
+            dx, chat, dc = _row_outputs(z, c, ds, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED)
         else:
-            dx, chat, dcl = _row_two_rounds(z, c, ds, dl, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n,
-                                            CENTERED, EVEN)
+            dx, chat, dc = _row_two_rounds(z, c, ds, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n, CENTERED, EVEN)
         if NEED_DX:
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
@@ -406,7 +411,10 @@ def ibnorm_row_bwd_kernel(
         if NEED_DB:
             db_acc += g
         if NEED_DLAM:
-            dl_acc += dcl
+            if CENTERED:  # ∂s/∂λ wants the uncentred z and c
+                z = z + zbar
+                c = c + cbar
+            dl_acc += dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
     part = PART + pid.to(tl.int64) * (NEED_DW + NEED_DB + NEED_DLAM) * N + cols
     if NEED_DW:
         tl.store(part, dw_acc, mask=mask)
