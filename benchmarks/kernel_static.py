@@ -138,12 +138,13 @@ def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype
     block = R._block(h)
     common = dict(HAS_W=True, LAM_PER_CHANNEL=per_channel, CENTERED=centered, OP=OP_CODES[op], BLOCK=block, N=h)
     if kind == "fwd":
-        warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block)
+        warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block, centered)
         k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered), warps)
     else:
-        warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or R.backward_warps(block)
+        warps, reload = R.backward_config(block, 1 + centered + per_channel)
+        warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or warps
         needs = dict(NEED_DX=True, NEED_DW=True, NEED_DB=centered, NEED_DLAM=per_channel)
-        reload = R.backward_reload(block, 1 + centered + per_channel) if RELOAD is None else RELOAD
+        reload = reload if RELOAD is None else RELOAD
         k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, RELOAD=reload, **needs), warps)
     regs, spill = ptxas_usage(k.asm["ptx"])
     lines = sass_lines(k.asm["cubin"])
@@ -202,7 +203,9 @@ def main() -> None:
                     for dtype in args.dtypes:
                         for h in args.hidden:
                             st = analyse(kind, op, centered, per_channel, h, dtype)
-                            warps = (R.forward_warps if kind == "fwd" else R.backward_warps)(R._block(h))
+                            block = R._block(h)
+                            warps = R.forward_warps(block, centered) if kind == "fwd" else R.backward_config(
+                                block, 1 + centered + per_channel)[0]
                             lam = ("per-channel, learnable" if per_channel else "scalar, fixed") if kind == "bwd" else (
                                 "per-channel" if per_channel else "scalar")
                             rows.append([kind, "layer" if centered else "rms", op, lam, dtype, str(h), str(warps),

@@ -280,7 +280,7 @@ def test_gpu_lambda_zero_exact(dtype):
 def test_reload_backward_matches_reference(monkeypatch, centered):
     # Wide rows re-read x and dy after the row reduction (one expanded reduction); force that path here.
     ops = dispatch.triton_ops()
-    monkeypatch.setattr(ops, "backward_reload", lambda block, n_grads: True)
+    monkeypatch.setattr(ops, "backward_config", lambda block, n_grads: (1, True))
     n = 130
     x, w, b, lam, dy = _case(5, n, centered, True, 0.6, torch.float32)
     x[1] = _dominated(1, n, 2000.0)[0][0]

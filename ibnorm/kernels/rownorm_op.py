@@ -22,19 +22,26 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def forward_warps(block: int) -> int:
-    """Warps per row program in the forward: ~8 elements per thread, at most 16 warps."""
-    return min(max(block // 256, 1), 16)
+def forward_warps(block: int, centered: bool) -> int:
+    """Warps per row program in the forward (from benchmarks/kernel_static.py on sm_90).
+
+    More elements per thread amortise the row reductions; rms affords 32 per thread, layer (two
+    more reductions, more live values) 16 before registers cut the warps resident per SM.
+    """
+    return min(max(block // (512 if centered else 1024), 1), 32)
 
 
-def backward_warps(block: int) -> int:
-    """Warps per persistent backward program: ~16 elements per thread, at most 32 warps."""
-    return min(max(block // 512, 1), 32)
+def backward_config(block: int, n_grads: int) -> tuple[int, bool]:
+    """(warps, RELOAD) of the persistent backward, chosen with benchmarks/kernel_static.py on sm_90.
 
-
-def backward_reload(block: int, n_grads: int) -> bool:
-    """Re-read x and dy after the row reduction (instead of keeping them live) for wide rows."""
-    return block // (32 * backward_warps(block)) * (6 + n_grads) > 120
+    Up to 8192 columns the row's values stay in registers (16 per thread); from 16384 the kernel
+    re-reads x and dy after its row reduction, which leaves only the accumulators live.
+    """
+    if block <= 4096:
+        return max(block // 512, 1), False
+    if block <= 8192:
+        return 16, False
+    return (16 if block <= 16384 else 32), True
 
 
 def _rows(x: Tensor, n: int) -> Tensor:
@@ -67,7 +74,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: T
         x2, y, weight if weight is not None else x2, bias if bias is not None else x2, lam.contiguous(), stats,
         x2.stride(0), y.stride(0), eps, RESTANDARDIZE_FLOOR, N=n,
         HAS_W=weight is not None, HAS_B=bias is not None, LAM_PER_CHANNEL=lam.dim() > 0,
-        CENTERED=centered, OP=OP_CODES[op], BLOCK=block, num_warps=forward_warps(block),
+        CENTERED=centered, OP=OP_CODES[op], BLOCK=block, num_warps=forward_warps(block, centered),
     )
     return y.view(x.shape), stats
 
@@ -86,12 +93,13 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     parts = torch.zeros((programs, max(k, 1), n), dtype=torch.float32, device=x.device)
     if m > 0 and (need_dx or k):
         block = _block(n)
+        warps, reload = backward_config(block, k)
         ibnorm_row_bwd_kernel[(programs,)](
             x2, dy2, dx, weight if weight is not None else x2, lam.contiguous(), stats, parts,
             x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0, m, RESTANDARDIZE_FLOOR, N=n,
             HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op],
             NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl,
-            BLOCK=block, RELOAD=backward_reload(block, k), num_warps=backward_warps(block),
+            BLOCK=block, RELOAD=reload, num_warps=warps,
         )
     # Fixed-order reduction over programs: deterministic.  Separate tensors (custom-op outputs may not alias).
     out, i = [dx.view(x.shape) if need_dx else dx], 0
