@@ -23,12 +23,9 @@ def _block(n: int) -> int:
 
 
 def forward_warps(block: int, centered: bool) -> int:
-    """Warps per row program in the forward (from benchmarks/kernel_static.py on sm_90).
-
-    More elements per thread amortise the row reductions; rms affords 32 per thread, layer (two
-    more reductions, more live values) 16 before registers cut the warps resident per SM.
-    """
-    return min(max(block // (512 if centered else 1024), 1), 32)
+    """Warps per row program in the forward (from benchmarks/kernel_static.py on sm_90): 32
+    elements per thread amortise the row reductions while registers still allow ≥ 16 warps per SM."""
+    return min(max(block // 1024, 1), 32)
 
 
 def backward_config(block: int, n_grads: int) -> tuple[int, bool]:
