@@ -91,7 +91,7 @@ def test_non_contiguous_and_3d_inputs():
 
 
 def test_backward_is_deterministic():
-    x, w, b, lam, dy = _case(64, 96, True, True, 0.5, torch.float32)
+    x, w, b, lam, dy = _case(12, 96, True, True, 0.5, torch.float32)  # 3 rows per program on CPU
     _, g1 = _run(dispatch.row_norm, x, w, b, lam, dy, 96, "log", True)
     _, g2 = _run(dispatch.row_norm, x, w, b, lam, dy, 96, "log", True)
     for a, c in zip(g1, g2):
