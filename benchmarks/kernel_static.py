@@ -42,7 +42,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ibnorm.kernels import rownorm_op as R
-from ibnorm.kernels.triton_rownorm import OP_CODES, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel
+from ibnorm.kernels.triton_rownorm import OP_CODES, ibnorm_row_bwd_halves_kernel, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel
 
 SMS, CLOCK, HBM = 132, 1.755e9, 3.35e12
 ISSUE_PER_CLK, MUFU_PER_CLK = 128, 16
@@ -141,11 +141,14 @@ def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype
         warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block, centered)
         k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered), warps)
     else:
-        warps, reload = R.backward_config(block, 1 + centered + per_channel)
+        warps, reload, halves = R.backward_config(block, 1 + centered + per_channel)
         warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or warps
         needs = dict(NEED_DX=True, NEED_DW=True, NEED_DB=centered, NEED_DLAM=per_channel)
         reload = reload if RELOAD is None else RELOAD
-        k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, RELOAD=reload, **needs), warps)
+        if halves and RELOAD is None:
+            k = compile_kernel(ibnorm_row_bwd_halves_kernel, dtype, dict(common, **needs), warps)
+        else:
+            k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, RELOAD=reload, **needs), warps)
     regs, spill = ptxas_usage(k.asm["ptx"])
     lines = sass_lines(k.asm["cubin"])
     per_thread = block / (32 * warps)

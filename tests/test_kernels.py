@@ -276,11 +276,12 @@ def test_gpu_lambda_zero_exact(dtype):
         assert _rel_err(y, ref.double()) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("halves", [False, True])
 @pytest.mark.parametrize("centered", [False, True])
-def test_reload_backward_matches_reference(monkeypatch, centered):
+def test_reload_backward_matches_reference(monkeypatch, centered, halves):
     # Wide rows re-read x and dy after the row reduction (one expanded reduction); force that path here.
     ops = dispatch.triton_ops()
-    monkeypatch.setattr(ops, "backward_config", lambda block, n_grads: (1, True))
+    monkeypatch.setattr(ops, "backward_config", lambda block, n_grads: (1, True, halves))
     n = 130
     x, w, b, lam, dy = _case(5, n, centered, True, 0.6, torch.float32)
     x[1] = _dominated(1, n, 2000.0)[0][0]

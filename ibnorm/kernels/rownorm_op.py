@@ -15,7 +15,15 @@ import torch
 import triton
 from torch import Tensor
 
-from .triton_rownorm import MAX_HIDDEN, N_STATS, OP_CODES, RESTANDARDIZE_FLOOR, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel
+from .triton_rownorm import (
+    MAX_HIDDEN,
+    N_STATS,
+    OP_CODES,
+    RESTANDARDIZE_FLOOR,
+    ibnorm_row_bwd_halves_kernel,
+    ibnorm_row_bwd_kernel,
+    ibnorm_row_fwd_kernel,
+)
 
 
 def _block(n: int) -> int:
@@ -28,17 +36,19 @@ def forward_warps(block: int, centered: bool) -> int:
     return min(max(block // 1024, 1), 32)
 
 
-def backward_config(block: int, n_grads: int) -> tuple[int, bool]:
-    """(warps, RELOAD) of the persistent backward, chosen with benchmarks/kernel_static.py on sm_90.
+def backward_config(block: int, n_grads: int) -> tuple[int, bool, bool]:
+    """(warps, RELOAD, HALVES) of the persistent backward, chosen with benchmarks/kernel_static.py on sm_90.
 
-    Up to 8192 columns the row's values stay in registers (16 per thread); from 16384 the kernel
-    re-reads x and dy after its row reduction, which leaves only the accumulators live.
+    Up to 8192 columns the row's values stay in registers (16 per thread).  Wider rows re-read x
+    and dy after the row reduction (only the accumulators stay live) and are strip-mined in two
+    halves (``ibnorm_row_bwd_halves_kernel``) so the temporaries of 32 elements per thread are
+    never live at once.
     """
     if block <= 4096:
-        return max(block // 512, 1), False
+        return max(block // 512, 1), False, False
     if block <= 8192:
-        return 16, False
-    return (16 if block <= 16384 else 32), True
+        return 16, False, False
+    return (16 if block <= 16384 else 32), True, True
 
 
 def _rows(x: Tensor, n: int) -> Tensor:
@@ -90,13 +100,14 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     parts = torch.zeros((programs, max(k, 1), n), dtype=torch.float32, device=x.device)
     if m > 0 and (need_dx or k):
         block = _block(n)
-        warps, reload = backward_config(block, k)
-        ibnorm_row_bwd_kernel[(programs,)](
+        warps, reload, halves = backward_config(block, k)
+        kernel, extra = (ibnorm_row_bwd_halves_kernel, {}) if halves else (ibnorm_row_bwd_kernel, {"RELOAD": reload})
+        kernel[(programs,)](
             x2, dy2, dx, weight if weight is not None else x2, lam.contiguous(), stats, parts,
             x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0, m, RESTANDARDIZE_FLOOR, N=n,
             HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op],
             NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl,
-            BLOCK=block, RELOAD=reload, num_warps=warps,
+            BLOCK=block, num_warps=warps, **extra,
         )
     # Fixed-order reduction over programs: deterministic.  Separate tensors (custom-op outputs may not alias).
     out, i = [dx.view(x.shape) if need_dx else dx], 0

@@ -299,8 +299,19 @@ def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
 
 
 @triton.jit
-def _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENTERED: tl.constexpr):
-    """Row scalars of the backward from ONE multi-operand reduction.
+def _row_sums(z, c, ds, gh, CENTERED: tl.constexpr):
+    """The eight (layer) or three (rms, in slots 1, 3, 7) row sums of ONE multi-operand reduction."""
+    if CENTERED:
+        return tl.reduce((gh, gh * c, gh * ds, gh * ds * z, ds, c * ds, ds * z, c * ds * z), 0, _add8)
+    else:
+        s_gc, s_gsz, s_csz = tl.reduce((gh * c, gh * ds * z, c * ds * z), 0, _add3)
+        return 0.0, s_gc, 0.0, s_gsz, 0.0, 0.0, 0.0, s_csz
+
+
+@triton.jit
+def _coefficients(s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
+                  CENTERED: tl.constexpr):
+    """Row scalars of the backward from the sums of ``_row_sums``.
 
     The chain rule needs mean(dz) and mean(dz·z) of a dz that itself depends on Σ gh·c; both are
     expanded into sums available in the same pass.  Returns (mg, α, β, mean dz, m1) such that
@@ -308,8 +319,6 @@ def _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENT
     """
     n = 1.0 / inv_n
     if CENTERED:
-        s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz = tl.reduce(
-            (gh, gh * c, gh * ds, gh * ds * z, ds, c * ds, ds * z, c * ds * z), 0, _add8)
         mg = k * s_g * inv_n  # gradient through μ_c, per element
         sk = s_gc + (cbar - mu_c) * s_g  # Σ gh·(c − μ_c)
         alpha = sk * kc
@@ -317,13 +326,19 @@ def _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENT
         mean_dz = (n * mg + k * s_gs - mg * s_s + alpha * s_cs) * inv_n
         m1 = (beta * n * vz + k * s_gsz - mg * s_sz + alpha * s_csz) * inv_n + zbar * mean_dz
     else:
-        s_gc, s_gsz, s_csz = tl.reduce((gh * c, gh * ds * z, c * ds * z), 0, _add3)
         mg = 0.0
         alpha = s_gc * kc
         beta = s_gc * kz
         mean_dz = 0.0
         m1 = (beta * n * vz + k * s_gsz + alpha * s_csz) * inv_n
     return mg, alpha, beta, mean_dz, m1
+
+
+@triton.jit
+def _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENTERED: tl.constexpr):
+    s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz = _row_sums(z, c, ds, gh, CENTERED)
+    return _coefficients(s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
+                         CENTERED)
 
 
 @triton.jit
@@ -435,3 +450,111 @@ def ibnorm_row_bwd_kernel(
         part += N
     if NEED_DLAM:
         tl.store(part, dl_acc, mask=mask)
+
+
+@triton.jit
+def _half_sums(X, DY, W, LAM, row, stride_x, stride_dy, cols, mask, is_zero, lam_s, inv, mean, rstd, cbar, zbar,
+               HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
+               EVEN: tl.constexpr):
+    if LAM_PER_CHANNEL:
+        is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
+    return _row_sums(z, c, ds, gh, CENTERED)
+
+
+@triton.jit
+def _half_outputs(X, DY, DX, W, LAM, row, stride_x, stride_dy, stride_dx, cols, mask, is_zero, lam_s, inv,
+                  mean, rstd, mu_c, cbar, zbar, k, mg, alpha, beta, mean_dz, m1,
+                  HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
+                  EVEN: tl.constexpr, NEED_DX: tl.constexpr, NEED_DLAM: tl.constexpr):
+    """Re-reads one half of the row, writes its dx, returns its dγ, dβ, dλ contributions."""
+    if LAM_PER_CHANNEL:
+        is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
+    dx, chat, dc = _row_outputs(z, c, ds, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED)
+    if NEED_DX:
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    dl = 0.0
+    if NEED_DLAM:
+        if CENTERED:
+            z = z + zbar
+            c = c + cbar
+        dl = dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
+    return g * chat, g, dl
+
+
+@triton.jit
+def _store_partials(PART, pid, cols, mask, dw, db, dl, N: tl.constexpr, K: tl.constexpr, NEED_DW: tl.constexpr,
+                    NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr):
+    part = PART + pid.to(tl.int64) * K * N + cols
+    if NEED_DW:
+        tl.store(part, dw, mask=mask)
+        part += N
+    if NEED_DB:
+        tl.store(part, db, mask=mask)
+        part += N
+    if NEED_DLAM:
+        tl.store(part, dl, mask=mask)
+
+
+@triton.jit
+def ibnorm_row_bwd_halves_kernel(
+    X, DY, DX, W, LAM, STATS, PART,
+    stride_x, stride_dy, stride_dx, M, delta, N: tl.constexpr,
+    HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The RELOAD backward for wide rows, strip-mined into two halves of BLOCK/2 columns.
+
+    Triton lowers each tensor operation over all of a thread's elements before the next, so the
+    temporaries of a whole wide row are live at once; two halves halve them, while the
+    accumulators (one pair per gradient) stay in registers.  Same math as ibnorm_row_bwd_kernel.
+    """
+    HB: tl.constexpr = BLOCK // 2
+    EVEN: tl.constexpr = N == BLOCK
+    K: tl.constexpr = NEED_DW + NEED_DB + NEED_DLAM
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    c0 = tl.arange(0, HB)
+    c1 = c0 + HB
+    m0 = c0 < N
+    m1_ = c1 < N
+    is_zero, lam_s, inv = _lam_scalars(tl.load(LAM), OP)  # overridden per half for per-channel λ
+    inv_n = 1.0 / N
+    dw0 = tl.zeros((HB,), dtype=tl.float32)
+    dw1 = tl.zeros((HB,), dtype=tl.float32)
+    db0 = tl.zeros((HB,), dtype=tl.float32)
+    db1 = tl.zeros((HB,), dtype=tl.float32)
+    dl0 = tl.zeros((HB,), dtype=tl.float32)
+    dl1 = tl.zeros((HB,), dtype=tl.float32)
+    first = pid.to(tl.int64)
+    for i in tl.range(0, tl.cdiv(M - pid, nprog)):
+        row = first + i * nprog
+        mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _half_sums(X, DY, W, LAM, row, stride_x, stride_dy, c0, m0, is_zero, lam_s,
+                                                    inv, mean, rstd, cbar, zbar, HAS_W, LAM_PER_CHANNEL, CENTERED, OP, EVEN)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _half_sums(X, DY, W, LAM, row, stride_x, stride_dy, c1, m1_, is_zero, lam_s,
+                                                    inv, mean, rstd, cbar, zbar, HAS_W, LAM_PER_CHANNEL, CENTERED, OP, EVEN)
+        mg, alpha, beta, mean_dz, m1 = _coefficients(a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6,
+                                                     a7 + b7, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENTERED)
+        w_c, b_c, l_c = _half_outputs(X, DY, DX, W, LAM, row, stride_x, stride_dy, stride_dx, c0, m0, is_zero, lam_s,
+                                      inv, mean, rstd, mu_c, cbar, zbar, k, mg, alpha, beta, mean_dz, m1, HAS_W,
+                                      LAM_PER_CHANNEL, CENTERED, OP, EVEN, NEED_DX, NEED_DLAM)
+        dw0 += w_c
+        db0 += b_c
+        dl0 += l_c
+        w_c, b_c, l_c = _half_outputs(X, DY, DX, W, LAM, row, stride_x, stride_dy, stride_dx, c1, m1_, is_zero, lam_s,
+                                      inv, mean, rstd, mu_c, cbar, zbar, k, mg, alpha, beta, mean_dz, m1, HAS_W,
+                                      LAM_PER_CHANNEL, CENTERED, OP, EVEN, NEED_DX, NEED_DLAM)
+        dw1 += w_c
+        db1 += b_c
+        dl1 += l_c
+    _store_partials(PART, pid, c0, m0, dw0, db0, dl0, N, K, NEED_DW, NEED_DB, NEED_DLAM)
+    _store_partials(PART, pid, c1, m1_, dw1, db1, dl1, N, K, NEED_DW, NEED_DB, NEED_DLAM)
