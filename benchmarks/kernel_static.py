@@ -189,6 +189,12 @@ def ceiling(kind: str, st: Stat, h: int, dtype: str, centered: bool, per_channel
     return essential / (HBM * max(t_issue, t_mem))
 
 
+def meets(kind: str, st: Stat, ceil: float) -> str:
+    """The issue's static targets: no spills, ceiling ≥ 70% forward, ≥ 55% backward."""
+    ok = st.spill == 0 and ceil >= (0.70 if kind == "fwd" else 0.55)
+    return "yes" if ok else "**no**"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", nargs="+", type=int, default=[4096, 8192, 16384])
@@ -197,7 +203,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cols = ["kernel", "variant", "op", "λ", "dtype", "H", "warps", "regs", "spill B", "stack B", "SASS instr/elem",
-            "MUFU/elem", "barriers/row", "warps/SM", "ceiling % HBM"]
+            "MUFU/elem", "barriers/row", "warps/SM", "ceiling % HBM", "target"]
     rows = []
     for kind in ("fwd", "bwd"):
         for centered in (False, True):
@@ -214,7 +220,8 @@ def main() -> None:
                             rows.append([kind, "layer" if centered else "rms", op, lam, dtype, str(h), str(warps),
                                          str(st.regs), str(st.spill), str(st.stack), f"{st.instr:.1f}", f"{st.mufu:.2f}",
                                          str(st.barriers), str(st.warps_per_sm),
-                                         f"{100 * ceiling(kind, st, h, dtype, centered, per_channel):.0f}%"])
+                                         f"{100 * ceiling(kind, st, h, dtype, centered, per_channel):.0f}%",
+                                         meets(kind, st, ceiling(kind, st, h, dtype, centered, per_channel))])
                             print(" | ".join(rows[-1]), flush=True)
     render(args, cols, rows)
 
