@@ -158,6 +158,44 @@ def run_case(args, case: Case, op: str, bw: float, deadline: float) -> list[str]
     ]
 
 
+CHANNEL_SHAPE = (32, 256, 28, 28) if not SMOKE else (2, 8, 4, 4)
+CHANNEL_COLUMNS = ["variant", "N×C×H×W", "path", "fwd µs", "bwd µs", "÷ torch norm (fwd / bwd)", "× eager ref (fwd / bwd)"]
+
+
+def run_channel_case(kind: str, dtype) -> list[str]:
+    """IBBatchNorm2d (training) / IBGroupNorm on CUDA: the compiled path against eager and torch."""
+    import ibnorm
+
+    n, c, h, w = CHANNEL_SHAPE
+    if kind == "batch":
+        ours, base = ibnorm.IBBatchNorm2d(c, op="tanh", lam=0.5), torch.nn.BatchNorm2d(c)
+    else:
+        ours, base = ibnorm.IBGroupNorm(32 if c >= 32 else 2, c, op="tanh", lam=0.5), torch.nn.GroupNorm(32 if c >= 32 else 2, c)
+    ours, base = ours.to(DEV, dtype), base.to(DEV, dtype)
+    x = torch.randn(n, c, h, w, device=DEV, dtype=dtype, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def timings(mod, mode: str) -> tuple[float, float, torch.Tensor]:
+        os.environ["IBNORM_KERNEL"] = mode
+        y = mod(x)
+        out = y.detach().clone()
+        with torch.no_grad():
+            f = bench_ms(lambda: mod(x))
+        b = bench_ms(lambda: torch.autograd.grad(y, [x, mod.weight], dy, retain_graph=True))
+        return f, b, out
+
+    fc, bc, yc = timings(ours, "auto")
+    fe, be, ye = timings(ours, "reference")
+    ft, bt, _ = timings(base, "reference")
+    os.environ["IBNORM_KERNEL"] = "triton"
+    err = max_rel(yc, ye)
+    if not err < 3e-2:
+        raise SystemExit(f"error: compiled {kind} path differs from the eager reference by {err:.3g}")
+    path = "compiled" if torch.cuda.is_available() else "reference (CPU smoke)"
+    return [kind, "×".join(map(str, CHANNEL_SHAPE)), path, f"{fc * 1e3:.0f}", f"{bc * 1e3:.0f}",
+            f"{fc / ft:.2f} / {bc / bt:.2f}", f"{fe / fc:.2f} / {be / bc:.2f}"]
+
+
 COLUMNS = ["variant", "op", "λ", "M×H", "fwd µs", "bwd µs", "fwd GB/s (% copy)", "bwd GB/s (% copy)",
            "÷ torch norm (fwd / bwd)", "× eager ref", "× compiled ref", "× liger"]
 
@@ -186,10 +224,15 @@ def main() -> None:
         render(args, rows, bw, dtype, quiet=True)  # a partial table survives a timeout
         if not SMOKE:
             torch.cuda.empty_cache()
-    render(args, rows, bw, dtype)
+    channel_rows = []
+    for kind in ("batch", "group"):
+        if time.time() < deadline + 40 or SMOKE:  # each compiles one forward and one backward
+            channel_rows.append(run_channel_case(kind, dtype))
+            print(" | ".join(channel_rows[-1]), flush=True)
+    render(args, rows, bw, dtype, channel_rows=channel_rows)
 
 
-def render(args, rows: list[list[str]], bw: float, dtype, quiet: bool = False) -> None:
+def render(args, rows: list[list[str]], bw: float, dtype, quiet: bool = False, channel_rows=()) -> None:
     import triton
 
     cmd = "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -202,6 +245,10 @@ def render(args, rows: list[list[str]], bw: float, dtype, quiet: bool = False) -
              "Ratios: ÷ torch = our time / torch's; × = their time / ours (fwd / bwd). '-' = not available.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if channel_rows:
+        lines += ["", "Batch/group variants (ResNet-style, training mode; backward = dx and dγ):", "",
+                  "| " + " | ".join(CHANNEL_COLUMNS) + " |", "|" + "---|" * len(CHANNEL_COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in channel_rows]
     text = "\n".join(lines) + "\n"
     if not quiet:
         print(text)

@@ -42,7 +42,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ibnorm.kernels import rownorm_op as R
-from ibnorm.kernels.triton_rownorm import OP_CODES, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel
+from ibnorm.kernels.triton_rownorm import OP_CODES, ibnorm_row_bwd_halves_kernel, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel
 
 SMS, CLOCK, HBM = 132, 1.755e9, 3.35e12
 ISSUE_PER_CLK, MUFU_PER_CLK = 128, 16
@@ -52,6 +52,7 @@ DT = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4)}
 POINTERS_F32 = {"LAM", "STATS", "PART"}
 POINTERS = POINTERS_F32 | {"X", "Y", "W", "B", "DY", "DX"}
 FLOATS = {"eps", "delta"}
+RELOAD = None if os.environ.get("IBNORM_STATIC_RELOAD") is None else os.environ["IBNORM_STATIC_RELOAD"] == "1"
 
 
 @dataclass
@@ -137,12 +138,17 @@ def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype
     block = R._block(h)
     common = dict(HAS_W=True, LAM_PER_CHANNEL=per_channel, CENTERED=centered, OP=OP_CODES[op], BLOCK=block, N=h)
     if kind == "fwd":
-        warps = R.forward_warps(block)
+        warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block, centered)
         k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered), warps)
     else:
-        warps = R.backward_warps(block)
+        warps, reload, halves = R.backward_config(block, 1 + centered + per_channel)
+        warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or warps
         needs = dict(NEED_DX=True, NEED_DW=True, NEED_DB=centered, NEED_DLAM=per_channel)
-        k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, **needs), warps)
+        reload = reload if RELOAD is None else RELOAD
+        if halves and RELOAD is None:
+            k = compile_kernel(ibnorm_row_bwd_halves_kernel, dtype, dict(common, **needs), warps)
+        else:
+            k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, RELOAD=reload, **needs), warps)
     regs, spill = ptxas_usage(k.asm["ptx"])
     lines = sass_lines(k.asm["cubin"])
     per_thread = block / (32 * warps)
@@ -183,6 +189,12 @@ def ceiling(kind: str, st: Stat, h: int, dtype: str, centered: bool, per_channel
     return essential / (HBM * max(t_issue, t_mem))
 
 
+def meets(kind: str, st: Stat, ceil: float) -> str:
+    """The issue's static targets: no spills, ceiling ≥ 70% forward, ≥ 55% backward."""
+    ok = st.spill == 0 and ceil >= (0.70 if kind == "fwd" else 0.55)
+    return "yes" if ok else "**no**"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", nargs="+", type=int, default=[4096, 8192, 16384])
@@ -191,7 +203,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cols = ["kernel", "variant", "op", "λ", "dtype", "H", "warps", "regs", "spill B", "stack B", "SASS instr/elem",
-            "MUFU/elem", "barriers/row", "warps/SM", "ceiling % HBM"]
+            "MUFU/elem", "barriers/row", "warps/SM", "ceiling % HBM", "target"]
     rows = []
     for kind in ("fwd", "bwd"):
         for centered in (False, True):
@@ -200,13 +212,16 @@ def main() -> None:
                     for dtype in args.dtypes:
                         for h in args.hidden:
                             st = analyse(kind, op, centered, per_channel, h, dtype)
-                            warps = (R.forward_warps if kind == "fwd" else R.backward_warps)(R._block(h))
+                            block = R._block(h)
+                            warps = R.forward_warps(block, centered) if kind == "fwd" else R.backward_config(
+                                block, 1 + centered + per_channel)[0]
                             lam = ("per-channel, learnable" if per_channel else "scalar, fixed") if kind == "bwd" else (
                                 "per-channel" if per_channel else "scalar")
                             rows.append([kind, "layer" if centered else "rms", op, lam, dtype, str(h), str(warps),
                                          str(st.regs), str(st.spill), str(st.stack), f"{st.instr:.1f}", f"{st.mufu:.2f}",
                                          str(st.barriers), str(st.warps_per_sm),
-                                         f"{100 * ceiling(kind, st, h, dtype, centered, per_channel):.0f}%"])
+                                         f"{100 * ceiling(kind, st, h, dtype, centered, per_channel):.0f}%",
+                                         meets(kind, st, ceiling(kind, st, h, dtype, centered, per_channel))])
                             print(" | ".join(rows[-1]), flush=True)
     render(args, cols, rows)
 

@@ -15,21 +15,40 @@ import torch
 import triton
 from torch import Tensor
 
-from .triton_rownorm import MAX_HIDDEN, N_STATS, OP_CODES, RESTANDARDIZE_FLOOR, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel
+from .triton_rownorm import (
+    MAX_HIDDEN,
+    N_STATS,
+    OP_CODES,
+    RESTANDARDIZE_FLOOR,
+    ibnorm_row_bwd_halves_kernel,
+    ibnorm_row_bwd_kernel,
+    ibnorm_row_fwd_kernel,
+)
 
 
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def forward_warps(block: int) -> int:
-    """Warps per row program in the forward: ~8 elements per thread, at most 16 warps."""
-    return min(max(block // 256, 1), 16)
+def forward_warps(block: int, centered: bool) -> int:
+    """Warps per row program in the forward (from benchmarks/kernel_static.py on sm_90): 32
+    elements per thread amortise the row reductions while registers still allow ≥ 16 warps per SM."""
+    return min(max(block // 1024, 1), 32)
 
 
-def backward_warps(block: int) -> int:
-    """Warps per persistent backward program: ~16 elements per thread, at most 32 warps."""
-    return min(max(block // 512, 1), 32)
+def backward_config(block: int, n_grads: int) -> tuple[int, bool, bool]:
+    """(warps, RELOAD, HALVES) of the persistent backward, chosen with benchmarks/kernel_static.py on sm_90.
+
+    Up to 8192 columns the row's values stay in registers (16 per thread).  Wider rows re-read x
+    and dy after the row reduction (only the accumulators stay live) and are strip-mined in two
+    halves (``ibnorm_row_bwd_halves_kernel``) so the temporaries of 32 elements per thread are
+    never live at once.
+    """
+    if block <= 4096:
+        return max(block // 512, 1), False, False
+    if block <= 8192:
+        return 16, False, False
+    return (16 if block <= 16384 else 32), True, True
 
 
 def _rows(x: Tensor, n: int) -> Tensor:
@@ -62,7 +81,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: T
         x2, y, weight if weight is not None else x2, bias if bias is not None else x2, lam.contiguous(), stats,
         x2.stride(0), y.stride(0), eps, RESTANDARDIZE_FLOOR, N=n,
         HAS_W=weight is not None, HAS_B=bias is not None, LAM_PER_CHANNEL=lam.dim() > 0,
-        CENTERED=centered, OP=OP_CODES[op], BLOCK=block, num_warps=forward_warps(block),
+        CENTERED=centered, OP=OP_CODES[op], BLOCK=block, num_warps=forward_warps(block, centered),
     )
     return y.view(x.shape), stats
 
@@ -81,12 +100,14 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     parts = torch.zeros((programs, max(k, 1), n), dtype=torch.float32, device=x.device)
     if m > 0 and (need_dx or k):
         block = _block(n)
-        ibnorm_row_bwd_kernel[(programs,)](
+        warps, reload, halves = backward_config(block, k)
+        kernel, extra = (ibnorm_row_bwd_halves_kernel, {}) if halves else (ibnorm_row_bwd_kernel, {"RELOAD": reload})
+        kernel[(programs,)](
             x2, dy2, dx, weight if weight is not None else x2, lam.contiguous(), stats, parts,
             x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0, m, RESTANDARDIZE_FLOOR, N=n,
             HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op],
             NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl,
-            BLOCK=block, num_warps=backward_warps(block),
+            BLOCK=block, num_warps=warps, **extra,
         )
     # Fixed-order reduction over programs: deterministic.  Separate tensors (custom-op outputs may not alias).
     out, i = [dx.view(x.shape) if need_dx else dx], 0
