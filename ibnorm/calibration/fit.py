@@ -72,14 +72,14 @@ def channel_errors(z: Tensor, op: str, grid: tuple[float, ...], centered: bool) 
     # small spread (massive activations) loses nothing to cancellation; covariances do not
     # depend on the shift.  Uncentred (rms) sums subtract nothing and need no shift.
     kz = z.mean(0) if centered else torch.zeros(ch, dtype=z.dtype)
-    kc = compress_fast(kz.expand(g, 1, ch), consts, op) if centered else torch.zeros(g, 1, ch, dtype=z.dtype)
+    kc = compress_fast(kz.expand(g, 1, ch), consts) if centered else torch.zeros(g, 1, ch, dtype=z.dtype)
     sc = torch.zeros(g, ch, dtype=f64)
     scc, scz = torch.zeros_like(sc), torch.zeros_like(sc)
     step = max(1, _GRID_BLOCK // max(1, g * ch))
     with torch.no_grad():
         for r0 in range(0, rows, step):
             zr = z[r0 : r0 + step]
-            c = compress_fast(zr.expand(g, -1, -1), consts, op)
+            c = compress_fast(zr.expand(g, -1, -1), consts)
             zb = zr
             if centered:
                 c, zb = c.sub_(kc), zr - kz

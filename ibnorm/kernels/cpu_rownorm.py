@@ -3,14 +3,15 @@
 The reference (``ibnorm.functional``) is written for clarity and for exact λ-gradients: per
 call it runs some fifty small elementwise ops (series branches, straight-through λ, the λ = 0
 branch).  During CPU decoding the input is one token per sequence, so the norm's cost is the
-number of ops, not the arithmetic.  This form computes the same function with about a dozen:
+number of ops, not the arithmetic; during prefill it is the passes over memory and the cost of
+the transcendental function.  This form computes the same function with about a dozen ops:
 
-* statistics and z by torch's fused ``rms_norm`` / ``layer_norm`` (one op each);
-* s_λ from its closed form with constants derived once per λ tensor (λ, 1/λ, p, 1/p, the λ = 0
-  channels) and cached until λ changes;
-* step 4 by a second fused norm of c, multiplied by σ_z (the floor δ enters as the fused norm's
-  ε, i.e. √(v + δ) for √max(v, δ): identical unless a row's variance is within a few δ = 1e-12
-  of zero, where both are bounded and the output is ~1e-6 · γ).
+* z and its variance from one reduction (``vector_norm`` / ``var_mean``) and one fused pass; the
+  variance of z is v/(v + ε) analytically, so z is never reduced again;
+* s_λ from its closed form with constants derived once per λ tensor and cached until λ changes:
+  tanh through torch's (much faster) sigmoid when every positive λ ≥ 0.05, log1p for log,
+  exp(p·log1p|z|) for power; λ = 0 channels come out as exactly z (``c + 1·z`` with c = 0);
+* step 4 from one more reduction of c, with the reference's floors (√max(v, δ)), and the affine.
 
 A layer whose λ is 0 everywhere skips steps 3–4 and runs the reference's own ops, so it equals
 the reference — and the source norm — bit for bit.  λ gradients are not provided: a λ that
@@ -20,11 +21,11 @@ Gradients with respect to x, γ and β flow through the torch ops as usual.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -32,17 +33,28 @@ from ..functional import RESTANDARDIZE_FLOOR, compute_dtype
 
 # Below this λ the closed forms lose precision to underflow of λ·z; the reference's series serves.
 _TINY_LAM = 1e-20
+# tanh through the logistic function (torch's tanh is ~6× slower than its sigmoid on CPU) has an
+# absolute error ≈ 2e-7 in tanh(u), i.e. 2e-7/λ in s_λ(z): used only when every positive λ is at
+# least this, so that the error stays ≤ 4e-6 (float32 models; bf16 rounds at 4e-3).  Otherwise
+# tanh(u) = −expm1(−2|u|) / (expm1(−2|u|) + 2) with the sign of u, accurate to float32 rounding.
+_LOGISTIC_MIN_LAM = 0.05
 _OPS = ("tanh", "log", "power")
 
 
 @dataclass(frozen=True)
 class _LamConsts:
-    """What s_λ needs, derived from one λ tensor (scalar or per channel), in the compute dtype."""
+    """What s_λ needs, derived once from one λ tensor (scalar or per channel), in the compute dtype.
+
+    λ = 0 channels get ``a = 0`` and ``b = 0`` (their compressed value is 0) and ``keep = 1``, so
+    ``c + keep·z`` is exactly z there; other channels have ``keep = 0``.
+    """
 
     all_zero: bool
-    scale: Tensor | None  # tanh/log: λ; power: p = 1/(1+λ)   (λ = 0 channels: 1, masked below)
-    inv: Tensor | None  # 1/scale
-    zero_mask: Tensor | None  # channels with λ = 0, where c must be z exactly; None if there are none
+    form: str = ""  # tanh: "logistic" | "expm1"; log; power
+    scale: Tensor | None = None  # what multiplies z (or log1p|z| for power) inside the function
+    a: Tensor | None = None  # outer multiplier
+    b: Tensor | None = None  # outer offset
+    keep: Tensor | None = None  # 1 on λ = 0 channels; None when there are none
 
 
 # Keyed by the λ tensor itself (by identity, dropped when the tensor dies); the value records the
@@ -54,13 +66,21 @@ def _derive(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
     eff = lam.detach().to(ct).clamp_min(0.0)
     is_zero = eff == 0
     if bool(is_zero.all()):
-        return _LamConsts(True, None, None, None)
+        return _LamConsts(True)
     if bool(((eff > 0) & (eff < _TINY_LAM)).any()):
         return None
     safe = torch.where(is_zero, torch.ones_like(eff), eff)
-    scale = 1.0 / (1.0 + safe) if op == "power" else safe
-    mask = is_zero if bool(is_zero.any()) else None
-    return _LamConsts(False, scale, 1.0 / scale, mask)
+    live = (~is_zero).to(ct)
+    keep = is_zero.to(ct) if bool(is_zero.any()) else None
+    if op == "tanh" and float(safe.min()) >= _LOGISTIC_MIN_LAM:
+        # tanh(λz)/λ = σ(2λz)·(2/λ) − 1/λ
+        return _LamConsts(False, "logistic", 2.0 * safe, 2.0 * live / safe, -live / safe, keep)
+    if op == "tanh":
+        return _LamConsts(False, "expm1", -2.0 * safe, -live / safe, None, keep)
+    if op == "log":
+        return _LamConsts(False, "log", safe, live / safe, None, keep)
+    p = 1.0 / (1.0 + safe)  # power: (exp(p·log1p|z|) − 1)/p; no cancellation trouble since p ≥ 1/(1+λ)
+    return _LamConsts(False, "power", p, live / p, -live / p, keep)
 
 
 def lam_constants(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
@@ -82,22 +102,32 @@ def supported(x: Tensor, lam: Tensor, op: str) -> bool:
     return not (lam.requires_grad and torch.is_grad_enabled())
 
 
-def compress_fast(z: Tensor, consts: _LamConsts, op: str) -> Tensor:
-    """s_λ(z) for λ > 0 channels from the closed forms; λ = 0 channels are z exactly."""
-    # In-place steps save allocations but would break autograd (tanh/log1p/expm1 save their values).
-    ip = not (torch.is_grad_enabled() and z.requires_grad)
-    if op == "tanh":
-        t = z * consts.scale
-        c = t.tanh_().mul_(consts.inv) if ip else t.tanh() * consts.inv
-    else:
-        a = z.abs()
-        if op == "log":
-            t = a.mul_(consts.scale).log1p_().mul_(consts.inv) if ip else (a * consts.scale).log1p() * consts.inv
-        else:  # power: ((1+|z|)^p − 1)/p
-            t = a.log1p_().mul_(consts.scale).expm1_().mul_(consts.inv) if ip else (a.log1p() * consts.scale).expm1() * consts.inv
+def _no_grad_needed(*ts: Tensor) -> bool:
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)
+
+
+def compress_fast(z: Tensor, k: _LamConsts) -> Tensor:
+    """s_λ(z) from the closed forms with the constants ``k``; λ = 0 channels are z exactly.
+
+    Without autograd the steps run in place (fewer allocations and passes over memory).
+    """
+    ip = _no_grad_needed(z)
+    if k.form == "logistic":
+        s = z * k.scale
+        s = s.sigmoid_() if ip else s.sigmoid()
+        c = torch.addcmul(k.b, s, k.a)
+    elif k.form == "expm1":
+        e = z.abs().mul_(k.scale) if ip else z.abs() * k.scale
+        e = e.expm1_() if ip else e.expm1()
+        c = torch.copysign(e.div_(e + 2.0).mul_(k.a) if ip else e / (e + 2.0) * k.a, z)
+    elif k.form == "log":
+        t = z.abs().mul_(k.scale).log1p_().mul_(k.a) if ip else (z.abs() * k.scale).log1p() * k.a
         c = torch.copysign(t, z)
-    if consts.zero_mask is not None:
-        c = torch.where(consts.zero_mask, z, c)
+    else:  # power
+        e = z.abs().log1p_().mul_(k.scale).exp_() if ip else ((z.abs().log1p()) * k.scale).exp()
+        c = torch.copysign(torch.addcmul(k.b, e, k.a), z)
+    if k.keep is not None:  # c is exactly 0 on λ = 0 channels: adding z there gives z bit for bit
+        c = c.addcmul_(z, k.keep) if ip else torch.addcmul(c, z, k.keep)
     return c
 
 
@@ -135,22 +165,39 @@ def row_norm(
     b = bias.to(ct) if bias is not None else None
     if consts.all_zero:
         return _exact_lambda_zero(xf, dims, w, b, eps, centered).to(x.dtype)
-    if centered:
-        z = F.layer_norm(xf, shape, None, None, eps)
-        sz = z.var(dims, unbiased=False, keepdim=True)
-    else:
-        z = F.rms_norm(xf, shape, None, eps)
-        sz = z.square().mean(dims, keepdim=True)
-    sz = sz.clamp_min(RESTANDARDIZE_FLOOR).sqrt()
-    c = compress_fast(z, consts, op)
-    # ĉ·σ_z/σ_c: a fused norm of c (its ε plays the floor δ), times σ_z.
-    y = F.layer_norm(c, shape, None, None, RESTANDARDIZE_FLOOR) if centered else F.rms_norm(c, shape, None, RESTANDARDIZE_FLOOR)
-    y = y.mul_(sz) if not (torch.is_grad_enabled() and y.requires_grad) else y * sz
-    if centered and b is not None and w is not None:
-        y = torch.addcmul(b, y, w)
-    else:
-        y = _affine(y, w, b)
+    ip = _no_grad_needed(x, *(t for t in (weight, bias) if t is not None))
+    z, var_z = _standardize(xf, dims, eps, centered)
+    c = compress_fast(z, consts)
+    y = _restandardize(c, var_z, dims, centered)  # ĉ · σ_z/σ_c, floors as the reference
+    if w is not None:
+        y = y.mul_(w) if ip else y * w
+    if b is not None:
+        y = y.add_(b) if ip else y + b
     return y.to(x.dtype)
+
+
+def _standardize(xf: Tensor, dims: tuple[int, ...], eps: float, centered: bool) -> tuple[Tensor, Tensor]:
+    """z and its row variance, which is v/(v + ε) for the row's variance v: no pass over z needed."""
+    if centered:
+        var, mean = torch.var_mean(xf, dims, unbiased=False, keepdim=True)
+        r = (var + eps).rsqrt()
+        z = torch.addcmul(-mean * r, xf, r)  # (x − μ)·r in one pass
+    else:
+        n = math.prod(xf.shape[d] for d in dims)
+        var = torch.linalg.vector_norm(xf, 2, dims, keepdim=True).square() / n
+        r = (var + eps).rsqrt()
+        z = xf * r
+    return z, var * r * r
+
+
+def _restandardize(c: Tensor, var_z: Tensor, dims: tuple[int, ...], centered: bool) -> Tensor:
+    if centered:
+        var_c, mu_c = torch.var_mean(c, dims, unbiased=False, keepdim=True)
+    else:
+        n = math.prod(c.shape[d] for d in dims)
+        var_c, mu_c = torch.linalg.vector_norm(c, 2, dims, keepdim=True).square() / n, None
+    k = var_z.clamp_min(RESTANDARDIZE_FLOOR).sqrt() / var_c.clamp_min(RESTANDARDIZE_FLOOR).sqrt()
+    return torch.addcmul(-mu_c * k, c, k) if centered else c * k
 
 
 def _affine(y: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
