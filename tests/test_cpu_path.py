@@ -25,8 +25,8 @@ def _case(centered: bool, per_channel: bool, dtype=torch.float32, degenerate: bo
         x[2, 1] = 3.0  # a constant row
     w = torch.randn(H) * 0.5 + 1.0
     b = torch.randn(H) * 0.3 if centered else None
-    if per_channel:
-        lam = torch.rand(H) * 2.5
+    if per_channel:  # λ ≥ 0.05 takes the logistic form of tanh, smaller λ the expm1 form
+        lam = torch.rand(H) * 2.5 + (0.05 if per_channel == "large" else 0.001)
         lam[::5] = 0.0  # some channels left exact
     else:
         lam = torch.tensor(0.7)
@@ -41,7 +41,7 @@ def _fast(x, w, b, lam, op, centered, eps=1e-5):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("centered", [False, True])
-@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("per_channel", [False, "large", "small"])
 def test_forward_float32_matches_float64_reference(op, centered, per_channel):
     x, w, b, lam = _case(centered, per_channel)
     got = _fast(x, w, b, lam, op, centered)
@@ -176,4 +176,6 @@ def test_vectorized_grid_errors_match_float64(op, centered):
         # Beyond λ·z̄ ≈ 3 float32 s_λ(z̄ + δz) saturates for the massive channel (for any
         # float32 implementation): compare it only below that.
         cols = slice(None) if lam <= 0.3 else slice(1, None)
-        torch.testing.assert_close(got[i, cols].double(), want[cols], rtol=1e-4, atol=2e-7)
+        # float32 compression and block sums: ~2e-7 absolute, as the per-λ float32 form had; tolerances
+        # the fit compares against are ≥ 1e-4.
+        torch.testing.assert_close(got[i, cols].double(), want[cols], rtol=1e-4, atol=5e-7)
