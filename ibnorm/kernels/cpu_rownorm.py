@@ -6,7 +6,7 @@ branch).  During CPU decoding the input is one token per sequence, so the norm's
 number of ops, not the arithmetic; during prefill it is the passes over memory and the cost of
 the transcendental function.  This form computes the same function with about a dozen ops:
 
-* z and its variance from one reduction (``vector_norm`` / ``var_mean``) and one fused pass; the
+* z and its variance from one reduction (``vector_norm``) and one pass (two when centred); the
   variance of z is v/(v + ε) analytically, so z is never reduced again;
 * s_λ from its closed form with constants derived once per λ tensor and cached until λ changes:
   tanh through torch's (much faster) sigmoid when every positive λ ≥ 0.05, log1p for log,
@@ -166,9 +166,9 @@ def row_norm(
     if consts.all_zero:
         return _exact_lambda_zero(xf, dims, w, b, eps, centered).to(x.dtype)
     ip = _no_grad_needed(x, *(t for t in (weight, bias) if t is not None))
-    z, var_z = _standardize(xf, dims, eps, centered)
+    z, var_z = _standardize(xf, dims, eps, centered, ip)
     c = compress_fast(z, consts)
-    y = _restandardize(c, var_z, dims, centered)  # ĉ · σ_z/σ_c, floors as the reference
+    y = _restandardize(c, var_z, dims, centered, ip)  # ĉ · σ_z/σ_c, floors as the reference
     if w is not None:
         y = y.mul_(w) if ip else y * w
     if b is not None:
@@ -176,28 +176,26 @@ def row_norm(
     return y.to(x.dtype)
 
 
-def _standardize(xf: Tensor, dims: tuple[int, ...], eps: float, centered: bool) -> tuple[Tensor, Tensor]:
+def _row_var(d: Tensor, dims: tuple[int, ...]) -> Tensor:
+    # One read of d.  (torch.var_mean is a scalar Welford loop on CPU, ~20× slower than this.)
+    n = math.prod(d.shape[i] for i in dims)
+    return torch.linalg.vector_norm(d, 2, dims, keepdim=True).square() / n
+
+
+def _standardize(xf: Tensor, dims: tuple[int, ...], eps: float, centered: bool, ip: bool) -> tuple[Tensor, Tensor]:
     """z and its row variance, which is v/(v + ε) for the row's variance v: no pass over z needed."""
-    if centered:
-        var, mean = torch.var_mean(xf, dims, unbiased=False, keepdim=True)
-        r = (var + eps).rsqrt()
-        z = torch.addcmul(-mean * r, xf, r)  # (x − μ)·r in one pass
-    else:
-        n = math.prod(xf.shape[d] for d in dims)
-        var = torch.linalg.vector_norm(xf, 2, dims, keepdim=True).square() / n
-        r = (var + eps).rsqrt()
-        z = xf * r
+    d = xf - xf.mean(dims, keepdim=True) if centered else xf
+    var = _row_var(d, dims)
+    r = (var + eps).rsqrt()
+    z = d.mul_(r) if (ip and centered) else d * r
     return z, var * r * r
 
 
-def _restandardize(c: Tensor, var_z: Tensor, dims: tuple[int, ...], centered: bool) -> Tensor:
+def _restandardize(c: Tensor, var_z: Tensor, dims: tuple[int, ...], centered: bool, ip: bool) -> Tensor:
     if centered:
-        var_c, mu_c = torch.var_mean(c, dims, unbiased=False, keepdim=True)
-    else:
-        n = math.prod(c.shape[d] for d in dims)
-        var_c, mu_c = torch.linalg.vector_norm(c, 2, dims, keepdim=True).square() / n, None
-    k = var_z.clamp_min(RESTANDARDIZE_FLOOR).sqrt() / var_c.clamp_min(RESTANDARDIZE_FLOOR).sqrt()
-    return torch.addcmul(-mu_c * k, c, k) if centered else c * k
+        c = c - c.mean(dims, keepdim=True)
+    k = var_z.clamp_min(RESTANDARDIZE_FLOOR).sqrt() / _row_var(c, dims).clamp_min(RESTANDARDIZE_FLOOR).sqrt()
+    return c.mul_(k) if (ip and centered) else c * k
 
 
 def _affine(y: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
