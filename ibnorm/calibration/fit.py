@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..compression import compress
+from ..kernels.cpu_rownorm import compress_fast, lam_constants
 from ..layers import IBNormBase, from_spec
 from ..spec import NormSpec
 
@@ -49,8 +50,62 @@ def _unit_module(spec: NormSpec, op: str, lam: Tensor) -> IBNormBase:
     return m
 
 
+# Elements of the (grid, rows, channels) block compressed at once by ``channel_errors``.
+_GRID_BLOCK = 1 << 22
+
+
 def channel_errors(z: Tensor, op: str, grid: tuple[float, ...], centered: bool) -> Tensor:
-    """(len(grid), C): 1 − corr²(s_λ(z_j), z_j) per channel — the error of refitting z_j from c_j."""
+    """(len(grid), C): 1 − corr²(s_λ(z_j), z_j) per channel — the error of refitting z_j from c_j.
+
+    All grid points at once: row blocks of z are compressed for every λ in one broadcast (the
+    closed forms of the CPU path) and reduced to running sums Σc, Σc², Σcz, so the cost is a few
+    passes over z per grid point instead of a full reference ``compress`` each, and memory stays
+    at one (grid × block) slab whatever the number of rows.  λ = 0 is exactly 0 (c = z).
+    """
+    errors = torch.zeros(len(grid), z.shape[1], dtype=z.dtype)
+    # Small λ need tanh's accurate form; the others may take the faster one (cpu_rownorm).
+    small = [i for i, lam in enumerate(grid) if 0 < lam < 0.05]
+    large = [i for i, lam in enumerate(grid) if lam >= 0.05]
+    for idx in (small, large):
+        if not idx:
+            continue
+        consts = lam_constants(torch.tensor([grid[i] for i in idx], dtype=z.dtype).reshape(-1, 1, 1), op, z.dtype)
+        if consts is None:  # tiny positive λ on the grid: the reference's series is needed
+            errors[idx] = _channel_errors_reference(z, op, tuple(grid[i] for i in idx), centered)
+        else:
+            errors[idx] = _grid_errors(z, consts, len(idx), centered)
+    return errors
+
+
+def _grid_errors(z: Tensor, consts, g: int, centered: bool) -> Tensor:
+    rows, ch = z.shape
+    # Centred: sums of shifted values (z − z̄, c − s_λ(z̄)), so a channel with a large mean and a
+    # small spread (massive activations) loses nothing to cancellation; covariances do not
+    # depend on the shift.  Uncentred (rms) sums subtract nothing and need no shift.
+    kz = z.mean(0)
+    kc = compress_fast(kz.expand(g, 1, ch), consts)
+    acc = torch.zeros(3, g, ch, dtype=torch.float64)  # Σc, Σc², Σcz; float64 across blocks
+    step = max(1, _GRID_BLOCK // max(1, g * ch))
+    with torch.no_grad():
+        for r0 in range(0, rows, step):
+            zr = z[r0 : r0 + step]
+            c = compress_fast(zr.expand(g, -1, -1), consts)
+            zb = zr
+            if centered:
+                c, zb = c.sub_(kc), zr - kz
+            acc[0] += c.sum(1)
+            acc[1] += c.square().sum(1)
+            acc[2] += (c * zb).sum(1)
+        zs = z - kz if centered else z
+        sz, szz = zs.sum(0, dtype=torch.float64), zs.square().sum(0, dtype=torch.float64)
+    sc, scc, scz = acc
+    if centered:
+        scz, scc, szz = scz - sc * sz / rows, scc - sc * sc / rows, szz - sz * sz / rows
+    r2 = scz.square() / (scc.clamp_min(1e-30) * szz.clamp_min(1e-30))
+    return (1.0 - r2).to(z.dtype)
+
+
+def _channel_errors_reference(z: Tensor, op: str, grid: tuple[float, ...], centered: bool) -> Tensor:
     out = []
     zc = z - z.mean(0) if centered else z
     szz = (zc * zc).sum(0).clamp_min(1e-30)

@@ -1,7 +1,8 @@
 """Chooses between the fused kernels and the reference for each call.
 
 ``IBNORM_KERNEL=auto`` (default): Triton for CUDA tensors when triton is importable and the
-hidden size is ≤ 65536; the reference otherwise.  ``triton`` forces the kernels (with
+hidden size is ≤ 65536; the few-op form of ``cpu_rownorm`` elsewhere (CPU), where it applies (λ
+that does not require grad); the reference otherwise.  ``triton`` forces the kernels (with
 ``TRITON_INTERPRET=1`` they run on CPU tensors); ``reference`` forces the reference.
 """
 
@@ -15,6 +16,7 @@ from typing import Sequence
 from torch import Tensor
 
 from .. import functional as IBF
+from . import cpu_rownorm
 
 KERNEL_ENV = "IBNORM_KERNEL"
 _CHOICES = ("auto", "triton", "reference")
@@ -85,4 +87,8 @@ def row_norm(
     if use_triton(x, normalized_shape):
         # The straight-through max(λ, 0) of the reference is applied inside the kernels.
         return triton_ops().row_norm_op(x, weight, bias, lam, op, float(eps), bool(centered))
+    if kernel_mode() == "auto" and cpu_rownorm.supported(x, lam, op):
+        y = cpu_rownorm.row_norm(x, normalized_shape, weight, bias, lam, op, eps, centered)
+        if y is not None:
+            return y
     return IBF.ib_row_norm(x, normalized_shape, weight, bias, lam, op, eps, centered)

@@ -1,0 +1,207 @@
+"""Row-wise IBNorm (rms, layer) with few torch ops: the fast path on CPU.
+
+The reference (``ibnorm.functional``) is written for clarity and for exact λ-gradients: per
+call it runs some fifty small elementwise ops (series branches, straight-through λ, the λ = 0
+branch).  During CPU decoding the input is one token per sequence, so the norm's cost is the
+number of ops, not the arithmetic; during prefill it is the passes over memory and the cost of
+the transcendental function.  This form computes the same function with about a dozen ops:
+
+* z and its variance from one reduction (``vector_norm``) and one pass (two when centred); the
+  variance of z is v/(v + ε) analytically, so z is never reduced again;
+* s_λ from its closed form with constants derived once per λ tensor and cached until λ changes:
+  tanh through torch's (much faster) sigmoid when every positive λ ≥ 0.05, log1p for log,
+  exp(p·log1p|z|) for power; λ = 0 channels come out as exactly z (``c + 1·z`` with c = 0);
+* step 4 from one more reduction of c, with the reference's floors (√max(v, δ)), and the affine.
+
+A layer whose λ is 0 everywhere skips steps 3–4 and runs the reference's own ops, so it equals
+the reference — and the source norm — bit for bit.  λ gradients are not provided: a λ that
+requires grad (fine-tuning λ) takes the reference, which has the exact derivative at λ = 0.
+Gradients with respect to x, γ and β flow through the torch ops as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..functional import RESTANDARDIZE_FLOOR, compute_dtype
+
+# Below this λ the closed forms lose precision to underflow of λ·z; the reference's series serves.
+_TINY_LAM = 1e-20
+# tanh through the logistic function (torch's tanh is ~6× slower than its sigmoid on CPU) has an
+# absolute error ≈ 2e-7 in tanh(u), i.e. 2e-7/λ in s_λ(z): used only when every positive λ is at
+# least this, so that the error stays ≤ 4e-6 (float32 models; bf16 rounds at 4e-3).  Otherwise
+# tanh(u) = −expm1(−2|u|) / (expm1(−2|u|) + 2) with the sign of u, accurate to float32 rounding.
+_LOGISTIC_MIN_LAM = 0.05
+_OPS = ("tanh", "log", "power")
+
+
+@dataclass(frozen=True)
+class _LamConsts:
+    """What s_λ needs, derived once from one λ tensor (scalar or per channel), in the compute dtype.
+
+    λ = 0 channels get ``a = 0`` and ``b = 0`` (their compressed value is 0) and ``keep = 1``, so
+    ``c + keep·z`` is exactly z there; other channels have ``keep = 0``.
+    """
+
+    all_zero: bool
+    form: str = ""  # tanh: "logistic" | "expm1"; log; power
+    scale: Tensor | None = None  # what multiplies z (or log1p|z| for power) inside the function
+    a: Tensor | None = None  # outer multiplier
+    b: Tensor | None = None  # outer offset
+    keep: Tensor | None = None  # 1 on λ = 0 channels; None when there are none
+
+
+# Keyed by the λ tensor itself (by identity, dropped when the tensor dies); the value records the
+# tensor's version and storage so in-place updates (project_lambdas, set_lambda, .data =) invalidate it.
+_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _derive(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
+    eff = lam.detach().to(ct).clamp_min(0.0)
+    is_zero = eff == 0
+    if bool(is_zero.all()):
+        return _LamConsts(True)
+    if bool(((eff > 0) & (eff < _TINY_LAM)).any()):
+        return None
+    safe = torch.where(is_zero, torch.ones_like(eff), eff)
+    live = (~is_zero).to(ct)
+    keep = is_zero.to(ct) if bool(is_zero.any()) else None
+    if op == "tanh" and float(safe.min()) >= _LOGISTIC_MIN_LAM:
+        # tanh(λz)/λ = σ(2λz)·(2/λ) − 1/λ
+        return _LamConsts(False, "logistic", 2.0 * safe, 2.0 * live / safe, -live / safe, keep)
+    if op == "tanh":
+        return _LamConsts(False, "expm1", -2.0 * safe, -live / safe, None, keep)
+    if op == "log":
+        return _LamConsts(False, "log", safe, live / safe, None, keep)
+    p = 1.0 / (1.0 + safe)  # power: (exp(p·log1p|z|) − 1)/p; no cancellation trouble since p ≥ 1/(1+λ)
+    return _LamConsts(False, "power", p, live / p, -live / p, keep)
+
+
+def lam_constants(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
+    """Cached constants for ``lam``; None when this λ needs the reference (tiny positive λ)."""
+    key = (lam._version, lam.data_ptr(), lam.device, op, ct)
+    hit = _CACHE.get(lam)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    consts = _derive(lam, op, ct)
+    _CACHE[lam] = (key, consts)
+    return consts
+
+
+def supported(x: Tensor, lam: Tensor, op: str) -> bool:
+    """Whether the fast form serves this call (otherwise the reference does)."""
+    if op not in _OPS or not x.is_floating_point():
+        return False
+    # λ-gradients need the reference's exact derivative at λ = 0.
+    return not (lam.requires_grad and torch.is_grad_enabled())
+
+
+def _no_grad_needed(*ts: Tensor) -> bool:
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)
+
+
+def compress_fast(z: Tensor, k: _LamConsts) -> Tensor:
+    """s_λ(z) from the closed forms with the constants ``k``; λ = 0 channels are z exactly.
+
+    Without autograd the steps run in place (fewer allocations and passes over memory).
+    """
+    ip = _no_grad_needed(z)
+    if k.form == "logistic":
+        s = z * k.scale
+        s = s.sigmoid_() if ip else s.sigmoid()
+        c = torch.addcmul(k.b, s, k.a)
+    elif k.form == "expm1":
+        e = z.abs().mul_(k.scale) if ip else z.abs() * k.scale
+        e = e.expm1_() if ip else e.expm1()
+        c = torch.copysign(e.div_(e + 2.0).mul_(k.a) if ip else e / (e + 2.0) * k.a, z)
+    elif k.form == "log":
+        t = z.abs().mul_(k.scale).log1p_().mul_(k.a) if ip else (z.abs() * k.scale).log1p() * k.a
+        c = torch.copysign(t, z)
+    else:  # power
+        e = z.abs().log1p_().mul_(k.scale).exp_() if ip else ((z.abs().log1p()) * k.scale).exp()
+        c = torch.copysign(torch.addcmul(k.b, e, k.a), z)
+    if k.keep is not None:  # c is exactly 0 on λ = 0 channels: adding z there gives z bit for bit
+        c = c.addcmul_(z, k.keep) if ip else torch.addcmul(c, z, k.keep)
+    return c
+
+
+def _exact_lambda_zero(xf: Tensor, dims: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float,
+                       centered: bool) -> Tensor:
+    # The reference's own ops at λ = 0 (where steps 3–4 are the identity), hence bit-equal to it.
+    d = xf - xf.mean(dims, keepdim=True) if centered else xf
+    y = d * torch.rsqrt(d.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def row_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    lam: Tensor,
+    op: str,
+    eps: float,
+    centered: bool,
+) -> Tensor | None:
+    """Row-wise IBNorm as ``ibnorm.functional.ib_row_norm``; None when the reference must serve."""
+    shape = tuple(normalized_shape)
+    ct = compute_dtype(x.dtype)
+    consts = lam_constants(lam, op, ct)
+    if consts is None:
+        return None
+    dims = tuple(range(-len(shape), 0))
+    xf = x.to(ct)
+    w = weight.to(ct) if weight is not None else None
+    b = bias.to(ct) if bias is not None else None
+    if consts.all_zero:
+        return _exact_lambda_zero(xf, dims, w, b, eps, centered).to(x.dtype)
+    ip = _no_grad_needed(x, *(t for t in (weight, bias) if t is not None))
+    z, var_z = _standardize(xf, dims, eps, centered, ip)
+    c = compress_fast(z, consts)
+    y = _restandardize(c, var_z, dims, centered, ip)  # ĉ · σ_z/σ_c, floors as the reference
+    if w is not None:
+        y = y.mul_(w) if ip else y * w
+    if b is not None:
+        y = y.add_(b) if ip else y + b
+    return y.to(x.dtype)
+
+
+def _row_var(d: Tensor, dims: tuple[int, ...]) -> Tensor:
+    # One read of d.  (torch.var_mean is a scalar Welford loop on CPU, ~20× slower than this.)
+    n = math.prod(d.shape[i] for i in dims)
+    return torch.linalg.vector_norm(d, 2, dims, keepdim=True).square() / n
+
+
+def _standardize(xf: Tensor, dims: tuple[int, ...], eps: float, centered: bool, ip: bool) -> tuple[Tensor, Tensor]:
+    """z and its row variance, which is v/(v + ε) for the row's variance v: no pass over z needed."""
+    d = xf - xf.mean(dims, keepdim=True) if centered else xf
+    var = _row_var(d, dims)
+    r = (var + eps).rsqrt()
+    z = d.mul_(r) if (ip and centered) else d * r
+    return z, var * r * r
+
+
+def _restandardize(c: Tensor, var_z: Tensor, dims: tuple[int, ...], centered: bool, ip: bool) -> Tensor:
+    if centered:
+        c = c - c.mean(dims, keepdim=True)
+    k = var_z.clamp_min(RESTANDARDIZE_FLOOR).sqrt() / _row_var(c, dims).clamp_min(RESTANDARDIZE_FLOOR).sqrt()
+    return c.mul_(k) if (ip and centered) else c * k
+
+
+def _affine(y: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
+
