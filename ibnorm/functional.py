@@ -168,7 +168,7 @@ def ib_batch_norm(
     count *after* this batch (the module increments it first, like torch).
     """
     if x.dim() < 2:
-        raise ValueError(f"batch variant needs an input with a channel dimension, got shape {tuple(x.shape)}")
+        raise ValueError(f"batch grouping needs an input with a channel dimension, got shape {tuple(x.shape)}")
     ct = compute_dtype(x.dtype)
     xf = x.to(ct)
     nd = x.dim()

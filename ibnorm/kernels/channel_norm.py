@@ -1,4 +1,4 @@
-"""CUDA path for the batch and group variants: the reference math, compiled by ``torch.compile``.
+"""CUDA path for the batch and group groupings: the reference math, compiled by ``torch.compile``.
 
 Their statistics run over batch and spatial dimensions (batch) or over a sample's channel group
 (group), not over contiguous rows, so the row kernels do not apply.  Inductor fuses the

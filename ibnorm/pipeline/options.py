@@ -20,7 +20,7 @@ def no_progress(*_: object) -> None:
 
 @dataclass
 class ConvertOptions:
-    grouping: str = "auto"  # rms | layer | batch | group, or auto (the source's); the CLI calls it --variant
+    grouping: str = "auto"  # rms | layer | batch | group, or auto (the source's); CLI --grouping (alias --variant)
     op: str = "tanh"
     lam: float | None = None  # fixed λ for every channel; None = calibrate
     only: Sequence[str] = ()
