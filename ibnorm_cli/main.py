@@ -33,3 +33,4 @@ def main(
 
 
 from . import commands, finetune_cmd  # noqa: E402,F401  register the commands
+from . import science_cmd  # noqa: E402,F401
