@@ -31,6 +31,7 @@ class Chart:
     series: list[Series]
     logx: bool = False
     hlines: list[tuple[str, float]] = field(default_factory=list)
+    links: list[tuple[float, float, float, float]] = field(default_factory=list)  # grey arrows (x0, y0) → (x1, y1)
 
 
 def _bounds(values: list[float]) -> tuple[float, float]:
@@ -71,6 +72,8 @@ def render(chart: Chart, width: int = 900, height: int = 520) -> bytes:
         py = xy(10 ** x0 if chart.logx else x0, v)[1]
         draw.line([left, py, right, py], fill=(90, 90, 90), width=1)
         draw.text((left + 5, py - 12), label, fill=(90, 90, 90))
+    for a0, b0, a1, b1 in chart.links:
+        _arrow(draw, xy(a0, b0), xy(a1, b1), (150, 150, 150))
     for k, s in enumerate(chart.series):
         _draw_series(draw, s, PALETTE[k % len(PALETTE)], xy)
         draw.rectangle([right + 15, top + 18 * k + 3, right + 27, top + 18 * k + 13], fill=PALETTE[k % len(PALETTE)])

@@ -20,7 +20,8 @@ class Preset:
     jobs: int = 1  # runs in parallel on this machine (each with `threads` threads)
     threads: int = 1
     launcher: str | None = None  # "torchrun" | "accelerate": each run in its own launched job
-    nproc: int = 1  # processes per launched run
+    nproc: int = 1  # processes per launched run (0: every local GPU)
+    device: str | None = "cpu"  # None: CUDA when available
     extra: dict = field(default_factory=dict)
 
 
@@ -60,10 +61,14 @@ PRESETS: dict[str, Preset] = {
 for _name, (_dim, _layers, _heads, _ffn) in {"gpu-llama60m": (512, 8, 8, 1376), "gpu-llama130m": (768, 12, 12, 2048)}.items():
     PRESETS[_name] = Preset(_name, f"LLaMA-{_name[9:]} shapes on text, 10k steps × 256 sequences × 256 tokens, torchrun per run",
                             [_lm(_name[4:], 10_000, _dim, _layers, _heads, _ffn, 256, 256, (1e-3, 3e-3), (0.0, 0.1), 256)],
-                            launcher="torchrun", nproc=0)
+                            launcher="torchrun", nproc=0, device=None)
+PRESETS["gpu-check"] = Preset("gpu-check", "a 5-minute GPU check of the launched path: LLaMA-60M shape, baseline vs IBNorm-T/DyT, "
+                              "200 steps × 64 × 256 tokens, one seed",
+                              [_lm("llama60m", 200, 512, 8, 8, 1376, 256, 64, (3e-3,), (0.1,), 64)], seeds=1, lam_curve=(),
+                              normalizers=("baseline", "ibnorm-t", "dyt"), launcher="torchrun", nproc=0, device=None)
 PRESETS["gpu-vision"] = Preset("gpu-vision", "wider ResNet and ViT on digits, longer, torchrun per run",
                                [_cnn(3000, widths=(64, 128, 256), blocks=2), _vit(3000, dim=192, depth=6)],
-                               launcher="torchrun", nproc=0)
+                               launcher="torchrun", nproc=0, device=None)
 
 
 def get_preset(name: str, seeds: int | None = None, only: tuple[str, ...] = (), data: str | None = None) -> Preset:

@@ -32,7 +32,7 @@ def _task_key(task: dict) -> dict:
 def make_config(p: Preset, task: dict, normalizer: str, lr: float, wd: float, seed: int, lam: float | None = None) -> dict:
     lam = (p.lam if lam is None else lam) if normalizer in FIXED_LAMBDA else 0.0
     return {"task": _task_key(task), "normalizer": normalizer, "lam": lam, "lr": lr, "wd": wd, "seed": seed,
-            "threads": p.threads}
+            "threads": p.threads, "device": p.device}
 
 
 def run_path(out: Path, cfg: dict) -> Path:

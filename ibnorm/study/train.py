@@ -73,7 +73,7 @@ class _Task:
         data = self.val if split == "val" else self.test
         try:
             if self.task["kind"] == "lm":
-                nll = sum(float(self.loss(model, w[None, :-1].to(self.device), w[None, 1:].to(self.device))) for w in data) / len(data)
+                nll = float(self.loss(model, data[:, :-1].to(self.device), data[:, 1:].to(self.device)))
                 return {"loss": nll, "ppl": math.exp(min(nll, 50.0))}
             x, y = data[0].to(self.device), data[1].to(self.device)
             logits = model(x).float()
@@ -104,7 +104,7 @@ def _mean_lambda(model: nn.Module) -> float | None:
 def run_one(cfg: dict, device: str | None = None) -> dict:
     """Train ``cfg['task']`` with ``cfg['normalizer']`` at (lr, wd, λ, seed); return the run record."""
     task, seed = cfg["task"], cfg["seed"]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     model = apply_normalizer(build_model(task), cfg["normalizer"], cfg["lam"]).to(dev)
@@ -123,10 +123,11 @@ def run_one(cfg: dict, device: str | None = None) -> dict:
         for group in opt.param_groups:
             group["lr"] = cfg["lr"] * lr_factor(step, steps, warmup)
         t0 = time.perf_counter()
-        if step == 0:
-            loss, act_bytes = _saved_bytes(lambda: data.loss(net, x, y))
-        else:
-            loss = data.loss(net, x, y)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on GPU, fp32 on CPU
+            if step == 0:
+                loss, act_bytes = _saved_bytes(lambda: data.loss(net, x, y))
+            else:
+                loss = data.loss(net, x, y)
         if not torch.isfinite(loss):
             diverged = True
             break
