@@ -252,3 +252,37 @@ def read_trajectory(path: str) -> list[dict]:
     if not out:
         raise MIError(f"{path}: no information snapshots (lines with \"step\" and \"mi\"); record them with finetune --mi-every")
     return out
+
+
+def plane_chart(results: list[dict]):
+    """One point per layer (error bars), one colour per model, grey arrows from each model to the next."""
+    from .charts import Chart, Series
+
+    series = []
+    for r in results:
+        lay = r["layers"]
+        series.append(Series(Path(r["model"]).name or r["model"], [v["I_XT"] for v in lay], [v["I_TY"] for v in lay],
+                             [v["I_TY"] - v.get("I_TY_err", 0.0) for v in lay], [v["I_TY"] + v.get("I_TY_err", 0.0) for v in lay],
+                             points=True, xerr=[v.get("I_XT_err", 0.0) for v in lay]))
+    links = []
+    for a, b in zip(results, results[1:]):
+        nb = {v["name"]: v for v in b["layers"]}
+        links += [(v["I_XT"], v["I_TY"], nb[v["name"]]["I_XT"], nb[v["name"]]["I_TY"]) for v in a["layers"] if v["name"] in nb]
+    return Chart("information plane: one point per norm layer", "I(X;T) [nats]", "I(T;Y) [nats]", series, links=links)
+
+
+def trajectory_chart(records: list[dict], max_layers: int = 8):
+    """I(T;Y) against I(X;T) along training for up to ``max_layers`` layers (evenly spread), arrows by step."""
+    from .charts import Chart, Series
+
+    names = list(records[-1]["mi"])
+    names = names[:: max(1, -(-len(names) // max_layers))]
+    series = []
+    for name in names:
+        pts = [(r["mi"][name]["I_XT"], r["mi"][name]["I_TY"]) for r in records if name in r["mi"]]
+        if pts:
+            series.append(Series(name, [p[0] for p in pts], [p[1] for p in pts], points=True,
+                                 arrows=[(i, i + 1) for i in range(len(pts) - 1)]))
+    first, last = records[0]["step"], records[-1]["step"]
+    return Chart(f"information plane along training, steps {first} → {last} (arrows follow the steps)", "I(X;T) [nats]",
+                 "I(T;Y) [nats]", series)

@@ -107,10 +107,14 @@ def _execute(cfg: dict, out: str) -> str:
     """Pool worker: one run in this process, single-threaded as configured."""
     import torch
 
-    torch.set_num_threads(cfg["threads"])
     from .train import run_one
 
-    return str(write_run(Path(out), run_one(cfg)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    try:
+        return str(write_run(Path(out), run_one(cfg)))
+    finally:
+        torch.set_num_threads(before)  # the inline path runs in the caller's process
 
 
 def _launch(p: Preset, cfg: dict, out: Path) -> str:
@@ -148,7 +152,8 @@ def run_study(p: Preset, out: Path, progress: Callable[[dict], None] | None = No
     pending: dict[Future, dict] = {}
     started: set[str] = set()
     ctx = get_context("spawn")  # fresh interpreters: no inherited thread pools or RNG state
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) if p.launcher is None else _Inline() as pool:
+    # one job runs in this process (no interpreter start-up); several in fresh spawned ones
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) if p.launcher is None and jobs > 1 else _Inline() as pool:
         while True:
             todo, done = plan(p, out)
             todo = [c for c in todo if _in_shard(c, shard) and str(run_path(out, c)) not in started]
