@@ -34,6 +34,13 @@ class Chart:
     links: list[tuple[float, float, float, float]] = field(default_factory=list)  # grey arrows (x0, y0) → (x1, y1)
 
 
+def _text(s: str) -> str:
+    """Pillow's built-in font has no Greek letters or arrows."""
+    for a, b in (("λ", "lambda"), ("σ", "sigma"), ("→", "->"), ("Δ", "delta")):
+        s = s.replace(a, b)
+    return s
+
+
 def _bounds(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
@@ -48,7 +55,7 @@ def render(chart: Chart, width: int = 900, height: int = 520) -> bytes:
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
+    draw = ImageDraw.Draw(img, "RGBA")
     left, right, top, bottom = 80, width - 230, 35, height - 55
     fx = (lambda v: math.log10(v)) if chart.logx else (lambda v: v)
     xs = [fx(v) for s in chart.series for v in s.x if v is not None and (v > 0 or not chart.logx)]
@@ -71,27 +78,26 @@ def render(chart: Chart, width: int = 900, height: int = 520) -> bytes:
     for k, (label, v) in enumerate(chart.hlines):
         py = xy(10 ** x0 if chart.logx else x0, v)[1]
         draw.line([left, py, right, py], fill=(90, 90, 90), width=1)
-        draw.text((left + 5, py - 12), label, fill=(90, 90, 90))
+        draw.text((left + 5, py - 12), _text(label), fill=(90, 90, 90))
     for a0, b0, a1, b1 in chart.links:
         _arrow(draw, xy(a0, b0), xy(a1, b1), (150, 150, 150))
     for k, s in enumerate(chart.series):
         _draw_series(draw, s, PALETTE[k % len(PALETTE)], xy)
         draw.rectangle([right + 15, top + 18 * k + 3, right + 27, top + 18 * k + 13], fill=PALETTE[k % len(PALETTE)])
-        draw.text((right + 32, top + 18 * k), s.label[:28], fill="black")
-    draw.text((left, 10), chart.title, fill="black")
-    draw.text(((left + right) // 2 - 40, height - 25), chart.xlabel + (" (log scale)" if chart.logx else ""), fill="black")
-    draw.text((5, 18), chart.ylabel, fill="black")
+        draw.text((right + 32, top + 18 * k), _text(s.label)[:28], fill="black")
+    draw.text((left, 10), _text(chart.title), fill="black")
+    draw.text(((left + right) // 2 - 40, height - 25), _text(chart.xlabel) + (" (log scale)" if chart.logx else ""), fill="black")
+    draw.text((5, 18), _text(chart.ylabel), fill="black")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
 def _draw_series(draw, s: Series, color: tuple[int, int, int], xy) -> None:
-    light = tuple(int(c + (255 - c) * 0.7) for c in color)
     pts = [xy(x, y) for x, y in zip(s.x, s.y)]
     if s.lo and s.hi and not s.points and len(pts) > 1:
         poly = [xy(x, v) for x, v in zip(s.x, s.hi)] + [xy(x, v) for x, v in reversed(list(zip(s.x, s.lo)))]
-        draw.polygon(poly, fill=light)
+        draw.polygon(poly, fill=(*color, 50))  # translucent: overlapping seed bands stay visible
     if not s.points and len(pts) > 1:
         draw.line(pts, fill=color, width=2)
     for i, (px, py) in enumerate(pts):

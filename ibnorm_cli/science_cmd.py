@@ -52,12 +52,13 @@ def study(
             p = get_preset(preset, seeds, tuple(only or ()), data)
         except KeyError:
             raise IBNormError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}") from None
+        shard_ij = _parse_shard(shard)
         outp = Path(out)
         if outp.exists() and not outp.is_dir():
             raise IBNormError(f"--out {out} exists and is not a directory")
         if not report_only:
             outp.mkdir(parents=True, exist_ok=True)
-            run_study(p, outp, None if json_out else _study_progress, jobs, _parse_shard(shard))
+            run_study(p, outp, None if json_out else _study_progress, jobs, shard_ij)
         elif not outp.is_dir():
             raise IBNormError(f"study directory not found: {out}")
         command = "ibnorm study " + " ".join(shlex.quote(a) for a in sys.argv[2:])

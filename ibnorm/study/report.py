@@ -71,20 +71,24 @@ def summarize(p: Preset, out: Path) -> dict:
             if norm != "baseline":
                 row.update(_paired(runs, base, lower))
             summary.append(row)
-        curves.append(_lambda_curve(p, out, task, selected.get(LAMBDA_CURVE_NORMALIZER, ([], False))[0]))
+        curves.append(_lambda_curve(p, out, task, selected.get(LAMBDA_CURVE_NORMALIZER, ([], False))[0], base))
     return {"preset": p.name, "runs": runs_out, "summary": summary, "lambda_curve": [c for c in curves if c["points"]]}
 
 
-def _lambda_curve(p: Preset, out: Path, task: dict, chosen: list[dict]) -> dict:
+def _lambda_curve(p: Preset, out: Path, task: dict, chosen: list[dict], base: list[dict]) -> dict:
     points = []
     if chosen:
         lr, wd = chosen[0]["lr"], chosen[0]["wd"]
         for lam in sorted(set(p.lam_curve) | {p.lam}):
             recs = [load_run(out, make_config(p, task, LAMBDA_CURVE_NORMALIZER, lr, wd, s, lam)) for s in range(p.seeds)]
-            vals = [r["value"] for r in recs if r is not None and r["value"] is not None]
+            recs = [r for r in recs if r is not None]
+            vals = [r["value"] for r in recs if r["value"] is not None]
             if vals:
                 mean, std = _stats(vals)
-                points.append({"lam": lam, "mean": mean, "std": std, "n": len(vals)})
+                paired = _paired(recs, base, metric_of(task) in LOWER_IS_BETTER)
+                points.append({"lam": lam, "mean": mean, "std": std, "n": len(vals),
+                               "val_mean": _stats([r["val"] for r in recs if r["val"] is not None])[0],
+                               **{k: paired[k] for k in ("diff", "diff_std", "p_value", "verdict")}})
     return {"task": task["name"], "normalizer": LAMBDA_CURVE_NORMALIZER, "metric": metric_of(task), "points": points}
 
 
@@ -106,18 +110,23 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
         if not rows:
             continue
         lines += [f"## {task['name']} ({rows[0]['metric']}, {'lower' if rows[0]['metric'] in LOWER_IS_BETTER else 'higher'} is better)", "",
-                  "| normalizer | test mean ± std | n | lr | wd | Δ vs baseline (± std) | p | verdict | val mean | λ end | s/step | act. MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| normalizer | test mean ± std | n | lr | wd | Δ vs baseline (± std) | p | verdict | val mean | λ end | s/step | act. MiB | peak MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             flag = "" if r["grid_complete"] else " (grid incomplete)"
             diff = "" if r.get("diff") is None else f"{r['diff']:+.4g} ± {r['diff_std']:.2g}"
             lines.append(f"| {r['normalizer']}{flag} | {_fmt(r['mean'])} ± {_fmt(r['std'], 2)} | {r['n']} | {r['lr']:g} | {r['wd']:g} | "
                          f"{diff} | {_fmt(r.get('p_value'), 2)} | {r.get('verdict', 'reference')} | {_fmt(r['val_mean'])} | "
-                         f"{_fmt(r['mean_lambda_end'], 3)} | {r['s_per_step']:.4f} | {r['activation_mib']:.1f} |")
+                         f"{_fmt(r['mean_lambda_end'], 3)} | {r['s_per_step']:.4f} | {r['activation_mib']:.1f} | {_fmt(r['peak_mem_mib'], 5)} |")
         lines.append("")
     for c in result["lambda_curve"]:
-        lines += [f"λ curve, {c['task']} ({c['normalizer']} at its selected lr/wd): " +
-                  ", ".join(f"λ={pt['lam']:g}: {pt['mean']:.4g} ± {pt['std']:.2g} (n={pt['n']})" for pt in c["points"]), ""]
+        lines += [f"### λ curve, {c['task']} ({c['normalizer']} at its selected lr/wd; Δ paired by seed with the baseline)", "",
+                  "| λ | test mean ± std | n | Δ vs baseline (± std) | p | verdict | val mean |", "|---|---|---|---|---|---|---|"]
+        for pt in c["points"]:
+            diff = "" if pt.get("diff") is None else f"{pt['diff']:+.4g} ± {pt['diff_std']:.2g}"
+            lines.append(f"| {pt['lam']:g} | {pt['mean']:.4g} ± {pt['std']:.2g} | {pt['n']} | {diff} | {_fmt(pt.get('p_value'), 2)} | "
+                         f"{pt.get('verdict')} | {_fmt(pt.get('val_mean'))} |")
+        lines.append("")
     return "\n".join(lines)
 
 
