@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from torch import Tensor, nn
 from .errors import IBNormError
 from .information import DEFAULT_ESTIMATOR, mutual_information, subsample_spread
 from .surgery import find_norms
+
+if TYPE_CHECKING:
+    from .charts import Chart
 
 
 class MIError(IBNormError):
@@ -71,7 +74,7 @@ def capture_norms(model: nn.Module, run: Callable[[], None], per_token: bool, ke
     store: dict[str, tuple[list[Tensor], list[Tensor]]] = {s.name: ([], []) for s in sites}
     handles = []
     for site in sites:
-        def hook(mod, args, output, _name=site.name):
+        def hook(mod: nn.Module, args: tuple, output: Tensor, _name: str = site.name) -> None:
             a, b = _row_view(args[0], per_token), _row_view(output, per_token)
             store[_name][0].append(a.half() if a.abs().max() < 6e4 else a)  # half: 4k tokens × 60 layers fit
             store[_name][1].append(b.half() if b.abs().max() < 6e4 else b)
@@ -254,7 +257,7 @@ def read_trajectory(path: str) -> list[dict]:
     return out
 
 
-def plane_chart(results: list[dict]):
+def plane_chart(results: list[dict]) -> "Chart":
     """One point per layer (error bars), one colour per model, grey arrows from each model to the next."""
     from .charts import Chart, Series
 
@@ -271,7 +274,7 @@ def plane_chart(results: list[dict]):
     return Chart("information plane: one point per norm layer", "I(X;T) [nats]", "I(T;Y) [nats]", series, links=links)
 
 
-def trajectory_chart(records: list[dict], max_layers: int = 8):
+def trajectory_chart(records: list[dict], max_layers: int = 8) -> "Chart":
     """I(T;Y) against I(X;T) along training for up to ``max_layers`` layers (evenly spread), arrows by step."""
     from .charts import Chart, Series
 

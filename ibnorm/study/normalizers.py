@@ -58,8 +58,3 @@ def apply_normalizer(model: nn.Module, name: str, lam: float) -> nn.Module:
     replace_norms(model, sites, build)
     return model
 
-
-def norm_class(model: nn.Module) -> str:
-    """The class name of the model's norms (for tables)."""
-    names = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("DyT",) or "Norm" in type(m).__name__})
-    return "+".join(names)

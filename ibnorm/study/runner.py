@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..errors import IBNormError
 from .presets import Preset
-from .train import LOWER_IS_BETTER, metric_of
+from .train import LOWER_IS_BETTER
 
 FIXED_LAMBDA = ("ibnorm-s", "ibnorm-l", "ibnorm-t", "ibnorm-s-learn", "ibnorm-l-learn", "ibnorm-t-learn")
 LAMBDA_CURVE_NORMALIZER = "ibnorm-t"
@@ -196,7 +196,3 @@ class _Inline:
         except BaseException as e:  # handed to the caller through the future, as a pool would
             fut.set_exception(e)
         return fut
-
-
-def metric_name(task: dict) -> str:
-    return metric_of(task)
