@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .errors import IBNormError
 from .information import DEFAULT_ESTIMATOR, mutual_information, subsample_spread
+from .study.normalizers import DyT
 from .surgery import find_norms
 
 if TYPE_CHECKING:
@@ -67,19 +68,29 @@ def _row_view(t: Tensor, per_token: bool) -> Tensor:
     return t.reshape(len(t), -1)
 
 
+def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every normalization layer in module order: recognized norms and IBNorm layers (converted models)."""
+    from .layers import IBNormBase
+
+    found = {site.name: site.module for site in find_norms(model)[0]}
+    found.update({name: m for name, m in model.named_modules() if isinstance(m, (IBNormBase, DyT))})
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
+
+
 @torch.no_grad()
 def capture_norms(model: nn.Module, run: Callable[[], None], per_token: bool, keep: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Each norm's (input, output) rows while ``run()`` executes; ``keep`` selects token positions."""
-    sites, _ = find_norms(model)
-    store: dict[str, tuple[list[Tensor], list[Tensor]]] = {s.name: ([], []) for s in sites}
+    layers = norm_layers(model)
+    store: dict[str, tuple[list[Tensor], list[Tensor]]] = {name: ([], []) for name in layers}
     handles = []
-    for site in sites:
-        def hook(mod: nn.Module, args: tuple, output: Tensor, _name: str = site.name) -> None:
+    for site_name, module in layers.items():
+        def hook(mod: nn.Module, args: tuple, output: Tensor, _name: str = site_name) -> None:
             a, b = _row_view(args[0], per_token), _row_view(output, per_token)
             store[_name][0].append(a.half() if a.abs().max() < 6e4 else a)  # half: 4k tokens × 60 layers fit
             store[_name][1].append(b.half() if b.abs().max() < 6e4 else b)
 
-        handles.append(site.module.register_forward_hook(hook))
+        handles.append(module.register_forward_hook(hook))
     try:
         run()
     finally:
