@@ -1,0 +1,87 @@
+"""Study presets: tasks, the shared learning-rate / weight-decay grid, seeds, λ values, launcher."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from .normalizers import NORMALIZERS
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    tasks: list[dict]
+    seeds: int = 3
+    lam: float = 0.3  # the default λ of IBNorm-S/L/T (and the start of learnable λ)
+    lam_curve: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)  # IBNorm-T at its selected lr/wd
+    normalizers: tuple[str, ...] = NORMALIZERS
+    jobs: int = 1  # runs in parallel on this machine (each with `threads` threads)
+    threads: int = 1
+    launcher: str | None = None  # "torchrun" | "accelerate": each run in its own launched job
+    nproc: int = 1  # processes per launched run (0: every local GPU)
+    device: str | None = "cpu"  # None: CUDA when available
+    extra: dict = field(default_factory=dict)
+
+
+def _cnn(steps: int, widths=(16, 32), blocks=1, lrs=(1e-3, 3e-3, 1e-2), wds=(0.01, 0.1), batch=64) -> dict:
+    return {"name": "resnet-digits", "kind": "cnn", "model": {"widths": list(widths), "blocks": blocks}, "steps": steps,
+            "batch_size": batch, "eval_every": max(1, steps // 10), "lrs": list(lrs), "wds": list(wds)}
+
+
+def _vit(steps: int, dim=64, depth=4, lrs=(1e-3, 3e-3, 1e-2), wds=(0.01, 0.1), batch=64) -> dict:
+    return {"name": "vit-digits", "kind": "vit", "model": {"patch": 2, "dim": dim, "depth": depth, "heads": 4, "mlp": 2 * dim},
+            "steps": steps, "batch_size": batch, "eval_every": max(1, steps // 10), "lrs": list(lrs), "wds": list(wds)}
+
+
+def _lm(name: str, steps: int, dim: int, layers: int, heads: int, ffn: int, seq: int, batch: int, lrs, wds,
+        eval_windows: int = 32) -> dict:
+    return {"name": name, "kind": "lm", "model": {"dim": dim, "layers": layers, "heads": heads, "ffn": ffn}, "seq_len": seq,
+            "steps": steps, "batch_size": batch, "eval_every": max(1, steps // 10), "lrs": list(lrs), "wds": list(wds),
+            "eval_windows": eval_windows, "data": "builtin:pydoc"}
+
+
+PRESETS: dict[str, Preset] = {
+    "micro": Preset("micro", "test preset: two normalizers, 5 steps of a tiny CNN",
+                    [_cnn(5, widths=(4, 8), lrs=(3e-3,), wds=(0.01,), batch=16)], seeds=2, lam_curve=(1.0,),
+                    normalizers=("baseline", "ibnorm-t")),
+    "smoke": Preset("smoke", "every normalizer, 3 seeds, one grid point, a few dozen steps per task (minutes on 2 cores)",
+                    [_cnn(60, widths=(8, 16), lrs=(3e-3,), wds=(0.01,)), _vit(60, dim=32, depth=2, lrs=(3e-3,), wds=(0.01,)),
+                     _lm("llama-bytes", 30, 64, 2, 4, 172, 64, 8, (3e-3,), (0.01,), eval_windows=16)],
+                    lam_curve=(0.1, 1.0), jobs=2),
+    "cpu": Preset("cpu", "2-core CPU study: ResNet and ViT on digits, a 0.8M-parameter LLaMA on bytes; "
+                  "lr×wd grid on seed 0, the best on 3 seeds, λ curve (≈ 60–80 min on 2 idle cores)",
+                  [_cnn(400), _vit(400),
+                   _lm("llama-bytes", 300, 128, 4, 4, 344, 128, 16, (1e-3, 3e-3), (0.0, 0.1))], jobs=2),
+}
+
+# The paper's LLaMA scales (GaLore-style configs), byte-level vocabulary on the built-in text
+# unless --data names a larger corpus.  Each run is launched with torchrun over all local GPUs.
+for _name, (_dim, _layers, _heads, _ffn) in {"gpu-llama60m": (512, 8, 8, 1376), "gpu-llama130m": (768, 12, 12, 2048)}.items():
+    PRESETS[_name] = Preset(_name, f"LLaMA-{_name[9:]} shapes on text, 10k steps × 256 sequences × 256 tokens, torchrun per run",
+                            [_lm(_name[4:], 10_000, _dim, _layers, _heads, _ffn, 256, 256, (1e-3, 3e-3), (0.0, 0.1), 256)],
+                            launcher="torchrun", nproc=0, device=None)
+PRESETS["gpu-check"] = Preset("gpu-check", "a 5-minute GPU check of the launched path: LLaMA-60M shape, baseline vs IBNorm-T/DyT, "
+                              "200 steps × 64 × 256 tokens, one seed",
+                              [_lm("llama60m", 200, 512, 8, 8, 1376, 256, 64, (3e-3,), (0.1,), 64)], seeds=1, lam_curve=(),
+                              normalizers=("baseline", "ibnorm-t", "dyt"), launcher="torchrun", nproc=0, device=None)
+PRESETS["gpu-vision"] = Preset("gpu-vision", "wider ResNet and ViT on digits, longer, torchrun per run",
+                               [_cnn(3000, widths=(64, 128, 256), blocks=2), _vit(3000, dim=192, depth=6)],
+                               launcher="torchrun", nproc=0, device=None)
+
+
+def get_preset(name: str, seeds: int | None = None, only: tuple[str, ...] = (), data: str | None = None) -> Preset:
+    if name not in PRESETS:
+        raise KeyError(name)
+    p = copy.deepcopy(PRESETS[name])
+    if seeds is not None:
+        p.seeds = seeds
+    if only:
+        # the baseline stays: every comparison is paired against it
+        p.normalizers = tuple(n for n in NORMALIZERS if n in only or n == "baseline")
+    if data is not None:
+        for t in p.tasks:
+            if t["kind"] == "lm":
+                t["data"] = data
+    return p

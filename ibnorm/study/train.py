@@ -1,0 +1,173 @@
+"""One study run: build, train and evaluate a model.  A pure function of its configuration."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import IBNormBase, project_lambdas
+from .data import digits, eval_windows, text_bytes, train_windows
+from .models import build_model
+from .normalizers import apply_normalizer
+
+LOWER_IS_BETTER = {"ppl"}
+
+
+def metric_of(task: dict) -> str:
+    return "ppl" if task["kind"] == "lm" else "accuracy"
+
+
+def _param_groups(model: nn.Module, wd: float) -> list[dict]:
+    # the usual recipe: decay matrices and kernels only; norm γ/β/λ, DyT α and biases are not decayed
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class _Task:
+    """Batches, loss and evaluation of one task kind."""
+
+    def __init__(self, task: dict, seed: int, device: torch.device) -> None:
+        self.task, self.device = task, device
+        self.g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+        if task["kind"] == "lm":
+            splits = text_bytes(task.get("data", "builtin:pydoc"))
+            self.train_ids = splits.train
+            n = task.get("eval_windows", 32)
+            self.val = eval_windows(splits.val, task["seq_len"], n)
+            self.test = eval_windows(splits.test, task["seq_len"], n)
+        else:
+            s = digits()
+            self.train_xy, self.val, self.test = s.train, s.val, s.test
+
+    def batch(self, size: int) -> tuple[Tensor, Tensor]:
+        if self.task["kind"] == "lm":
+            w = train_windows(self.train_ids, self.task["seq_len"], size, self.g)
+            return w[:, :-1].to(self.device), w[:, 1:].to(self.device)
+        idx = torch.randint(0, len(self.train_xy[0]), (size,), generator=self.g)
+        return self.train_xy[0][idx].to(self.device), self.train_xy[1][idx].to(self.device)
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        if self.task["kind"] == "lm":
+            logits = model(input_ids=x).logits
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return F.cross_entropy(model(x).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict:
+        model.eval()
+        data = self.val if split == "val" else self.test
+        try:
+            if self.task["kind"] == "lm":
+                nll = float(self.loss(model, data[:, :-1].to(self.device), data[:, 1:].to(self.device)))
+                return {"loss": nll, "ppl": math.exp(min(nll, 50.0))}
+            x, y = data[0].to(self.device), data[1].to(self.device)
+            logits = model(x).float()
+            return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(-1) == y).float().mean())}
+        finally:
+            model.train()
+
+
+def _saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
+    """Run ``fn`` and count the bytes autograd saves for backward (activation memory of a step)."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def _mean_lambda(model: nn.Module) -> float | None:
+    lams = [float(m.effective_lam.mean()) for m in model.modules() if isinstance(m, IBNormBase)]
+    return sum(lams) / len(lams) if lams else None
+
+
+def run_one(cfg: dict, device: str | None = None) -> dict:
+    """Train ``cfg['task']`` with ``cfg['normalizer']`` at (lr, wd, λ, seed); return the run record."""
+    task, seed = cfg["task"], cfg["seed"]
+    dev = torch.device(device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model = apply_normalizer(build_model(task), cfg["normalizer"], cfg["lam"]).to(dev)
+    world, rank = _dist_info()
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    data = _Task(task, seed, dev)
+    steps, warmup = task["steps"], max(1, int(task.get("warmup_frac", 0.1) * task["steps"]))
+    betas = (0.9, 0.95) if task["kind"] == "lm" else (0.9, 0.999)
+    opt = torch.optim.AdamW(_param_groups(model, cfg["wd"]), lr=cfg["lr"], betas=betas)
+    losses, evals, train_s, act_bytes, diverged = [], [], 0.0, 0, False
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for step in range(steps):
+        x, y = data.batch(task["batch_size"])
+        x, y = x[rank::world], y[rank::world]  # each process takes its share of one global batch
+        for group in opt.param_groups:
+            group["lr"] = cfg["lr"] * lr_factor(step, steps, warmup)
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on GPU, fp32 on CPU
+            if step == 0:
+                loss, act_bytes = _saved_bytes(lambda: data.loss(net, x, y))
+            else:
+                loss = data.loss(net, x, y)
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), task.get("clip", 1.0))
+        opt.step()
+        project_lambdas(model)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        train_s += time.perf_counter() - t0 if step > 0 else 0.0  # step 0 includes one-off warm-up costs
+        losses.append(float(loss.detach()))
+        if (step + 1) % task["eval_every"] == 0 or step + 1 == steps:
+            evals.append({"step": step + 1, **data.evaluate(model, "val")})
+    metric = metric_of(task)
+    final_val = data.evaluate(model, "val") if not diverged else None
+    final_test = data.evaluate(model, "test") if not diverged else None
+    return {
+        "config": cfg, "task": task["name"], "normalizer": cfg["normalizer"], "lam": cfg["lam"], "lr": cfg["lr"],
+        "wd": cfg["wd"], "seed": seed, "metric": metric, "diverged": diverged,
+        "val": None if diverged else final_val[metric], "value": None if diverged else final_test[metric],
+        "val_loss": None if diverged else final_val["loss"], "test_loss": None if diverged else final_test["loss"],
+        "losses": losses, "evals": evals, "mean_lambda": _mean_lambda(model),
+        "params": sum(p.numel() for p in model.parameters()),
+        "s_per_step": train_s / max(1, len(losses) - 1), "activation_mib": act_bytes / 2**20,
+        "peak_mem_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        "device": str(dev), "processes": world, "threads": torch.get_num_threads(),
+    }
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun / accelerate launch set up (no-op for one process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)

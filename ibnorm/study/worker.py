@@ -1,0 +1,28 @@
+"""Entry point of one launched run: ``torchrun … -m ibnorm.study.worker CONFIG.json OUT``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    from .runner import write_run
+    from .train import init_distributed, run_one
+
+    cfg = json.loads(Path(argv[0]).read_text())
+    torch.set_num_threads(cfg["threads"])
+    init_distributed()
+    rec = run_one(cfg)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        write_run(Path(argv[1]), rec)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
