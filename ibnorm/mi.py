@@ -106,13 +106,13 @@ def capture_norms(model: nn.Module, run: Callable[[], None], per_token: bool, ke
 
 def _lm_rows(loaded, opts: MIOptions) -> tuple[Tensor, Tensor, Tensor]:
     """Token blocks, the mask of positions used (all but each block's last) and their next tokens."""
-    from .data import read_texts, token_blocks
+    from .data import read_texts, token_examples
 
     if loaded.tokenizer is None:
         raise MIError(f"{loaded.source}: no tokenizer found; ibnorm mi needs one for text data")
     per_block = opts.seq_len - 1
-    blocks = token_blocks(loaded.tokenizer, read_texts(opts.data, opts.text_field), opts.seq_len,
-                          max(1, -(-opts.tokens // per_block)))
+    blocks = token_examples(loaded.tokenizer, read_texts(opts.data, opts.text_field), opts.seq_len,
+                            max(1, -(-opts.tokens // per_block)))
     keep = torch.zeros(blocks.shape, dtype=torch.bool)
     keep[:, :-1] = True
     keep = keep.reshape(-1)
@@ -201,7 +201,7 @@ def _capture(loaded, opts: MIOptions, cache: dict) -> tuple[dict, np.ndarray]:
 
 def analyze(path: str, opts: MIOptions, cache: dict | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Per-layer I(X;T), I(T;Y) of the model at ``path`` (source, converted or fine-tuned)."""
-    from .io.open_model import open_model
+    from .loading import open_model
 
     cache = {} if cache is None else cache
     loaded = open_model(path)

@@ -118,7 +118,7 @@ def test_mi_command_json_and_plot(tiny_lm, tmp_path):
 
 
 def test_information_snapshot_and_trajectory(tiny_lm, tmp_path):
-    from ibnorm.io.open_model import open_model
+    from ibnorm.loading import open_model
     from ibnorm.mi import information_snapshot
 
     loaded = open_model(str(tiny_lm))

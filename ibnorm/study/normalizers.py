@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers import from_module
+from ..surgery import from_module
 from ..surgery import find_norms, replace_norms
 
 # name → (compression op or None, learnable λ)
@@ -50,7 +50,7 @@ def apply_normalizer(model: nn.Module, name: str, lam: float) -> nn.Module:
 
     def build(site) -> nn.Module:
         if name == "dyt":
-            channel_dim = 1 if site.spec.kind == "batch" else site.spec.channel_dim
+            channel_dim = 1 if site.spec.grouping == "batch" else site.spec.channel_dim
             return DyT(site.spec.shape[0] if channel_dim == 1 else site.spec.shape[-1], channel_dim)
         op = _IB[name.removesuffix("-learn")]
         return from_module(site.module, op=op, lam=lam, learnable_lam=name.endswith("-learn"))
