@@ -33,6 +33,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT-checkpoints/."),
     lora_rank: int = typer.Option(8, help="LoRA rank for --train lora."),
     no_source: bool = typer.Option(False, "--no-source", help="Do not evaluate the source model for comparison."),
+    mi_every: int = typer.Option(0, "--mi-every", help="Record I(X;T) and I(T;Y) of every norm every N steps into metrics.jsonl (plot: ibnorm mi --trajectory)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
 ) -> None:
@@ -48,7 +49,8 @@ def finetune(
         opts = ft.FinetuneOptions(data=data, steps=steps, out=out, eval_data=eval_data, eval_every=eval_every, train=train,
                                   lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum,
                                   clip=clip, seq_len=seq_len, text_field=text_field, seed=seed, save_every=save_every,
-                                  resume=resume, force=force, lora_rank=lora_rank, compare_source=not no_source)
+                                  resume=resume, force=force, lora_rank=lora_rank, compare_source=not no_source,
+                                  mi_every=mi_every)
         show = not json_out and err_console.is_terminal
         bar = Progress(TextColumn("fine-tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not show)

@@ -167,3 +167,18 @@ def test_image_folder_finetune_of_timm_classifier(tmp_path):
     assert isinstance(model.bn1, ibnorm.IBBatchNorm2d)
     manifest = json.loads((Path(result.out) / "ibnorm_manifest.json").read_text())
     assert "accuracy" in manifest["finetune"]["final"]
+
+
+def test_mi_every_records_information_along_training(converted, tmp_path):
+    import math
+
+    from ibnorm.mi import read_trajectory
+
+    result = finetune(str(converted), _opts(tmp_path, train="norms", steps=4, mi_every=2))
+    records = read_trajectory(str(Path(result.out) / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [0, 2, 4]
+    layers = json.loads((Path(result.out) / "ibnorm_manifest.json").read_text())["layers"]
+    assert set(records[0]["mi"]) == {l["name"] for l in layers}  # every norm
+    for r in records:
+        for v in r["mi"].values():
+            assert math.isfinite(v["I_XT"]) and math.isfinite(v["I_TY"]) and v["I_TY"] >= -0.05

@@ -54,7 +54,8 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizer, res
         torch.save({"optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
                    tmp / "trainer_state.pt")
         write_json_atomic(tmp / "progress.json", {"step": step, "losses": result.losses, "evals": result.evals,
-                                                  "lambda_trajectory": result.lambda_trajectory, "fingerprint": fingerprint,
+                                                  "lambda_trajectory": result.lambda_trajectory, "information": result.information,
+                                                  "fingerprint": fingerprint,
                                                   "options": opts.recipe()})
     for old in sorted(directory.glob("step-*"))[:-_KEEP]:
         shutil.rmtree(old, ignore_errors=True)

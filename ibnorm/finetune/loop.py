@@ -98,12 +98,14 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
         start = state.step
         result.losses, result.evals = state.progress["losses"], state.progress["evals"]
         result.lambda_trajectory = state.progress["lambda_trajectory"]
+        result.information = state.progress.get("information", [])
     device = accelerator.device
     if opts.compare_source and "manifest" in loaded.info and not raw.images and accelerator.is_main_process and not opts.resume:
         result.source_eval = _source_eval(loaded.info["manifest"], held_out, opts)
     if start == 0:
         result.evals.append({"step": 0, **evaluate_loss(model, held_out, opts.batch_size, device)})
         _record_lambdas(unwrapped, result)
+        _record_information(unwrapped, held_out, opts, 0, result)
     progress({"event": "start", "kernel": result.kernel, "step": start, "steps": opts.steps, "processes": accelerator.num_processes,
               "eval": result.evals[-1] if result.evals else None, "source_eval": result.source_eval})
     save = lambda step: save_checkpoint(ckpt_dir, step, unwrapped, optimizer, result, opts, fingerprint)  # noqa: E731
@@ -128,6 +130,16 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
 def _record_lambdas(model: nn.Module, result: FinetuneResult) -> None:
     for name, value in lambda_means(model).items():
         result.lambda_trajectory.setdefault(name, []).append(value)
+
+
+def _record_information(model: nn.Module, held_out: Examples, opts: FinetuneOptions, step: int, result: FinetuneResult) -> None:
+    """I(X;T), I(T;Y) of every norm on a fixed held-out batch (``ibnorm mi --trajectory`` plots them)."""
+    if not opts.mi_every or held_out.labels is not None:
+        return
+    from ..mi import information_snapshot
+
+    batch = held_out.inputs[: max(1, min(len(held_out), 4))].to(next(model.parameters()).device)
+    result.information.append({"step": step, "mi": information_snapshot(model, batch, seed=opts.seed)})
 
 
 def _train(accelerator, model, unwrapped, optimizer, params, train_set: Examples, held_out: Examples, opts: FinetuneOptions,
@@ -165,6 +177,8 @@ def _train(accelerator, model, unwrapped, optimizer, params, train_set: Examples
         done = step + 1
         record = {"event": "step", "step": done, "steps": opts.steps, "loss": loss_value, "lr": lr_at(step, opts),
                   "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9)}
+        if opts.mi_every and done % opts.mi_every == 0:
+            _record_information(unwrapped, held_out, opts, done, result)
         if opts.eval_every and done % opts.eval_every == 0 and done != opts.steps:
             result.evals.append({"step": done, **evaluate_loss(model, held_out, opts.batch_size, device)})
             record["eval"] = result.evals[-1]

@@ -38,10 +38,11 @@ class FinetuneOptions:
     force: bool = False
     lora_rank: int = 8
     compare_source: bool = True
+    mi_every: int = 0  # record I(X;T), I(T;Y) per norm every N steps (causal LMs); 0: never
 
     def recipe(self) -> dict:
         """The options that define a run: a checkpoint may be resumed only by the same recipe."""
-        skip = ("steps", "out", "eval_every", "save_every", "resume", "force", "compare_source")
+        skip = ("steps", "out", "eval_every", "save_every", "resume", "force", "compare_source", "mi_every")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -53,6 +54,7 @@ class FinetuneResult:
     evals: list[dict] = field(default_factory=list)
     source_eval: dict | None = None
     lambda_trajectory: dict[str, list[float]] = field(default_factory=dict)
+    information: list[dict] = field(default_factory=list)  # {"step", "mi": {layer: {I_XT, I_TY, …}}} (--mi-every)
     kernel: str = "reference"
     stopped: str = "completed"
     seconds: float = 0.0
@@ -63,6 +65,7 @@ class FinetuneResult:
         d = asdict(self)
         d.pop("losses")
         d.pop("is_main_process")
+        d.pop("information")
         d["final_loss"] = self.losses[-1] if self.losses else None
         d["lambda_trajectory"] = {k: v[-1] for k, v in self.lambda_trajectory.items()}  # final λ per layer
         return d

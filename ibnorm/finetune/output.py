@@ -32,6 +32,7 @@ def metrics_files(result: FinetuneResult) -> dict[str, bytes]:
 
     metrics = "".join(json.dumps({"step": i + 1, "loss": l}) + "\n" for i, l in enumerate(result.losses))
     metrics += "".join(json.dumps({"eval": e}) + "\n" for e in result.evals)
+    metrics += "".join(json.dumps(record) + "\n" for record in result.information)  # {"step", "mi"}: --mi-every
     return {"metrics.jsonl": metrics.encode(), "loss_curve.png": loss_curve_png(result.losses, result.evals)}
 
 
