@@ -516,3 +516,60 @@ def test_convert_cli_silent_wrong_output_cases(source_dir, tmp_path, case):
     before = tree(tmp_path)
     assert_clean_refusal(run_cli("convert", str(work), "--out", str(out), "--lam", "0.1", "--stream", stream))
     assert tree(tmp_path) == before
+
+
+FINETUNE_CASES = [(["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--train", "lora", "--lora-rank", "0"], "--lora-rank"),
+                  (["--seq-len", "0"], "--seq-len"), (["--seq-len", "100000"], "--seq-len")]
+
+
+@NEEDS_PIPELINE
+@pytest.mark.parametrize("args,fragment", FINETUNE_CASES)
+def test_finetune_cli_refusals(converted, tmp_path, args, fragment):
+    from validation_helpers import assert_clean_refusal
+
+    out = tmp_path / "new" / "ft"
+    r = run_cli("finetune", str(converted["dir"]), "--data", str(converted["text"]), "--steps", "1", "--out", str(out), *args)
+    assert_clean_refusal(r, fragment)
+    assert tree(tmp_path) == []
+
+
+@NEEDS_PIPELINE
+@pytest.mark.parametrize("damage", ["junk", "truncated", "other_run"])
+def test_finetune_resume_refuses_foreign_or_broken_checkpoints(converted, tmp_path, damage):
+    from validation_helpers import assert_clean_refusal
+
+    out = tmp_path / "ft"
+    base = ["finetune", str(converted["dir"]), "--data", str(converted["text"]), "--seq-len", "16", "--batch-size", "1",
+            "--out", str(out), "--no-source"]
+    r = run_cli(*base, "--steps", "2", "--save-every", "1", "--json")
+    assert r.exit_code == 0, r.output
+    ckpt = sorted((tmp_path / "ft-checkpoints").glob("step-*"))[-1]
+    if damage == "junk":
+        (ckpt / "model.safetensors").write_bytes(b"junk" * 10)
+    elif damage == "truncated":
+        data = (ckpt / "trainer_state.pt").read_bytes()
+        (ckpt / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    r = run_cli(*base, "--steps", "3", "--resume", "--force", *(["--lr", "0.5"] if damage == "other_run" else []))
+    assert_clean_refusal(r)
+
+
+@NEEDS_PIPELINE
+def test_finetune_force_clears_old_checkpoints(converted, tmp_path):
+    out = tmp_path / "ft"
+    old = tmp_path / "ft-checkpoints" / "step-0000099"
+    old.mkdir(parents=True)
+    (old / "progress.json").write_text('{"step": 99}')
+    r = run_cli("finetune", str(converted["dir"]), "--data", str(converted["text"]), "--seq-len", "16", "--batch-size", "1",
+                "--out", str(out), "--no-source", "--steps", "2", "--save-every", "1", "--force", "--json")
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in sorted((tmp_path / "ft-checkpoints").glob("step-*"))] == ["step-0000001", "step-0000002"]
+
+
+@NEEDS_PIPELINE
+def test_convert_output_mode_follows_umask(source_dir, tmp_path):
+    from ibnorm.io.atomic import current_umask
+
+    out = tmp_path / "o"
+    assert run_cli("convert", str(source_dir["src"]), "--out", str(out), "--lam", "0.1", "--stream", "never").exit_code == 0
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~current_umask(), f
