@@ -335,8 +335,9 @@ def _rewrite_index(d: Path, fn) -> None:
     (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): "/etc/passwd"}}, "outside its directory"),
     (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): "../model.safetensors"}}, "outside its directory"),
     (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): 3}}, "not a file name"),
-    (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): "gone.safetensors"}}, "missing shard: gone.safetensors"),
+    (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): "gone.safetensors"}}, "missing shard: 'gone.safetensors'"),
     (lambda i: {**i, "weight_map": {}}, "empty weight_map"),
+    (lambda i: {**i, "weight_map": dict(list(i["weight_map"].items())[1:])}, "does not list 1 tensor(s) its shards hold"),
 ])
 def test_index_refused(sharded, edit, fragment):
     _rewrite_index(sharded, edit)
