@@ -592,3 +592,15 @@ def test_convert_output_mode_follows_umask(source_dir, tmp_path):
     assert run_cli("convert", str(source_dir["src"]), "--out", str(out), "--lam", "0.1", "--stream", "never").exit_code == 0
     for f in out.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~current_umask(), f
+
+
+@NEEDS_PIPELINE
+@pytest.mark.parametrize("size,shards", [("2GiB", 1), ("64KiB", None)])
+def test_convert_shard_size_units(source_dir, tmp_path, size, shards):
+    """The units `--help` shows work on the in-memory path; the shards hold the clean conversion's tensors."""
+    out = tmp_path / "o"
+    r = run_cli("convert", str(source_dir["src"]), "--out", str(out), "--lam", "0.1", "--stream", "never", "--shard-size", size)
+    assert r.exit_code == 0, r.output
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) == shards if shards else len(files) > 1 and (out / INDEX_NAME).exists()
+    assert _same_tensors(out, source_dir["clean"])
