@@ -108,15 +108,15 @@ def manifest_problems(manifest: dict, index: TensorIndex) -> list[str]:
     layers = manifest["layers"]
     missing = [l["name"] for l in layers if f"{l['name']}.lam" not in index]
     if missing:
-        problems.append(f"manifest names {len(missing)} layers without λ in the weights (e.g. {missing[0]})")
+        problems.append(f"manifest names {len(missing)} layers without λ in the weights (e.g. {missing[0]!r})")
     for l in layers:
         info = index.tensors.get(f"{l['name']}.lam")
         if info is not None and list(info.shape) != list(l["lam_shape"]):
-            problems.append(f"{l['name']}.lam has shape {list(info.shape)}, the manifest says {l['lam_shape']}")
+            problems.append(f"{l['name']!r}.lam has shape {list(info.shape)}, the manifest says {l['lam_shape']}")
     named = {f"{l['name']}.lam" for l in layers}
     unlisted = sorted(n for n in index.tensors if n.endswith(".lam") and n not in named)
     if unlisted:
-        problems.append(f"weights hold {len(unlisted)} λ tensors the manifest does not list (e.g. {unlisted[0]})")
+        problems.append(f"weights hold {len(unlisted)} λ tensors the manifest does not list (e.g. {unlisted[0]!r})")
     return problems
 
 

@@ -459,3 +459,42 @@ def check_resume(checkpoint_dir: str | Path, progress: Any, fingerprint: str) ->
     if progress.get("fingerprint") != fingerprint:
         raise StateMismatchError(f"{checkpoint_dir} belongs to another run (different model, options or data); "
                                  f"start again with --force instead of --resume")
+
+
+def read_checkpoint(checkpoint_dir: str | Path, fingerprint: str, model_params: Mapping[str, tuple[int, ...]] | None = None,
+                    tied: Iterable[str] = ()) -> dict:
+    """Validate a fine-tune checkpoint before anything is restored; returns its parsed ``progress.json``.
+
+    Refuses (one line each) a damaged ``progress.json``, a checkpoint of another run (fingerprint), a
+    malformed ``model.safetensors`` and, given ``model_params`` (name → shape of the model being
+    trained), weights that would not restore every parameter exactly (the strict-loading condition).
+    """
+    from .errors import SourceError
+    from .io.safetensors_index import read_header
+
+    d = Path(checkpoint_dir)
+    try:
+        progress = json.loads((d / "progress.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise StateMismatchError(f"{d} is not a usable checkpoint (progress.json is missing or damaged)") from None
+    check_resume(d, progress, fingerprint)
+    try:
+        _, tensors = read_header(d / "model.safetensors")
+    except SourceError as e:
+        raise StateMismatchError(f"{d} is not a usable checkpoint: {e}") from None
+    if model_params is not None:
+        check_state_matches(model_params, {n: (t.shape, t.dtype) for n, t in tensors.items()}, tied, where=str(d))
+    return progress
+
+
+def load_trainer_state(path: str | Path) -> dict:
+    """The optimizer/RNG state of a checkpoint (tensors only, no code), or one line saying it is damaged."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  truncated zip, junk bytes, pickled code refused by weights_only
+        raise StateMismatchError(f"{path} is damaged ({type(e).__name__}); start again with --force") from None
+    if not isinstance(state, dict) or "optimizer" not in state or "rng" not in state:
+        raise StateMismatchError(f"{path} is damaged (no optimizer or RNG state); start again with --force")
+    return state

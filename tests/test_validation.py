@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -335,8 +334,9 @@ def _rewrite_index(d: Path, fn) -> None:
     (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): "/etc/passwd"}}, "outside its directory"),
     (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): "../model.safetensors"}}, "outside its directory"),
     (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): 3}}, "not a file name"),
-    (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): "gone.safetensors"}}, "missing shard: gone.safetensors"),
+    (lambda i: {**i, "weight_map": {**i["weight_map"], next(iter(i["weight_map"])): "gone.safetensors"}}, "missing shard: 'gone.safetensors'"),
     (lambda i: {**i, "weight_map": {}}, "empty weight_map"),
+    (lambda i: {**i, "weight_map": dict(list(i["weight_map"].items())[1:])}, "does not list 1 tensor(s) its shards hold"),
 ])
 def test_index_refused(sharded, edit, fragment):
     _rewrite_index(sharded, edit)
@@ -815,3 +815,33 @@ def test_resume_fingerprint(tmp_path):
                                ([1, 2], "damaged"), ({"step": "3", "fingerprint": fp}, "damaged"), (None, "damaged")):
         with pytest.raises(StateMismatchError, match=fragment):
             V.check_resume("ck", progress, fp)
+
+
+def test_read_checkpoint_and_trainer_state(tmp_path):
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    ck = tmp_path / "step-0000002"
+    ck.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ck / "model.safetensors"))
+    (ck / "progress.json").write_text(json.dumps({"step": 2, "fingerprint": "f" * 64}))
+    opt = torch.optim.AdamW(model.parameters())
+    torch.save({"optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}}, ck / "trainer_state.pt")
+    assert V.read_checkpoint(ck, "f" * 64, params)["step"] == 2
+    assert set(V.load_trainer_state(ck / "trainer_state.pt")) == {"optimizer", "rng"}
+    other = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))  # another model's checkpoint
+    with pytest.raises(StateMismatchError, match="has shape"):
+        V.read_checkpoint(ck, "f" * 64, {n: tuple(p.shape) for n, p in other.named_parameters()})
+    with pytest.raises(StateMismatchError, match="another run"):
+        V.read_checkpoint(ck, "0" * 64, params)
+    data = (ck / "trainer_state.pt").read_bytes()
+    (ck / "trainer_state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(StateMismatchError, match="damaged"):
+        V.load_trainer_state(ck / "trainer_state.pt")
+    (ck / "model.safetensors").write_bytes(b"junk" * 10)
+    with pytest.raises(StateMismatchError, match="not a usable checkpoint"):
+        V.read_checkpoint(ck, "f" * 64, params)
+    (ck / "progress.json").write_bytes(b"\xff")
+    with pytest.raises(StateMismatchError, match="progress.json is missing or damaged"):
+        V.read_checkpoint(ck, "f" * 64, params)

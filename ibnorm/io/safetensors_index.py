@@ -216,7 +216,7 @@ def validate_safetensors_dir(path: Path) -> None:
 
 def _safe_shard_name(index_file: Path, fname: object) -> str:
     """A shard name must be a plain relative path inside the model directory (no absolute path, no ``..``)."""
-    if not isinstance(fname, str) or not fname or "\0" in fname:
+    if not isinstance(fname, str) or not fname or any(ord(c) < 0x20 for c in fname):
         raise CorruptFileError(f"{index_file} is corrupt: shard name {fname!r} is not a file name")
     pure = PurePosixPath(fname)
     if pure.is_absolute() or fname.startswith("\\") or ".." in pure.parts or "\\" in fname or re.match(r"^[A-Za-z]:", fname):
@@ -250,7 +250,7 @@ def read_index(index_file: Path) -> dict[str, str]:
         _safe_shard_name(index_file, fname)
     for fname in sorted(set(weight_map.values())):
         if not (root / fname).is_file():
-            raise SourceError(f"{index_file} names a missing shard: {fname}")
+            raise SourceError(f"{index_file} names a missing shard: {fname!r}")
     return weight_map
 
 
@@ -291,7 +291,11 @@ class TensorIndex:
             for name, fname in weight_map.items():
                 info = tensors.get(name)
                 if info is None or info.file != path / fname:
-                    raise SourceError(f"{index_file} maps {name!r} to {fname}, which does not contain it")
+                    raise CorruptFileError(f"{index_file} maps {name!r} to {fname!r}, which does not contain it")
+            # transformers loads only what the index lists: an unlisted tensor would be left random there
+            unlisted = sorted(set(tensors) - set(weight_map))
+            if unlisted:
+                raise CorruptFileError(f"{index_file} does not list {len(unlisted)} tensor(s) its shards hold, e.g. {unlisted[0]!r}")
         return cls(tensors, meta, files, path)
 
     def __contains__(self, name: str) -> bool:
