@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import re
 import sys
 import threading
 import warnings
@@ -109,8 +110,10 @@ def register_placeholders() -> None:
             key = MODEL_TYPE_PREFIX + base_type
             if key in CONFIG_MAPPING:
                 continue
+            qualname = "_placeholder_" + re.sub(r"\W", "_", base_type)
             placeholder = type(f"IBNorm{cls_name}", (_Placeholder,), {
-                "model_type": key, "ibnorm_base_model_type": base_type, "__module__": __name__})
+                "model_type": key, "ibnorm_base_model_type": base_type, "__module__": __name__, "__qualname__": qualname})
+            globals()[qualname] = placeholder  # picklable by reference, like any class
             CONFIG_MAPPING.register(key, placeholder, exist_ok=True)
         _state["placeholders"] = True
 
