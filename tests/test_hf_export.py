@@ -6,6 +6,7 @@ Reference everywhere: ``ibnorm.load`` of the same conversion in format 1 (ibnorm
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,6 +23,8 @@ import ibnorm
 from ibnorm.hf import base_config, base_config_dict, hf_config_for, upgrade
 from models import MINILM, needs_minilm, tiny_hf, tiny_lm_with_tokenizer
 
+HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+HAVE_ST = importlib.util.find_spec("sentence_transformers") is not None
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FAMILIES = {  # kind: (op, Auto class)
@@ -139,7 +142,7 @@ def remote(dirs) -> tuple[dict, dict]:
     job = {"out": str(root),
            "families": {k: {"dir": str(dirs[k][2]), "auto": auto, "ids": IDS} for k, (_, auto) in FAMILIES.items()},
            "lm": {"dir": str(dirs["lm"][2]), "prompt": PROMPT}}
-    if "minilm" in dirs:
+    if "minilm" in dirs and HAVE_ST:
         job["minilm"] = {"dir": str(dirs["minilm"][2]), "texts": TEXTS}
     (root / "job.json").write_text(json.dumps(job))
     _run([sys.executable, str(HERE / "hf_clients.py"), str(root / "job.json")], root, _clean_env(dirs["root"]))
@@ -188,6 +191,7 @@ def test_pipeline_and_generate_without_ibnorm(dirs, remote):
 
 
 @needs_minilm
+@pytest.mark.skipif(not HAVE_ST, reason="sentence-transformers not installed (pip install -e '.[dev]')")
 def test_sentence_transformers_minilm(dirs, remote):
     import transformers
 
@@ -248,6 +252,7 @@ def _perplexities(model, tok, texts: list[str]) -> dict:
     return {"word_perplexity": torch.tensor(-total / words).exp().item(), "byte_perplexity": torch.tensor(-total / nbytes).exp().item()}
 
 
+@pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval not installed (pip install -e '.[dev]')")
 def test_lm_eval_scores_like_ibnorm_load(dirs):
     import transformers
 

@@ -112,7 +112,7 @@ class IBNorm(nn.Module):
         return c * (torch.sqrt(var_z.clamp_min(RESTANDARDIZE_FLOOR)) / torch.sqrt(var_c.clamp_min(RESTANDARDIZE_FLOOR)))
 
     def _group(self, x: Tensor, ct: torch.dtype) -> Tensor:
-        n, ch = x.shape[:2]
+        n = x.shape[0]
         view = (1, -1) + (1,) * (x.dim() - 2)
         g = x.to(ct).reshape(n, self.num_groups, -1)
         d = g - g.mean(-1, keepdim=True)

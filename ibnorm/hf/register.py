@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import re
 import sys
 import threading
 import warnings
@@ -38,6 +39,8 @@ AUTO_MODEL_MAPPINGS = {
     "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
     "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
     "AutoModelForQuestionAnswering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+    "AutoModelForSeq2SeqLM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForImageClassification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
 }
 
 _lock = threading.Lock()
@@ -107,8 +110,10 @@ def register_placeholders() -> None:
             key = MODEL_TYPE_PREFIX + base_type
             if key in CONFIG_MAPPING:
                 continue
+            qualname = "_placeholder_" + re.sub(r"\W", "_", base_type)
             placeholder = type(f"IBNorm{cls_name}", (_Placeholder,), {
-                "model_type": key, "ibnorm_base_model_type": base_type, "__module__": __name__})
+                "model_type": key, "ibnorm_base_model_type": base_type, "__module__": __name__, "__qualname__": qualname})
+            globals()[qualname] = placeholder  # picklable by reference, like any class
             CONFIG_MAPPING.register(key, placeholder, exist_ok=True)
         _state["placeholders"] = True
 
