@@ -32,10 +32,10 @@ import json, sys, time
 t = time.perf_counter()
 import torch
 from ibnorm.io.sources import load_source
-from ibnorm.data import read_texts, token_blocks
+from ibnorm.data import read_texts, token_examples
 src = load_source(sys.argv[1])
 load_s = time.perf_counter() - t
-ids = token_blocks(src.tokenizer, read_texts(sys.argv[2]), int(sys.argv[4]), int(sys.argv[3]))
+ids = token_examples(src.tokenizer, read_texts(sys.argv[2]), int(sys.argv[4]), int(sys.argv[3]))
 bs = int(sys.argv[5])
 times = []
 with torch.no_grad():

@@ -90,7 +90,7 @@ def measure(work: Path, convert_args: list[str], blocks: int, seq_len: int, n_do
     import transformers
 
     import ibnorm
-    from ibnorm.data import read_texts, token_blocks
+    from ibnorm.data import read_texts, token_examples
     from safetensors.torch import load_file
 
     shutil.rmtree(work, ignore_errors=True)
@@ -102,7 +102,7 @@ def measure(work: Path, convert_args: list[str], blocks: int, seq_len: int, n_do
 
     tok = transformers.AutoTokenizer.from_pretrained(v1)
     texts = read_texts("builtin:pydoc:eval")
-    ids = token_blocks(tok, texts, seq_len, blocks)
+    ids = token_examples(tok, texts, seq_len, blocks)
     reference = ibnorm.load(v1)
     with torch.no_grad():
         ref = reference(ids).logits
