@@ -524,7 +524,6 @@ FINETUNE_CASES = [(["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--trai
                   (["--seq-len", "0"], "--seq-len"), (["--seq-len", "100000"], "--seq-len")]
 
 
-@NEEDS_PIPELINE
 @pytest.mark.parametrize("args,fragment", FINETUNE_CASES)
 def test_finetune_cli_refusals(converted, tmp_path, args, fragment):
     from validation_helpers import assert_clean_refusal
@@ -553,7 +552,6 @@ def finetuned(converted, tmp_path_factory) -> Path:
     return root
 
 
-@NEEDS_PIPELINE
 @pytest.mark.parametrize("damage", ["junk", "truncated", "other_run"])
 def test_finetune_resume_refuses_foreign_or_broken_checkpoints(converted, finetuned, tmp_path, damage):
     from validation_helpers import assert_clean_refusal
@@ -569,7 +567,6 @@ def test_finetune_resume_refuses_foreign_or_broken_checkpoints(converted, finetu
     assert_clean_refusal(run_cli(*_finetune_args(converted, tmp_path / "ft"), "--steps", "2", "--resume", *extra))
 
 
-@NEEDS_PIPELINE
 def test_finetune_force_clears_old_checkpoints(converted, tmp_path):
     out = tmp_path / "ft"
     old = tmp_path / "ft-checkpoints" / "step-0000099"
@@ -580,7 +577,6 @@ def test_finetune_force_clears_old_checkpoints(converted, tmp_path):
     assert [p.name for p in sorted((tmp_path / "ft-checkpoints").glob("step-*"))] == ["step-0000001"]
 
 
-@NEEDS_PIPELINE
 def test_convert_output_mode_follows_umask(source_dir, tmp_path):
     from ibnorm.io.atomic import current_umask
 
@@ -590,7 +586,6 @@ def test_convert_output_mode_follows_umask(source_dir, tmp_path):
         assert f.stat().st_mode & 0o777 == 0o666 & ~current_umask(), f
 
 
-@NEEDS_PIPELINE
 @pytest.mark.parametrize("size,shards", [("2GiB", 1), ("64KiB", None)])
 def test_convert_shard_size_units(source_dir, tmp_path, size, shards):
     """The units `--help` shows work on the in-memory path; the shards hold the clean conversion's tensors."""

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import IBNormError
 from ..layers import IBNormBase, project_lambdas
 from ..loading import open_model
-from ..validate import run_fingerprint, validate_finetune_options
+from ..validate import check_seq_len, run_fingerprint, validate_finetune_options
 from .checkpoints import latest_checkpoint, prepare_directory, resume, save_checkpoint
 from .data import Examples, build_examples, evaluate_loss, loss_of, read_data
 from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, FinetuneOptions, FinetuneResult, Progress, global_batch_indices, lr_at
@@ -81,6 +81,8 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
     random.seed(opts.seed)
 
     loaded = open_model(path)
+    if not raw.images:
+        check_seq_len(opts.seq_len, getattr(loaded.model, "config", None))  # within the model's positions
     train_set, held_out = build_examples(raw, loaded, opts, path)
     fingerprint = run_fingerprint(path, opts.recipe(), [train_set.fingerprint()])
     if accelerator.is_main_process:

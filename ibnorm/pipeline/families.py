@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..data import image_folder, is_image_folder, load_images, param_dtype, read_texts, timm_eval_transform, token_examples
 from ..errors import IBNormError
+from ..validate import parse_size
 from .layout import Blocks, find_blocks
 
 
@@ -54,7 +55,8 @@ class ModelFamily:
 
     # --- saving -------------------------------------------------------------------------------
     def save_weights(self, model: nn.Module, directory: Path, shard_size: str) -> None:
-        model.save_pretrained(directory, safe_serialization=True, max_shard_size=shard_size)
+        # transformers reads only SI units; every size ibnorm accepts (2GiB too) is passed as bytes
+        model.save_pretrained(directory, safe_serialization=True, max_shard_size=parse_size(shard_size))
 
     def base_config(self, model: nn.Module, directory: Path, source: dict) -> dict:
         """The source's config.json content (read back from what ``save_weights`` wrote)."""
