@@ -108,20 +108,23 @@ def sass_lines(cubin: bytes) -> list[str]:
         if label:
             lines.append("LABEL " + label.group(1))
             continue
-        ins = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        ins = re.match(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
         if ins:
-            lines.append(ins.group(1).strip())
+            # branch targets print as labels or as addresses: keep the address as a label too
+            lines.append(f"ADDR {int(ins.group(1), 16)}")
+            lines.append(ins.group(2).strip())
     return lines
 
 
 def loop_split(lines: list[str]) -> tuple[list[str], list[str]]:
     """(loop body, everything else) for the outermost backward branch; no loop → ([], all)."""
-    labels = {l.split()[1]: i for i, l in enumerate(lines) if l.startswith("LABEL")}
+    labels = {l.split()[1]: i for i, l in enumerate(lines) if l.startswith(("LABEL", "ADDR"))}
     best = None
     for i, l in enumerate(lines):
-        m = re.search(r"\bBRA\b.*\(\.(L_x_\d+)\)", l)
-        if m and labels.get(m.group(1), i + 1) < i:
-            start = labels[m.group(1)]
+        m = re.search(r"\bBRA\b.*?(?:\(\.(L_x_\d+)\)|\b0x([0-9a-f]+))", l)
+        target = None if m is None else (m.group(1) or str(int(m.group(2), 16)))
+        if target is not None and labels.get(target, i + 1) < i:
+            start = labels[target]
             if best is None or i - start > best[1] - best[0]:
                 best = (start, i)
     if best is None:
@@ -130,7 +133,7 @@ def loop_split(lines: list[str]) -> tuple[list[str], list[str]]:
 
 
 def count(lines: list[str]) -> tuple[int, int, int]:
-    ins = [l for l in lines if not l.startswith("LABEL")]
+    ins = [l for l in lines if not l.startswith(("LABEL", "ADDR"))]
     return len(ins), sum("MUFU" in l for l in ins), sum(re.search(r"\bBAR\.(SYNC|RED)", l) is not None for l in ins)
 
 
