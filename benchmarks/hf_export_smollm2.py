@@ -100,6 +100,14 @@ def measure(work: Path, convert_args: list[str], blocks: int, seq_len: int, n_do
     t_convert = _run([sys.executable, "-m", "ibnorm_cli", "convert", "smollm2-135m", *convert_args, "--out", str(v1)], work, True)
     shutil.copytree(v1, v2)
     t_upgrade = _run([sys.executable, "-m", "ibnorm_cli", "upgrade", str(v2)], work, True)
+    old = v1  # what stock transformers misreads: a base config.json beside IBNorm weights
+    config = json.loads((v1 / "config.json").read_text())
+    if config["model_type"].startswith("ibnorm_"):  # convert already wrote the new format: make a format-1 config
+        from ibnorm.hf import base_config_dict
+
+        old = work / "format1"
+        shutil.copytree(v1, old)
+        (old / "config.json").write_text(json.dumps(base_config_dict(config)))
 
     tok = transformers.AutoTokenizer.from_pretrained(v1)
     texts = read_texts("builtin:pydoc:eval")
@@ -108,7 +116,7 @@ def measure(work: Path, convert_args: list[str], blocks: int, seq_len: int, n_do
     with torch.no_grad():
         ref = reference(ids).logits
         registered = transformers.AutoModelForCausalLM.from_pretrained(v2).eval()(ids).logits
-        stock_v1 = transformers.AutoModelForCausalLM.from_pretrained(v1).eval()(ids).logits
+        stock_v1 = transformers.AutoModelForCausalLM.from_pretrained(old).eval()(ids).logits
     prompt = "The Python language reference"
     job = {"out": str(work), "families": {"smollm2": {"dir": str(v2), "auto": "AutoModelForCausalLM", "ids": ids.tolist()}},
            "lm": {"dir": str(v2), "prompt": prompt}}
