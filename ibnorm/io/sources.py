@@ -98,6 +98,15 @@ def refuse_converted(path: Path) -> None:
 
     from .manifest import MANIFEST
 
+    if path.is_dir() and not (path / MANIFEST).is_file():
+        try:  # a converted model re-saved by transformers: its own architecture, no manifest
+            model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+        except (OSError, ValueError, AttributeError):
+            return
+        if isinstance(model_type, str) and model_type.startswith("ibnorm_"):
+            raise SourceError(f"{path} holds an ibnorm-converted model ({model_type}): load it with ibnorm.load or "
+                              f"transformers, or convert its source")
+        return
     if not (path.is_dir() and (path / MANIFEST).is_file()):
         return
     try:
