@@ -460,3 +460,15 @@ def test_upgrade_cli(dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model_type"] == "ibnorm_gpt2"
     assert json.loads((d / "config.json").read_text())["model_type"] == "ibnorm_gpt2"
+
+
+def test_resaved_converted_model_is_refused_as_a_source(dirs, tmp_path):
+    """A converted model saved back by transformers (its own architecture, no manifest) is not read as a source."""
+    from ibnorm.errors import SourceError
+
+    d = tmp_path / "resaved"
+    shutil.copytree(dirs["llama"][2], d)
+    (d / "ibnorm_manifest.json").unlink()
+    with pytest.raises(SourceError, match="ibnorm-converted model"):
+        ibnorm.convert_checkpoint(str(d), tmp_path / "out", ibnorm.ConvertOptions(lam=0.0))
+    assert not (tmp_path / "out").exists()
