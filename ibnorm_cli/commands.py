@@ -191,15 +191,18 @@ def eval_command(
     """Perplexity (causal LMs), top-1 accuracy (image classifiers) or embedding agreement (encoders, with --compare)."""
     with user_errors():
         quiet_libraries()
+        from ibnorm.evaluate import check_comparable
         from ibnorm.evaluate import compare as compare_results
         from ibnorm.evaluate import evaluate_model
         from ibnorm.loading import open_model
 
         first = open_model(path)
+        second = open_model(compare) if compare else None
+        if second is not None:
+            check_comparable(first.task, second.task, path, compare)
         res_a = evaluate_model(first, first.model, data, seq_len, max_tokens, text_field)
         result = {"model": path, "data": data, "task": first.task, **{k: v for k, v in res_a.items() if not k.startswith("_")}}
-        if compare:
-            second = open_model(compare)
+        if second is not None:
             res_b = evaluate_model(second, second.model, data, seq_len, max_tokens, text_field)
             both = compare_results(dict(res_b), dict(res_a))
             result = {"model": path, "compare": compare, "data": data, "task": first.task, **both}

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..errors import IBNormError
 from ..io.atomic import atomic_directory
 from ..io.checkpoint import write_json_atomic
-from ..validate import check_resume
+from ..validate import load_trainer_state, read_checkpoint
 from .options import FinetuneOptions, FinetuneResult
 
 _KEEP = 2  # newest checkpoints kept
@@ -79,24 +79,22 @@ class Resumed:
 
 
 def resume(directory: Path, model: nn.Module, optimizer, fingerprint: str) -> Resumed:
-    """Restore the newest checkpoint of this run: weights (strictly), optimizer, RNG and progress."""
-    from safetensors import SafetensorError
+    """Restore the newest checkpoint of this run: weights (strictly), optimizer, RNG and progress.
+
+    ``validate.read_checkpoint`` refuses, before anything is restored, a damaged checkpoint, one of
+    another run (fingerprint), and weights that would not restore every parameter exactly."""
     from safetensors.torch import load_file
 
     ckpt = latest_checkpoint(directory)
     if ckpt is None:
         raise IBNormError(f"--resume: no checkpoint in {directory}")
-    try:
-        progress = json.loads((ckpt / "progress.json").read_text())
-        state = load_file(str(ckpt / "model.safetensors"))
-        trainer = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, EOFError) as e:
-        raise IBNormError(f"--resume: checkpoint {ckpt} is unreadable ({type(e).__name__}); delete it to use an older one") from None
-    check_resume(ckpt, progress, fingerprint)
-    expected = set(dedup(model.state_dict()))
-    if set(state) != expected:
-        extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
-        raise IBNormError(f"--resume: {ckpt} does not fit this model ({len(missing)} tensors missing, {len(extra)} unexpected)")
+    stored = dedup(model.state_dict())
+    params = {n: tuple(p.shape) for n, p in stored.items() if p.is_floating_point()}
+    progress = read_checkpoint(ckpt, fingerprint, params)
+    trainer = load_trainer_state(ckpt / "trainer_state.pt")
+    state = load_file(str(ckpt / "model.safetensors"))
+    if set(state) != set(stored):
+        raise IBNormError(f"--resume: {ckpt} does not fit this model (tensors differ)")
     model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

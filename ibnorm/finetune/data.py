@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..data import image_folder, is_image_folder, load_images, read_texts, timm_eval_transform, token_examples
+from ..data import check_images, image_folder, is_image_folder, load_images, read_texts, timm_eval_transform, token_examples
 from ..errors import IBNormError
 from ..io.sources import LoadedModel
 from .options import FinetuneOptions
@@ -47,7 +47,11 @@ class RawData:
 def read_data(opts: FinetuneOptions) -> RawData:
     """Read (and so validate) the data before any model work."""
     if is_image_folder(opts.data):
-        return RawData(True, image_folder(opts.data), image_folder(opts.eval_data) if opts.eval_data else None)
+        folders = (image_folder(opts.data), image_folder(opts.eval_data) if opts.eval_data else None)
+        for folder in folders:
+            if folder is not None:
+                check_images(folder)
+        return RawData(True, *folders)
     return RawData(False, read_texts(opts.data, opts.text_field),
                    read_texts(opts.eval_data, opts.text_field) if opts.eval_data else None)
 

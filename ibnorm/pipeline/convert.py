@@ -23,7 +23,7 @@ from .calibrate import Calibrated, build, calibrate, install
 from .check import check
 from .manifest import build_manifest
 from .options import ConversionResult, ConvertOptions, Progress, layer_record, no_progress
-from ..data import param_dtype
+from ..data import check_images, check_text_data, image_folder, is_image_folder, param_dtype
 from .plan import Plan, needs_streaming, plan_in_memory, plan_streamed
 from .write import write_in_memory, write_streamed
 
@@ -99,6 +99,9 @@ def convert_checkpoint(
                              seq_len=opts.seq_len, shard_size=shard_size, source=resolved, weights=weights,
                              random_weights=not pretrained and weights is None and resolved.startswith("timm:"))
     refuse_converted(Path(resolved))
+    if opts.calib is not None:  # the data is read (and so checked) before any model work
+        check_images(image_folder(opts.calib), opts.calib_samples) if is_image_folder(opts.calib) \
+            else check_text_data(opts.calib, opts.text_field)
     stream_dir = _streams(source, opts, stream, weights)
     if stream_dir is not None and eval_data:
         raise IBNormError("--eval needs the whole model in memory; evaluate the output with `ibnorm eval` instead")
