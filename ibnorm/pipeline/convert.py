@@ -99,9 +99,10 @@ def convert_checkpoint(
                              seq_len=opts.seq_len, shard_size=shard_size, source=resolved, weights=weights,
                              random_weights=not pretrained and weights is None and resolved.startswith("timm:"))
     refuse_converted(Path(resolved))
-    if opts.calib is not None:  # the data is read (and so checked) before any model work
-        check_images(image_folder(opts.calib), opts.calib_samples) if is_image_folder(opts.calib) \
-            else check_text_data(opts.calib, opts.text_field)
+    if opts.calib is not None and is_image_folder(opts.calib):  # the data is checked before any model work
+        check_images(image_folder(opts.calib), opts.calib_samples)
+    elif opts.calib is not None:
+        check_text_data(opts.calib, opts.text_field)
     stream_dir = _streams(source, opts, stream, weights)
     if stream_dir is not None and eval_data:
         raise IBNormError("--eval needs the whole model in memory; evaluate the output with `ibnorm eval` instead")
