@@ -46,7 +46,7 @@ _OPS = ("tanh", "log", "power")
 
 
 @dataclass(frozen=True)
-class _LamConsts:
+class LamConstants:
     """What s_λ needs, derived once from one λ tensor (scalar or per channel), in the compute dtype.
 
     λ = 0 channels get ``a = 0`` and ``b = 0`` (their compressed value is 0) and ``keep = 1``, so
@@ -67,11 +67,11 @@ class _LamConsts:
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _derive(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
+def _derive(lam: Tensor, op: str, ct: torch.dtype) -> LamConstants | None:
     eff = lam.detach().to(ct).clamp_min(0.0)
     is_zero = eff == 0
     if bool(is_zero.all()):
-        return _LamConsts(True)
+        return LamConstants(True)
     if bool(((eff > 0) & (eff < _TINY_LAM)).any()):
         return None
     safe = torch.where(is_zero, torch.ones_like(eff), eff)
@@ -80,16 +80,16 @@ def _derive(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
     lam32 = eff.to(torch.float32).reshape(-1).contiguous()
     if op == "tanh" and float(safe.min()) >= _LOGISTIC_MIN_LAM:
         # tanh(λz)/λ = σ(2λz)·(2/λ) − 1/λ
-        return _LamConsts(False, "logistic", 2.0 * safe, 2.0 * live / safe, -live / safe, keep, lam32)
+        return LamConstants(False, "logistic", 2.0 * safe, 2.0 * live / safe, -live / safe, keep, lam32)
     if op == "tanh":
-        return _LamConsts(False, "expm1", -2.0 * safe, -live / safe, None, keep, lam32)
+        return LamConstants(False, "expm1", -2.0 * safe, -live / safe, None, keep, lam32)
     if op == "log":
-        return _LamConsts(False, "log", safe, live / safe, None, keep, lam32)
+        return LamConstants(False, "log", safe, live / safe, None, keep, lam32)
     p = 1.0 / (1.0 + safe)  # power: (exp(p·log1p|z|) − 1)/p; no cancellation trouble since p ≥ 1/(1+λ)
-    return _LamConsts(False, "power", p, live / p, -live / p, keep, lam32)
+    return LamConstants(False, "power", p, live / p, -live / p, keep, lam32)
 
 
-def lam_constants(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
+def lam_constants(lam: Tensor, op: str, ct: torch.dtype) -> LamConstants | None:
     """Cached constants for ``lam``; None when this λ needs the reference (tiny positive λ)."""
     if lam.is_inference():  # no version counter to detect in-place changes: derive every time
         return _derive(lam, op, ct)
@@ -114,7 +114,7 @@ def _no_grad_needed(*ts: Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)
 
 
-def compress_fast(z: Tensor, k: _LamConsts) -> Tensor:
+def compress_fast(z: Tensor, k: LamConstants) -> Tensor:
     """s_λ(z) from the closed forms with the constants ``k``; λ = 0 channels are z exactly.
 
     Without autograd the steps run in place (fewer allocations and passes over memory).
