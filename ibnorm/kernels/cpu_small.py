@@ -50,6 +50,7 @@ def _library():
     src = _SOURCE.read_bytes()
     cache = Path(os.environ.get("IBNORM_CACHE") or Path.home() / ".cache" / "ibnorm")
     lib = cache / f"cpu_rows-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    tmp = None
     try:
         if not lib.exists():
             cache.mkdir(parents=True, exist_ok=True)
@@ -59,9 +60,13 @@ def _library():
             subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(_SOURCE), "-lm"],
                            check=True, capture_output=True, timeout=120)
             os.replace(tmp, lib)  # atomic: concurrent processes never load a half-written file
+            tmp = None
         fn = ctypes.CDLL(str(lib)).ibnorm_rows
     except (OSError, subprocess.SubprocessError):
         return None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
     vp, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     fn.argtypes = [vp, i, vp, vp, i, vp, i, vp, i, lg, lg, f, f, i, i]
     fn.restype = i
