@@ -11,7 +11,7 @@ import ibnorm
 import reference64 as ref
 from ibnorm import functional as IBF
 from ibnorm.calibration.fit import LAMBDA_GRID, channel_errors
-from ibnorm.kernels import cpu_rownorm
+from ibnorm.kernels import cpu_rownorm, cpu_small
 
 OPS = ["tanh", "log", "power"]
 H = 40
@@ -33,6 +33,22 @@ def _case(centered: bool, per_channel: bool, dtype=torch.float32, degenerate: bo
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype), lam
 
 
+@pytest.fixture(params=["c", "torch"])
+def path(request, monkeypatch):
+    """Both CPU forms: the small C kernel (decode-sized inputs) and the few-op torch form."""
+    if request.param == "c":
+        if not cpu_small.available():
+            pytest.skip("no C compiler: the torch form serves")
+        calls = []
+        real = cpu_small.row_norm
+        monkeypatch.setattr(cpu_small, "row_norm", lambda *a: calls.append(1) or real(*a))
+        yield "c"
+        assert calls, "the C kernel was not used"
+    else:
+        monkeypatch.setattr(cpu_small, "applies", lambda *a: False)
+        yield "torch"
+
+
 def _fast(x, w, b, lam, op, centered, eps=1e-5):
     y = cpu_rownorm.row_norm(x, (H,), w, b, lam, op, eps, centered)
     assert y is not None, "the fast path declined"
@@ -42,7 +58,7 @@ def _fast(x, w, b, lam, op, centered, eps=1e-5):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("per_channel", [False, "large", "small"])
-def test_forward_float32_matches_float64_reference(op, centered, per_channel):
+def test_forward_float32_matches_float64_reference(op, centered, per_channel, path):
     x, w, b, lam = _case(centered, per_channel)
     got = _fast(x, w, b, lam, op, centered)
     want = ref.row_norm(x.double(), w, b, lam.double(), op, 1e-5, centered)
@@ -52,7 +68,7 @@ def test_forward_float32_matches_float64_reference(op, centered, per_channel):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("centered", [False, True])
-def test_forward_bfloat16_is_within_rounding_of_reference(op, centered):
+def test_forward_bfloat16_is_within_rounding_of_reference(op, centered, path):
     x, w, b, lam = _case(centered, True, torch.bfloat16)
     got = _fast(x, w, b, lam, op, centered)
     assert got.dtype == torch.bfloat16
@@ -61,7 +77,7 @@ def test_forward_bfloat16_is_within_rounding_of_reference(op, centered):
     torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-2)
 
 
-def test_multi_dimensional_normalized_shape():
+def test_multi_dimensional_normalized_shape(path):
     x = torch.randn(4, 6, 8) * 3
     lam = torch.rand(6, 8)
     lam[0] = 0.0
@@ -120,7 +136,7 @@ def test_lambda_zero_equals_torch_rmsnorm_and_hf_llama_rmsnorm_bit_for_bit():
         assert torch.equal(ib_hf(x), hf(x))
 
 
-def test_cached_constants_follow_in_place_lambda_updates():
+def test_cached_constants_follow_in_place_lambda_updates(path):
     x, w, _, lam = _case(False, True)
     lam = lam.clone()
     before = _fast(x, w, None, lam, "tanh", False)

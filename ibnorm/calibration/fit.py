@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..compression import compress
-from ..kernels.cpu_rownorm import compress_fast, lam_constants
+from ..kernels.cpu_rownorm import LamConstants, compress_fast, lam_constants
 from ..layers import IBNormBase, from_spec
 from ..spec import NormSpec
 
@@ -77,7 +77,7 @@ def channel_errors(z: Tensor, op: str, grid: tuple[float, ...], centered: bool) 
     return errors
 
 
-def _grid_errors(z: Tensor, consts, g: int, centered: bool) -> Tensor:
+def _grid_errors(z: Tensor, consts: LamConstants, g: int, centered: bool) -> Tensor:
     rows, ch = z.shape
     # Centred: sums of shifted values (z − z̄, c − s_λ(z̄)), so a channel with a large mean and a
     # small spread (massive activations) loses nothing to cancellation; covariances do not

@@ -13,6 +13,9 @@ the transcendental function.  This form computes the same function with about a 
   exp(p·log1p|z|) for power; λ = 0 channels come out as exactly z (``c + 1·z`` with c = 0);
 * step 4 from one more reduction of c, with the reference's floors (√max(v, δ)), and the affine.
 
+Decode-sized inputs (≤ 32768 elements, no gradient wanted) go through one call of a small C
+function when a C compiler is available (``cpu_small``); this torch form serves otherwise.
+
 A layer whose λ is 0 everywhere skips steps 3–4 and runs the reference's own ops, so it equals
 the reference — and the source norm — bit for bit.  λ gradients are not provided: a λ that
 requires grad (fine-tuning λ) takes the reference, which has the exact derivative at λ = 0.
@@ -30,6 +33,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..functional import RESTANDARDIZE_FLOOR, compute_dtype
+from . import cpu_small
 
 # Below this λ the closed forms lose precision to underflow of λ·z; the reference's series serves.
 _TINY_LAM = 1e-20
@@ -42,7 +46,7 @@ _OPS = ("tanh", "log", "power")
 
 
 @dataclass(frozen=True)
-class _LamConsts:
+class LamConstants:
     """What s_λ needs, derived once from one λ tensor (scalar or per channel), in the compute dtype.
 
     λ = 0 channels get ``a = 0`` and ``b = 0`` (their compressed value is 0) and ``keep = 1``, so
@@ -55,6 +59,7 @@ class _LamConsts:
     a: Tensor | None = None  # outer multiplier
     b: Tensor | None = None  # outer offset
     keep: Tensor | None = None  # 1 on λ = 0 channels; None when there are none
+    lam32: Tensor | None = None  # effective λ, flat contiguous float32 (for the small C kernel)
 
 
 # Keyed by the λ tensor itself (by identity, dropped when the tensor dies); the value records the
@@ -62,29 +67,32 @@ class _LamConsts:
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _derive(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
+def _derive(lam: Tensor, op: str, ct: torch.dtype) -> LamConstants | None:
     eff = lam.detach().to(ct).clamp_min(0.0)
     is_zero = eff == 0
     if bool(is_zero.all()):
-        return _LamConsts(True)
+        return LamConstants(True)
     if bool(((eff > 0) & (eff < _TINY_LAM)).any()):
         return None
     safe = torch.where(is_zero, torch.ones_like(eff), eff)
     live = (~is_zero).to(ct)
     keep = is_zero.to(ct) if bool(is_zero.any()) else None
+    lam32 = eff.to(torch.float32).reshape(-1).contiguous()
     if op == "tanh" and float(safe.min()) >= _LOGISTIC_MIN_LAM:
         # tanh(λz)/λ = σ(2λz)·(2/λ) − 1/λ
-        return _LamConsts(False, "logistic", 2.0 * safe, 2.0 * live / safe, -live / safe, keep)
+        return LamConstants(False, "logistic", 2.0 * safe, 2.0 * live / safe, -live / safe, keep, lam32)
     if op == "tanh":
-        return _LamConsts(False, "expm1", -2.0 * safe, -live / safe, None, keep)
+        return LamConstants(False, "expm1", -2.0 * safe, -live / safe, None, keep, lam32)
     if op == "log":
-        return _LamConsts(False, "log", safe, live / safe, None, keep)
+        return LamConstants(False, "log", safe, live / safe, None, keep, lam32)
     p = 1.0 / (1.0 + safe)  # power: (exp(p·log1p|z|) − 1)/p; no cancellation trouble since p ≥ 1/(1+λ)
-    return _LamConsts(False, "power", p, live / p, -live / p, keep)
+    return LamConstants(False, "power", p, live / p, -live / p, keep, lam32)
 
 
-def lam_constants(lam: Tensor, op: str, ct: torch.dtype) -> _LamConsts | None:
+def lam_constants(lam: Tensor, op: str, ct: torch.dtype) -> LamConstants | None:
     """Cached constants for ``lam``; None when this λ needs the reference (tiny positive λ)."""
+    if lam.is_inference():  # no version counter to detect in-place changes: derive every time
+        return _derive(lam, op, ct)
     key = (lam._version, lam.data_ptr(), lam.device, op, ct)
     hit = _CACHE.get(lam)
     if hit is not None and hit[0] == key:
@@ -106,7 +114,7 @@ def _no_grad_needed(*ts: Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)
 
 
-def compress_fast(z: Tensor, k: _LamConsts) -> Tensor:
+def compress_fast(z: Tensor, k: LamConstants) -> Tensor:
     """s_λ(z) from the closed forms with the constants ``k``; λ = 0 channels are z exactly.
 
     Without autograd the steps run in place (fewer allocations and passes over memory).
@@ -160,6 +168,10 @@ def row_norm(
     if consts is None:
         return None
     dims = tuple(range(-len(shape), 0))
+    if not consts.all_zero and cpu_small.applies(x, weight, bias):  # decode-sized: one C call, not ~20 ops
+        y = cpu_small.row_norm(x, shape, weight, bias, consts.lam32, op, eps, centered)
+        if y is not None:
+            return y
     xf = x.to(ct)
     w = weight.to(ct) if weight is not None else None
     b = bias.to(ct) if bias is not None else None
