@@ -22,7 +22,7 @@ def main(folder: str) -> None:
     d = Path(folder)
     first = json.loads((d / "source_vs_lam0.3.json").read_text())
     results = [{"model": first["model"], "layers": first["layers"]}, *first["compare"]]
-    if (d / "finetuned.json").exists():
+    if (d / "finetuned.json").exists() and (d / "finetuned.json").stat().st_size:
         ft = json.loads((d / "finetuned.json").read_text())
         results.append({"model": ft["model"], "layers": ft["layers"]})
     (d / "information_plane.png").write_bytes(render(plane_chart(results)))
