@@ -43,11 +43,14 @@ def whiten(x: np.ndarray, max_dim: int) -> np.ndarray:
     """Centre, project on the top ``max_dim`` principal components, scale each to unit variance."""
     x = x.reshape(len(x), -1).astype(np.float64)
     x = x - x.mean(0)
-    # SVD of the data gives the principal axes; components with ~zero variance carry no information
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    keep = s > s[0] * 1e-7 if len(s) and s[0] > 0 else np.zeros(0, bool)
+    # principal axes from the d×d covariance (much cheaper than an SVD of the n×d data for n ≫ d);
+    # components with ~zero variance carry no information and are dropped
+    evals, evecs = np.linalg.eigh(x.T @ x / max(len(x), 1))
+    order = np.argsort(evals)[::-1]
+    evals, evecs = evals[order], evecs[:, order]
+    keep = evals > evals[0] * 1e-14 if len(evals) and evals[0] > 0 else np.zeros(len(evals), bool)
     keep[max_dim:] = False
-    z = x @ vt[keep].T
+    z = x @ evecs[:, keep]
     return z / np.maximum(z.std(0), 1e-300)
 
 

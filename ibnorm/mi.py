@@ -155,7 +155,7 @@ def layer_information(x: Tensor, t: Tensor, y: np.ndarray, opts: MIOptions) -> d
     rng = np.random.default_rng(opts.seed + 7)
     tw = whiten(t.numpy(), opts.dims)
     t_noisy = tw + opts.noise * rng.standard_normal(tw.shape)
-    xn = x.numpy()
+    xn = whiten(x.numpy(), opts.dims)  # once here: every estimate below sees the same projection of X
 
     def ixt(idx=slice(None)) -> float:
         return mutual_information(xn[idx], t_noisy[idx], estimator=opts.estimator, k=opts.k, max_dim=opts.dims, seed=opts.seed)
