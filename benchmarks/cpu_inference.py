@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import ibnorm  # noqa: E402
 from _common import print_and_save  # noqa: E402
-from ibnorm.data import read_texts, token_blocks  # noqa: E402
+from ibnorm.data import read_texts, token_examples  # noqa: E402
 from ibnorm.io.sources import load_source  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     args = _parse()
     torch.manual_seed(0)
     tok, source, converted, how, load_s = _models(args)
-    ids = token_blocks(tok, read_texts("builtin:pydoc:eval"), args.prefill_len, args.batch)
+    ids = token_examples(tok, read_texts("builtin:pydoc:eval"), args.prefill_len, args.batch)
     prompt = ids[:1, : args.prompt_len]
     rows = []
     for dtype_name in args.dtypes:
