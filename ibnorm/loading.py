@@ -12,12 +12,12 @@ from .errors import IBNormError, SourceError
 from .io.manifest import MANIFEST, read_manifest
 from .io.safetensors_index import TensorIndex
 from .io.sources import TIMM_PREFIX, LoadedModel, load_source
-from .layers import from_spec
+from .layers import IBNormBase, from_spec
 from .recognize import recognize
 from .surgery import set_submodule
 
 
-def _skeleton(path: Path, manifest: dict) -> nn.Module:
+def skeleton(path: Path, manifest: dict) -> nn.Module:
     """The architecture without weights: timm on CPU (small), transformers on the meta device."""
     cfg = json.loads((path / "config.json").read_text())
     if manifest["family"] == "timm":
@@ -30,14 +30,15 @@ def _skeleton(path: Path, manifest: dict) -> nn.Module:
 
     from .hf.export import base_config
 
-    config = base_config(cfg)  # the base architecture; its norms are replaced from the manifest below
+    config = base_config(cfg)  # the base architecture; its norms are replaced from the manifest
     auto = transformers.AutoModelForCausalLM if manifest["task"] == "causal-lm" else transformers.AutoModel
     with init_empty_weights(include_buffers=False):
         return auto.from_config(config).eval()
 
 
-def _install_ibnorm_layers(model: nn.Module, manifest: dict) -> None:
-    op = manifest["options"]["op"]
+def layers_from_manifest(model: nn.Module, manifest: dict) -> dict[str, IBNormBase]:
+    """The IBNorm module of every layer the manifest lists (λ zero until the weights are loaded)."""
+    out = {}
     for layer in manifest["layers"]:
         try:
             module = model.get_submodule(layer["name"])
@@ -46,10 +47,12 @@ def _install_ibnorm_layers(model: nn.Module, manifest: dict) -> None:
         spec = recognize(module)
         if spec is None:
             raise IBNormError(f"manifest names {layer['name']!r} as a norm, but it is a {type(module).__name__}")
+        op = layer.get("op") or manifest["options"]["op"]
         new = from_spec(spec, op=op, lam=torch.zeros(layer["lam_shape"]), grouping=layer["grouping"])
         if type(new).__name__ != layer["new_class"]:
             raise IBNormError(f"manifest says {layer['name']} is {layer['new_class']}, rebuilt as {type(new).__name__}")
-        set_submodule(model, layer["name"], new)
+        out[layer["name"]] = new
+    return out
 
 
 def _check_lambdas(index: TensorIndex, manifest: dict) -> None:
@@ -69,8 +72,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     manifest = read_manifest(path)
     index = TensorIndex.open(path)
     _check_lambdas(index, manifest)
-    model = _skeleton(path, manifest)
-    _install_ibnorm_layers(model, manifest)
+    model = skeleton(path, manifest)
+    for name, module in layers_from_manifest(model, manifest).items():
+        set_submodule(model, name, module)
     state = {name: index.get(name) for name in index.tensors}
     index.close()
     try:

@@ -31,30 +31,12 @@ def _read_json(path: Path) -> dict:
 
 def _hf_layer_entries(path: Path, manifest: dict) -> list[dict]:
     """Rebuild each layer as ``ibnorm.load`` does (base skeleton on the meta device) and describe it."""
-    import torch
-    import transformers
-    from accelerate import init_empty_weights
+    from ..loading import layers_from_manifest, skeleton
 
-    from ..layers import from_spec
-    from ..recognize import recognize
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    auto = transformers.AutoModelForCausalLM if manifest["task"] == "causal-lm" else transformers.AutoModel
-    with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config)
     entries = []
-    for layer in manifest["layers"]:
+    for name, module in layers_from_manifest(skeleton(path, manifest), manifest).items():
         try:
-            module = model.get_submodule(layer["name"])
-        except AttributeError:
-            raise IBNormError(f"manifest names layer {layer['name']!r}, which the architecture does not have") from None
-        spec = recognize(module)
-        if spec is None:
-            raise IBNormError(f"manifest names {layer['name']!r} as a norm, but it is a {type(module).__name__}")
-        new = from_spec(spec, op=layer.get("op", manifest["options"]["op"]), lam=torch.zeros(layer["lam_shape"]),
-                        grouping=layer["grouping"])
-        try:
-            entries.append(layer_entry(layer["name"], new))
+            entries.append(layer_entry(name, module))
         except ValueError as e:
             raise IBNormError(str(e)) from None
     return entries
