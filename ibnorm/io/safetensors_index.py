@@ -101,16 +101,21 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def strict_json(raw: bytes, where: Path | str, what: str) -> object:
+    """UTF-8 JSON with no repeated keys, no NaN/Infinity and bounded nesting; one error line naming ``what``."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _Duplicate as e:
+        raise CorruptFileError(f"{where} is corrupt: {what} names {e.args[0]!r} twice") from None
+    except RecursionError:
+        raise CorruptFileError(f"{where} is corrupt: {what} is nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise CorruptFileError(f"{where} is corrupt: {what} is not valid JSON") from None
+
+
 def parse_header_json(raw: bytes, where: Path | str) -> dict:
     """The JSON header as a dict: valid UTF-8 JSON, an object, no repeated keys, nesting bounded."""
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except _Duplicate as e:
-        raise CorruptFileError(f"{where} is corrupt: its safetensors header names {e.args[0]!r} twice") from None
-    except RecursionError:
-        raise CorruptFileError(f"{where} is corrupt: its safetensors header is nested too deeply") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        raise CorruptFileError(f"{where} is corrupt: its safetensors header is not valid JSON") from None
+    header = strict_json(raw, where, "its safetensors header")
     if not isinstance(header, dict):
         raise CorruptFileError(f"{where} is corrupt: its safetensors header is a {type(header).__name__}, not an object")
     meta = header.get("__metadata__", {})
@@ -232,14 +237,7 @@ def read_index(index_file: Path) -> dict[str, str]:
         raise SourceError(f"cannot read {index_file}: {e.strerror}") from None
     if len(raw) > _MAX_HEADER:
         raise CorruptFileError(f"{index_file} is corrupt: {len(raw)} bytes is too large for a shard index")
-    try:
-        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except _Duplicate as e:
-        raise CorruptFileError(f"{index_file} is corrupt: it names {e.args[0]!r} twice") from None
-    except RecursionError:
-        raise CorruptFileError(f"{index_file} is corrupt: nested too deeply") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        raise CorruptFileError(f"{index_file} is corrupt (not JSON)") from None
+    index = strict_json(raw, index_file, "its shard index")
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise CorruptFileError(f"{index_file} is corrupt (no weight_map object)")
     weight_map = index["weight_map"]
