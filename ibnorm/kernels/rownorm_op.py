@@ -8,6 +8,7 @@ knows the output shapes.  The backward computes only the gradients autograd asks
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -30,25 +31,52 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+    """Launch shape of the persistent backward (chosen with benchmarks/kernel_static.py on sm_90 and
+    benchmarks/gpu_diagnose.py on a GPU): warps per program, RELOAD, HALVES, software-pipelining
+    stages of the row loop, and persistent programs per SM."""
+
+    warps: int
+    reload: bool
+    halves: bool
+    stages: int = 3  # Triton's default for a launch
+    programs_per_sm: int = 1
+    prefetch: bool = False  # only the one-block kernel (not HALVES) has it
+
+
 def forward_warps(block: int, centered: bool) -> int:
-    """Warps per row program in the forward (from benchmarks/kernel_static.py on sm_90): 32
-    elements per thread amortise the row reductions while registers still allow ≥ 16 warps per SM."""
+    """Warps per row program in the forward: 32 elements per thread amortise the row reductions
+    while registers still allow ≥ 16 warps per SM (benchmarks/kernel_static.py on sm_90); on an
+    H200 the centred kernel at 8192 columns was faster with 16 per thread (4 warps: 65 vs 71 µs)."""
+    if centered and block == 8192:
+        return 4
     return min(max(block // 1024, 1), 32)
 
 
-def backward_config(block: int, n_grads: int) -> tuple[int, bool, bool]:
-    """(warps, RELOAD, HALVES) of the persistent backward, chosen with benchmarks/kernel_static.py on sm_90.
-
-    Up to 8192 columns the row's values stay in registers (16 per thread).  Wider rows re-read x
+def backward_config(block: int, centered: bool, need_dlam: bool) -> BackwardConfig:
+    """Up to 8192 columns the row's values stay in registers (16 per thread).  Wider rows re-read x
     and dy after the row reduction (only the accumulators stay live) and are strip-mined in two
     halves (``ibnorm_row_bwd_halves_kernel``) so the temporaries of 32 elements per thread are
     never live at once.
+
+    Measured on an H200 (benchmarks/results/gpu_diagnose.md, GPU time by CUDA-graph replay): one
+    program per SM leaves the SM idle while a row's loads are in flight; at 4096 columns two
+    co-resident programs per SM hide it (rms 81 → 55 µs, layer 89 → 73 µs at 4096 rows), which the
+    registers allow without dλ (≤ 128 per thread at 8 warps, ≤ 255 at 4).  At 8192 a second
+    program does not fit and was slower; at 16384 the rms kernel gains from 32 warps (244 → 235 µs).
     """
-    if block <= 4096:
-        return max(block // 512, 1), False, False
-    if block <= 8192:
-        return 16, False, False
-    return (16 if block <= 16384 else 32), True, True
+    if block < 4096:
+        return BackwardConfig(max(block // 512, 1), False, False)
+    if block == 4096:
+        if need_dlam:
+            return BackwardConfig(8, False, False)
+        return BackwardConfig(4 if centered else 8, False, False, programs_per_sm=2)
+    if block == 8192:
+        return BackwardConfig(16, False, False)
+    if block == 16384:
+        return BackwardConfig(16 if centered or need_dlam else 32, True, True)
+    return BackwardConfig(32, True, True)
 
 
 def _rows(x: Tensor, n: int) -> Tensor:
@@ -61,10 +89,10 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _programs(x: Tensor, m: int) -> int:
-    # One persistent program per SM: the partial buffer stays small (programs × N fp32 per gradient).
+def _programs(x: Tensor, m: int, per_sm: int) -> int:
+    # A few persistent programs per SM: the partial buffer stays small (programs × N fp32 per gradient).
     sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 4
-    return max(1, min(m, sms))
+    return max(1, min(m, sms * per_sm))
 
 
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: Tensor, op: str, eps: float,
@@ -87,34 +115,69 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: T
 
 
 def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stats: Tensor, op: str, centered: bool,
-              needs: list[bool]) -> list[Tensor]:
-    """``needs`` = [dx, dγ, dβ, dλ]; gradients not needed come back as empty tensors."""
+              needs: list[bool]) -> list[Optional[Tensor]]:
+    """``needs`` = [dx, dγ, dβ, dλ]; gradients not needed come back as None.  dγ, dβ, dλ are fp32
+    rows of one tensor (views)."""
     n = x.shape[-1]
     x2, dy2 = _rows(x, n), _rows(dy, n)
     m = x2.shape[0]
     need_dx, need_dw, need_db, need_dl = (bool(v) for v in needs)
     need_dw = need_dw and weight is not None
-    dx = torch.empty((m, n) if need_dx else (0,), dtype=x.dtype, device=x.device)
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device) if need_dx else None
     k = need_dw + need_db + need_dl
-    programs = _programs(x2, m)
-    parts = torch.zeros((programs, max(k, 1), n), dtype=torch.float32, device=x.device)
+    block = _block(n)
+    cfg = backward_config(block, centered, need_dl)
+    programs = _programs(x2, m, cfg.programs_per_sm)
+    # Every program writes its whole slab (zeros when it has no rows), so only an empty batch needs zeros.
+    parts = (torch.empty if m > 0 else torch.zeros)((programs, max(k, 1), n), dtype=torch.float32, device=x.device)
     if m > 0 and (need_dx or k):
-        block = _block(n)
-        warps, reload, halves = backward_config(block, k)
-        kernel, extra = (ibnorm_row_bwd_halves_kernel, {}) if halves else (ibnorm_row_bwd_kernel, {"RELOAD": reload})
+        kernel, extra = ((ibnorm_row_bwd_halves_kernel, {}) if cfg.halves
+                         else (ibnorm_row_bwd_kernel, {"RELOAD": cfg.reload, "PREFETCH": cfg.prefetch}))
         kernel[(programs,)](
-            x2, dy2, dx, weight if weight is not None else x2, lam.contiguous(), stats, parts,
+            x2, dy2, dx if need_dx else x2, weight if weight is not None else x2, lam.contiguous(), stats, parts,
             x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0, m, RESTANDARDIZE_FLOOR, N=n,
             HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op],
             NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl,
-            BLOCK=block, num_warps=warps, **extra,
+            BLOCK=block, num_warps=cfg.warps, num_stages=cfg.stages, **extra,
         )
-    # Fixed-order reduction over programs: deterministic.  Separate tensors (custom-op outputs may not alias).
-    out, i = [dx.view(x.shape) if need_dx else dx], 0
+    sums = parts.sum(0) if k else None  # one fixed-order reduction over programs: deterministic
+    out, i = [dx.view(x.shape) if need_dx else None], 0
     for flag in (need_dw, need_db, need_dl):
-        out.append(parts[:, i].sum(0) if flag else x.new_empty(0, dtype=torch.float32))
+        out.append(sums[i] if flag else None)
         i += int(flag)
     return out
+
+
+def _input_grads(grads: list[Optional[Tensor]], x: Tensor, weight: Optional[Tensor], lam: Tensor) -> tuple:
+    """The kernel's (dx, dγ, dβ, dλ) in the inputs' dtypes and shapes (a scalar λ sums its row)."""
+    dx, dw, db, dl = grads
+    dweight = dw.to(weight.dtype).view(weight.shape) if dw is not None else None
+    dbias = db.to(x.dtype if weight is None else weight.dtype) if db is not None else None
+    if dl is not None:
+        dl = dl.to(lam.dtype) if lam.dim() > 0 else dl.sum().to(lam.dtype)
+    return dx, dweight, dbias, dl, None, None, None
+
+
+class _RowNormFunction(torch.autograd.Function):
+    """The eager path: a plain autograd.Function around the launches.  A ``torch.library`` custom
+    op costs tens of µs of host time per call in eager mode (measured on an H200: backward 215 µs
+    of CPU per call through it), more than the kernels themselves at LLM sizes; compiled graphs
+    use the custom ops below instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lam, op, eps, centered):
+        y, stats = _forward(x, weight, bias, lam, op, eps, centered)
+        ctx.save_for_backward(x, weight, lam, stats)
+        ctx.has_bias, ctx.op, ctx.centered = bias is not None, op, centered
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, lam, stats = ctx.saved_tensors
+        nx, nw, nb, nl = ctx.needs_input_grad[:4]
+        grads = _backward(dy, x, weight, lam, stats, ctx.op, ctx.centered, [nx, nw, nb and ctx.has_bias, nl])
+        return _input_grads(grads, x, weight, lam)
 
 
 @torch.library.custom_op("ibnorm::row_norm_fwd", mutates_args=())
@@ -133,14 +196,17 @@ def _(x, weight, bias, lam, op, eps, centered):
 @torch.library.custom_op("ibnorm::row_norm_bwd", mutates_args=())
 def row_norm_bwd_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stats: Tensor, op: str,
                     centered: bool, needs: list[bool]) -> list[Tensor]:
-    return _backward(dy, x, weight, lam, stats, op, centered, needs)
+    # Custom-op outputs may not alias each other: the gradient rows of one tensor are copied.
+    grads = _backward(dy, x, weight, lam, stats, op, centered, needs)
+    empty = x.new_empty(0, dtype=torch.float32)
+    return [empty if g is None else (g if i == 0 else g.clone()) for i, g in enumerate(grads)]
 
 
 @row_norm_bwd_op.register_fake
 def _(dy, x, weight, lam, stats, op, centered, needs):
     n = x.shape[-1]
     f32 = dict(dtype=torch.float32)
-    dx = torch.empty_like(x) if needs[0] else x.new_empty(0)
+    dx = torch.empty_like(x) if needs[0] else x.new_empty(0, **f32)
     has = [needs[1] and weight is not None, needs[2], needs[3]]
     return [dx] + [x.new_empty(n if flag else 0, **f32) for flag in has]
 
@@ -154,15 +220,10 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, dy, _dstats):
     x, weight, lam, stats = ctx.saved_tensors
-    nx, nw, nb, nl = ctx.needs_input_grad[:4]
-    dx, dw, db, dlam = row_norm_bwd_op(dy, x, weight, lam, stats, ctx.op, ctx.centered,
-                                       [nx, nw, nb and ctx.has_bias, nl])
-    dweight = dw.to(weight.dtype).view(weight.shape) if nw and weight is not None else None
-    dbias = db.to(x.dtype if weight is None else weight.dtype) if nb and ctx.has_bias else None
-    dl = None
-    if nl:
-        dl = dlam.to(lam.dtype) if lam.dim() > 0 else dlam.sum().to(lam.dtype)
-    return dx if nx else None, dweight, dbias, dl, None, None, None
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and weight is not None,
+             ctx.needs_input_grad[2] and ctx.has_bias, ctx.needs_input_grad[3]]
+    grads = row_norm_bwd_op(dy, x, weight, lam, stats, ctx.op, ctx.centered, needs)
+    return _input_grads([g if need else None for g, need in zip(grads, needs)], x, weight, lam)
 
 
 row_norm_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -171,7 +232,11 @@ row_norm_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_conte
 def row_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: Tensor, op: str, eps: float,
                 centered: bool) -> Tensor:
     """Differentiable fused row norm (the straight-through max(λ, 0) is applied in the kernels)."""
-    return row_norm_fwd_op(x, weight, bias, lam, op, eps, centered)[0]
+    if torch.compiler.is_compiling():
+        return row_norm_fwd_op(x, weight, bias, lam, op, eps, centered)[0]
+    if not torch.is_grad_enabled():
+        return _forward(x, weight, bias, lam, op, eps, centered)[0]
+    return _RowNormFunction.apply(x, weight, bias, lam, op, eps, centered)
 
 
 def supported(x: Tensor) -> bool:

@@ -217,11 +217,19 @@ def ibnorm_row_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(d * d, axis=0) * inv_n + eps)
     z = d * rstd
     c = _compress_value(z, is_zero, lam_s, inv, OP)  # 0 where masked: z = 0 there
+    # λ = 0 is structural: μ_c and v_c are selected (0 and v_z) when every λ of the row is 0, so
+    # k == 1 and y == z·γ (+β) bit for bit.  Arithmetic cannot promise it on a GPU: ptxas contracts
+    # c − d·rstd into one FMA (c − z ≠ 0) and reductions may add in different orders.
+    if LAM_PER_CHANNEL:
+        n_nonzero = tl.sum(tl.where(is_zero, 0.0, 1.0), axis=0)
+        all_zero = n_nonzero == 0.0
+    else:
+        all_zero = is_zero
     if CENTERED:
-        sc, sz = tl.reduce((c, z), 0, _add2)
-        cbar = sc * inv_n
+        sdiff, sz = tl.reduce((c - z, z), 0, _add2)
+        mu_c = tl.where(all_zero, 0.0, sdiff * inv_n)  # mean(c − z): no cancellation of two means
         zbar = sz * inv_n
-        mu_c = cbar - zbar  # = mean(c − z); exactly 0 when c == z
+        cbar = zbar + mu_c
         # Two-pass variances: mean(c) is far from 0 when one channel dominates (one-pass cancels).
         cc = c - cbar
         zc = z - zbar
@@ -229,15 +237,13 @@ def ibnorm_row_fwd_kernel(
             cc = tl.where(mask, cc, 0.0)
             zc = tl.where(mask, zc, 0.0)
         scc, szz = tl.reduce((cc * cc, zc * zc), 0, _add2)
-        vc = scc * inv_n
-        vz = szz * inv_n
     else:
         scc, szz = tl.reduce((c * c, z * z), 0, _add2)
         cbar = 0.0
         zbar = 0.0
         mu_c = 0.0
-        vc = scc * inv_n
-        vz = szz * inv_n
+    vz = szz * inv_n
+    vc = tl.where(all_zero, vz, scc * inv_n)
     k = _spread_ratio(vz, vc, delta)
     y = c - mu_c if CENTERED else c
     if HAS_W:
@@ -396,10 +402,12 @@ def ibnorm_row_bwd_kernel(
     stride_x, stride_dy, stride_dx, M, delta, N: tl.constexpr,
     HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr,
-    BLOCK: tl.constexpr, RELOAD: tl.constexpr,
+    BLOCK: tl.constexpr, RELOAD: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """RELOAD: after the row reduction, re-read x and dy (L1/L2 hits) and recompute instead of
-    keeping every per-element value live across it; wide rows need it to stay out of local memory."""
+    keeping every per-element value live across it; wide rows need it to stay out of local memory.
+    PREFETCH: issue the loads of the program's next row before working on this one, so their
+    latency overlaps this row's arithmetic (one program per SM has no other work to hide it)."""
     EVEN: tl.constexpr = N == BLOCK
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -412,13 +420,23 @@ def ibnorm_row_bwd_kernel(
     db_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     dl_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     first = pid.to(tl.int64)
+    if PREFETCH:
+        x_next = tl.load(X + first * stride_x + cols, mask=mask & (first < M), other=0.0)
+        g_next = tl.load(DY + first * stride_dy + cols, mask=mask & (first < M), other=0.0)
     for i in tl.range(0, tl.cdiv(M - pid, nprog)):
         row = first + i * nprog
         if LAM_PER_CHANNEL:
             is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            g = g_next.to(tl.float32)
+            nxt = row + nprog
+            x_next = tl.load(X + nxt * stride_x + cols, mask=mask & (nxt < M), other=0.0)
+            g_next = tl.load(DY + nxt * stride_dy + cols, mask=mask & (nxt < M), other=0.0)
+        else:
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
         z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
         if RELOAD:
