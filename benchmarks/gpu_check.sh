@@ -29,8 +29,8 @@ echo "collected $(wc -l < "$work/ids.txt") tests; running in $SHARDS shards" >> 
 for i in $(seq 0 $((SHARDS - 1))); do
   awk -v n=$SHARDS -v i=$i 'NR % n == i' "$work/ids.txt" > "$work/shard$i.txt"
   if [ -s "$work/shard$i.txt" ]; then
-    # shellcheck disable=SC2046
-    timeout 150 python -m pytest -q -p no:cacheprovider -rfE $(cat "$work/shard$i.txt") > "$work/shard$i.log" 2>&1 &
+    mapfile -t ids < "$work/shard$i.txt"  # one test id a line (ids may hold spaces)
+    timeout 150 python -m pytest -q -p no:cacheprovider -rfE "${ids[@]}" > "$work/shard$i.log" 2>&1 &
   fi
 done
 wait

@@ -144,7 +144,7 @@ def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype
         warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block, centered)
         k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered), warps)
     else:
-        cfg = R.backward_config(block, centered, per_channel)
+        cfg = R.backward_config(block, centered, per_channel, op)
         warps, reload, halves = cfg.warps, cfg.reload, cfg.halves
         warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or warps
         needs = dict(NEED_DX=True, NEED_DW=True, NEED_DB=centered, NEED_DLAM=per_channel)
@@ -220,7 +220,7 @@ def main() -> None:
                             st = analyse(kind, op, centered, per_channel, h, dtype)
                             block = R._block(h)
                             warps = R.forward_warps(block, centered) if kind == "fwd" else R.backward_config(
-                                block, centered, per_channel).warps
+                                block, centered, per_channel, op).warps
                             lam = ("per-channel, learnable" if per_channel else "scalar, fixed") if kind == "bwd" else (
                                 "per-channel" if per_channel else "scalar")
                             rows.append([kind, "layer" if centered else "rms", op, lam, dtype, str(h), str(warps),

@@ -276,7 +276,7 @@ def test_gpu_lambda_zero_exact(dtype):
         assert _rel_err(y, ref.double()) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("shape", ["halves", "reload", "prefetch", "reload+prefetch", "prefetch, 2 per SM"])
+@pytest.mark.parametrize("shape", ["halves", "reload", "prefetch", "reload+prefetch", "prefetch+2-per-SM"])
 @pytest.mark.parametrize("centered", [False, True])
 def test_backward_launch_shapes_match_reference(monkeypatch, centered, shape):
     # Every launch shape backward_config can choose, forced here: wide rows re-read x and dy after
@@ -284,7 +284,7 @@ def test_backward_launch_shapes_match_reference(monkeypatch, centered, shape):
     # or 8 programs: programs with two rows, one row and none, so the last row's prefetch is masked).
     ops = dispatch.triton_ops()
     cfg = ops.BackwardConfig(1, "reload" in shape or shape == "halves", shape == "halves",
-                             programs_per_sm=2 if "2 per SM" in shape else 1, prefetch="prefetch" in shape)
+                             programs_per_sm=2 if "2-per-SM" in shape else 1, prefetch="prefetch" in shape)
     monkeypatch.setattr(ops, "backward_config", lambda *args: cfg)
     n = 130
     x, w, b, lam, dy = _case(5, n, centered, True, 0.6, torch.float32)

@@ -54,26 +54,30 @@ def forward_warps(block: int, centered: bool) -> int:
     return min(max(block // 1024, 1), 32)
 
 
-def backward_config(block: int, centered: bool, need_dlam: bool) -> BackwardConfig:
+def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh") -> BackwardConfig:
     """Up to 8192 columns the row's values stay in registers (16 per thread).  Wider rows re-read x
     and dy after the row reduction (only the accumulators stay live) and are strip-mined in two
     halves (``ibnorm_row_bwd_halves_kernel``) so the temporaries of 32 elements per thread are
     never live at once.
 
-    Measured on an H200 (benchmarks/results/gpu_diagnose.md, GPU time by CUDA-graph replay): one
-    program per SM leaves the SM idle while a row's loads are in flight; at 4096 columns two
-    co-resident programs per SM hide it (rms 81 → 55 µs, layer 89 → 73 µs at 4096 rows), which the
-    registers allow without dλ (≤ 128 per thread at 8 warps, ≤ 255 at 4).  At 8192 a second
-    program does not fit and was slower; at 16384 the rms kernel gains from 32 warps (244 → 235 µs).
+    Measured on an H200 (benchmarks/results/gpu_diagnose_h200.md, GPU time by CUDA-graph replay,
+    4096 rows, bf16): a program walks its rows one after another, so with one program per SM the
+    SM idles while a row's loads are in flight.  Two co-resident programs per SM (4096 columns,
+    rms 81 → 53 µs, layer 89 → 62 µs) or loading the next row early (PREFETCH: rms 8192 columns
+    101 → 92 µs, with 2 per SM at 4096 → 48 µs) hide part of it.  Registers decide the rest: a
+    second program fits only without dλ, PREFETCH only in the rms kernel (the layer kernel spills),
+    and not for power (16 B spill, kernel_static.py).  At 16384 columns the rms kernel gains from
+    32 warps (244 → 235 µs); the layer kernel spills there.
     """
+    prefetch = not centered and not need_dlam and op != "power"
     if block < 4096:
         return BackwardConfig(max(block // 512, 1), False, False)
     if block == 4096:
         if need_dlam:
             return BackwardConfig(8, False, False)
-        return BackwardConfig(4 if centered else 8, False, False, programs_per_sm=2)
+        return BackwardConfig(4 if centered or prefetch else 8, False, False, programs_per_sm=2, prefetch=prefetch)
     if block == 8192:
-        return BackwardConfig(16, False, False)
+        return BackwardConfig(8 if prefetch else 16, False, False, prefetch=prefetch)
     if block == 16384:
         return BackwardConfig(16 if centered or need_dlam else 32, True, True)
     return BackwardConfig(32, True, True)
@@ -126,7 +130,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device) if need_dx else None
     k = need_dw + need_db + need_dl
     block = _block(n)
-    cfg = backward_config(block, centered, need_dl)
+    cfg = backward_config(block, centered, need_dl, op)
     programs = _programs(x2, m, cfg.programs_per_sm)
     # Every program writes its whole slab (zeros when it has no rows), so only an empty batch needs zeros.
     parts = (torch.empty if m > 0 else torch.zeros)((programs, max(k, 1), n), dtype=torch.float32, device=x.device)
