@@ -121,3 +121,40 @@ def test_streamed_and_in_memory_measure_the_same_drift_and_back_off(sharded, tmp
             logq = torch.log_softmax(ibnorm.load(tmp_path / out)(input_ids=check).logits.float(), -1)
             kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
             assert kl == pytest.approx(w["value"], rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copied_tensors_are_the_source_bytes_with_or_without_copy_file_range(sharded, tmp_path, monkeypatch, kernel_copy):
+    # Tensors that are not norms are copied file to file (os.copy_file_range), or through one read
+    # and write where that call is missing or refused: both give the source's bytes.
+    from ibnorm.io import stream_writer
+
+    monkeypatch.setattr(stream_writer, "_KERNEL_COPY", [kernel_copy])
+    if not kernel_copy:
+        monkeypatch.delattr(stream_writer.os, "copy_file_range", raising=False)
+    _, manifest = ibnorm.convert_checkpoint(str(sharded), tmp_path / "out", ibnorm.ConvertOptions(lam=0.25),
+                                            stream="always", shard_size="40KB")
+    src, out = TensorIndex.open(sharded), TensorIndex.open(tmp_path / "out")
+    norms = {l["name"] for l in manifest["layers"]}
+    copied = [n for n in src.tensors if n.rsplit(".", 1)[0] not in norms]
+    assert copied
+    for name in copied:
+        assert src.read_bytes(name) == out.read_bytes(name), name
+
+
+def test_copy_from_a_truncated_source_is_a_source_error(tmp_path):
+    from ibnorm.errors import SourceError
+    from ibnorm.io.stream_writer import PlannedTensor, ShardedWriter
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"\1" * 10)
+    (tmp_path / "out").mkdir()
+    writer = ShardedWriter(tmp_path / "out", [PlannedTensor("t", "F32", (4,))], 1 << 20)
+    import os
+
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        with pytest.raises(SourceError, match="truncated"):
+            writer.copy("t", "F32", (4,), fd, 0)
+    finally:
+        os.close(fd)

@@ -302,12 +302,18 @@ class TensorIndex:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def read_bytes(self, name: str) -> bytearray:
-        """The raw bytes of one tensor (one positioned read)."""
+    def fd_of(self, name: str) -> int:
+        """An open read-only descriptor of the file that holds ``name`` (kept until ``close``)."""
         info = self.tensors[name]
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        return fd
+
+    def read_bytes(self, name: str) -> bytearray:
+        """The raw bytes of one tensor (one positioned read)."""
+        info = self.tensors[name]
+        fd = self.fd_of(name)
         buf = bytearray(info.nbytes)
         view, done = memoryview(buf), 0
         while done < info.nbytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SourceError
 from .safetensors_index import DTYPES, INDEX_NAME, ITEMSIZE
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -38,6 +39,26 @@ class PlannedTensor:
         for s in self.shape:
             n *= s
         return n
+
+
+_COPY_CHUNK = 64 << 20
+
+
+def _copy_range(src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
+    """Copy up to ``count`` bytes between two files at given offsets; returns how many were copied."""
+    if _KERNEL_COPY[0]:
+        try:
+            return os.copy_file_range(src, dst, count, src_offset, dst_offset)
+        except (AttributeError, OSError):
+            _KERNEL_COPY[0] = False  # not here: every later copy reads and writes
+    data = os.pread(src, min(count, _COPY_CHUNK), src_offset)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(dst, data[done:], dst_offset + done)
+    return len(data)
+
+
+_KERNEL_COPY = [hasattr(os, "copy_file_range")]
 
 
 class ShardedWriter:
@@ -95,6 +116,28 @@ class ShardedWriter:
         done = 0
         while done < len(data):
             done += os.pwrite(self.fds[shard], data[done:], offset + done)
+        self._written.add(name)
+
+    def copy(self, name: str, dtype: str, shape: tuple[int, ...], src_fd: int, src_offset: int) -> None:
+        """Copy a tensor's bytes straight from another file (a source shard), bit for bit.
+
+        ``os.copy_file_range`` copies inside the kernel (or shares the blocks, on filesystems that
+        can): no buffer is allocated, zero-filled or passed through Python.  Where the call is not
+        available or refused (another filesystem on old kernels, special files) the bytes go
+        through one read and one write instead.
+        """
+        expected = self.planned.get(name)
+        if expected is None or name in self._written:
+            raise RuntimeError(f"copy: {name!r} is {'not planned' if expected is None else 'already written'}")
+        if dtype != expected.dtype or tuple(shape) != expected.shape:
+            raise RuntimeError(f"{name}: got {dtype} {tuple(shape)}, planned {expected.dtype} {expected.shape}")
+        shard, offset = self.place[name]
+        nbytes, done = expected.nbytes, 0
+        while done < nbytes:
+            n = _copy_range(src_fd, self.fds[shard], nbytes - done, src_offset + done, offset + done)
+            if n <= 0:
+                raise SourceError(f"the source of {name!r} is truncated ({done} of {nbytes} bytes)")
+            done += n
         self._written.add(name)
 
     def _close_files(self) -> None:

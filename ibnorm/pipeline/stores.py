@@ -135,7 +135,8 @@ class ShardStore(ModelStore):
         """Copy (bit for bit) every not-yet-written source tensor under ``prefix`` that is not a norm's."""
         for name in self.index.tensors:
             if name.startswith(prefix) and name not in self.norm_of and not self.writer.written(name):
-                self.writer.write(name, self.index.get(name))
+                info = self.index.tensors[name]
+                self.writer.copy(name, info.dtype, info.shape, self.index.fd_of(name), info.begin)
 
     def write_norm(self, name: str, module: nn.Module) -> None:
         state = module.state_dict()
