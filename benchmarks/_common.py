@@ -65,3 +65,26 @@ def print_and_save(path: str, title: str, columns: list[str], rows: list[list[st
     Console(width=width).print(table)
     save_markdown(path, title, columns, rows)
     print(f"saved {path}")
+
+
+# One timed forward over calibration tokens, as ``convert`` batches them, in a fresh process:
+#   python -c FORWARD_SCRIPT SOURCE CALIB SAMPLES SEQ_LEN BATCH_SIZE REPEATS  → JSON {load_s, forward_s, tokens}
+FORWARD_SCRIPT = r"""
+import json, sys, time
+t = time.perf_counter()
+import torch
+from ibnorm.io.sources import load_source
+from ibnorm.data import read_texts, token_examples
+src = load_source(sys.argv[1])
+load_s = time.perf_counter() - t
+ids = token_examples(src.tokenizer, read_texts(sys.argv[2]), int(sys.argv[4]), int(sys.argv[3]))
+bs = int(sys.argv[5])
+times = []
+with torch.no_grad():
+    for _ in range(int(sys.argv[6])):
+        t = time.perf_counter()
+        for i in range(0, len(ids), bs):
+            src.model(input_ids=ids[i:i + bs], use_cache=False)
+        times.append(time.perf_counter() - t)
+print(json.dumps({"load_s": load_s, "forward_s": min(times), "tokens": int(ids.numel())}))
+"""

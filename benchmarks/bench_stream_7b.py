@@ -1,12 +1,14 @@
 """Streaming conversion of a random-weight LLaMA-7B-shaped checkpoint: wall time and peak memory.
 
-    python benchmarks/bench_stream_7b.py [--dir /tmp/llama7b-random] [--calib-samples 8] [--seq-len 512]
+    python benchmarks/bench_stream_7b.py [--dir /tmp/llama7b-random] [--calib-samples 8] [--seq-len 256] [--skip-calibrated]
 
 Generates (once) a checkpoint with the real Llama-2-7B config in bf16, sharded safetensors (2 GB shards),
 with a small BPE tokenizer trained on builtin text (ids < 32000). Then, each as a child process whose
 peak resident memory is read from the OS: the baseline (a plain transformers load + save_pretrained of
 the same checkpoint), `ibnorm convert --stream always` without calibration (--lam) and with
-calibration; `ibnorm inspect` of the result; `ibnorm.load` of the result.
+calibration; `ibnorm inspect` of the result; `ibnorm.load` of the result.  With calibration it also times
+one forward of the source (transformers, bf16) over the same calibration tokens in convert's batches, so
+the calibration cost reads in forward passes: (calibrated − fixed-λ convert) ÷ that forward.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import print_and_save  # noqa: E402
+from _common import FORWARD_SCRIPT, print_and_save  # noqa: E402
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -81,11 +83,24 @@ BASELINE = ("import sys, transformers; m = transformers.AutoModelForCausalLM.fro
             "m.save_pretrained(sys.argv[2], max_shard_size='5GB')")
 
 
+def calibration_cost(src: Path, args, walls: list[float]) -> list[list[str]]:
+    """One forward of the source over the calibration tokens, and the calibration cost in such passes."""
+    script = [sys.executable, "-c", FORWARD_SCRIPT, str(src), "builtin:pydoc:train", str(args.calib_samples),
+              str(args.seq_len), "4", "1"]
+    wall, peak, stdout = run(script)
+    fwd = json.loads(stdout.strip().splitlines()[-1])
+    extra = walls[1] - walls[0]
+    return [[f"one forward of the source over the {fwd['tokens']} calibration tokens (bf16, batches of 4)",
+             f"{fwd['forward_s']:.0f}", f"{peak:.2f}", f"load {fwd['load_s']:.0f} s, not counted"],
+            ["**calibration cost** (calibrated − fixed-λ convert)", f"{extra:.0f}", "-",
+             f"**{extra / fwd['forward_s']:.2f} forward passes** (target ≤ 3)"]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/llama7b-random")
     ap.add_argument("--calib-samples", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--skip-calibrated", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/stream_7b.md")
     args = ap.parse_args()
@@ -106,17 +121,20 @@ def main() -> None:
     if not args.skip_calibrated:
         runs.append((f"convert --calib builtin:pydoc:train ({args.calib_samples} × {args.seq_len} tokens, streamed)",
                      ["--calib", "builtin:pydoc:train", "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len)]))
+    walls: list[float] = []
     # Order matters for ru_maxrss of children (a running maximum): the smaller run goes first.
     for label, extra in runs:
         out = Path(f"{src}-ib")
         shutil.rmtree(out, ignore_errors=True)
         wall, peak, _ = run(cli + ["convert", str(src), "--out", str(out), "--stream", "always", "--json", *extra])
+        walls.append(wall)
         rows.append([label, f"{wall:.0f}", f"{peak:.2f}", f"{size / 1e9:.1f} GB in; {wall / base_wall:.2f}× the baseline"])
         wall, peak_i, stdout = run(cli + ["inspect", str(out), "--json"])
         info = json.loads(stdout)
         rows.append([f"  inspect the result ({info['files']} shards, {info['tensors']} tensors)", f"{wall:.2f}", "-",
                      "λ mean {:.3f}".format(info["lambda"]["mean"])])
-    t = time.perf_counter()
+    if not args.skip_calibrated:
+        rows += calibration_cost(src, args, walls)
     code = ("import ibnorm, torch, sys; m = ibnorm.load(sys.argv[1]); "
             "print(m(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.shape)")
     wall, peak, stdout = run([sys.executable, "-c", code, f"{src}-ib"])

@@ -25,27 +25,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import print_and_save  # noqa: E402
+from _common import FORWARD_SCRIPT, print_and_save  # noqa: E402
 
-_FORWARD = r"""
-import json, sys, time
-t = time.perf_counter()
-import torch
-from ibnorm.io.sources import load_source
-from ibnorm.data import read_texts, token_examples
-src = load_source(sys.argv[1])
-load_s = time.perf_counter() - t
-ids = token_examples(src.tokenizer, read_texts(sys.argv[2]), int(sys.argv[4]), int(sys.argv[3]))
-bs = int(sys.argv[5])
-times = []
-with torch.no_grad():
-    for _ in range(int(sys.argv[6])):
-        t = time.perf_counter()
-        for i in range(0, len(ids), bs):
-            src.model(input_ids=ids[i:i + bs], use_cache=False)
-        times.append(time.perf_counter() - t)
-print(json.dumps({"load_s": load_s, "forward_s": min(times), "tokens": int(ids.numel())}))
-"""
 
 
 def _run(cmd: list[str]) -> tuple[float, str]:
@@ -88,7 +69,7 @@ def main() -> None:
                 best["calibrated"], manifest = wall, m
             wall, _ = _convert(args.source, ["--lam", str(args.fixed_lam)], work, "fixed")
             best["fixed"] = min(wall, best.get("fixed", float("inf")))
-            _, stdout = _run([sys.executable, "-c", _FORWARD, args.source, args.calib, str(args.samples), str(args.seq_len),
+            _, stdout = _run([sys.executable, "-c", FORWARD_SCRIPT, args.source, args.calib, str(args.samples), str(args.seq_len),
                               str(args.batch_size), "2"])
             fwd = json.loads(stdout.strip().splitlines()[-1])
             best["forward"] = min(fwd["forward_s"], best.get("forward", float("inf")))
