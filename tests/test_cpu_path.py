@@ -3,6 +3,8 @@
 Also the vectorized λ-grid errors of calibration against a float64 computation.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from torch import nn
 import ibnorm
 import reference64 as ref
 from ibnorm import functional as IBF
-from ibnorm.calibration.fit import LAMBDA_GRID, channel_errors
+from ibnorm.calibration.fit import LAMBDA_GRID, admissible_lambda, channel_errors
 from ibnorm.kernels import cpu_rownorm, cpu_small
 
 OPS = ["tanh", "log", "power"]
@@ -195,3 +197,50 @@ def test_vectorized_grid_errors_match_float64(op, centered):
         # float32 compression and block sums: ~2e-7 absolute, as the per-λ float32 form had; tolerances
         # the fit compares against are ≥ 1e-4.
         torch.testing.assert_close(got[i, cols].double(), want[cols], rtol=1e-4, atol=5e-7)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("tol", [1e-4, 1e-3, 2e-2])
+def test_pruned_lambda_search_picks_what_the_full_grid_picks(op, centered, tol):
+    # Channels leave the search at their first failing λ; the choice must be the full grid's: per
+    # channel the last point of the leading run of errors ≤ tol (float64 reference errors here).
+    torch.manual_seed(1)
+    # Channels that tolerate very different λ: bounded (uniform), Gaussian, heavy tails, massive.
+    kinds = [torch.rand(1500, 10) * 2 - 1, torch.randn(1500, 10), torch.distributions.StudentT(4.0).sample((1500, 10)),
+             torch.distributions.StudentT(1.5).sample((1500, 10))]
+    z = torch.cat(kinds, 1)
+    z[:, 0] = torch.randn(1500) * 0.3 + 8.0
+    z = (z - z.mean(0)) / z.std(0) if centered else z / z.square().mean(0).sqrt()
+    z64 = z.double()
+    ok = []
+    for lam in LAMBDA_GRID:
+        c = ref.s(z64, lam, op)
+        zc, cc = (z64 - z64.mean(0), c - c.mean(0)) if centered else (z64, c)
+        ok.append(1 - (cc * zc).sum(0) ** 2 / ((cc * cc).sum(0) * (zc * zc).sum(0)) <= tol)
+    leading = torch.stack(ok).int().cumprod(0).sum(0)
+    want = torch.tensor(LAMBDA_GRID, dtype=torch.float32)[(leading - 1).clamp_min(0)]
+    got = admissible_lambda(z, op, LAMBDA_GRID, centered, tol)
+    # A channel whose error sits within float32 rounding of tol may land either side: allow one grid step there.
+    full = channel_errors(z, op, LAMBDA_GRID, centered)
+    assert torch.equal(got, torch.tensor(LAMBDA_GRID)[(full <= tol).int().cumprod(0).sum(0).sub(1).clamp_min(0)])
+    assert (got == want).float().mean() >= 0.95 and len(set(want.tolist())) >= 2
+
+
+def test_a_bf16_layer_gets_the_lambda_its_float32_values_get():
+    # The grid errors (1 − corr² ~ 1e-3) must be computed from the values, not from bf16 rounding:
+    # the same weights and inputs, held in bf16 or float32, calibrate to the same λ.
+    from ibnorm.calibration import fit_layer
+    from ibnorm.recognize import recognize
+
+    torch.manual_seed(2)
+    x = torch.cat([torch.randn(2048, 64), torch.distributions.StudentT(3.0).sample((2048, 64)),
+                   torch.rand(2048, 64) * 4 - 2], 1).bfloat16()
+    norm32 = torch.nn.RMSNorm(192, eps=1e-6)
+    with torch.no_grad():
+        norm32.weight.normal_(1.0, 0.2)
+    norm16 = copy.deepcopy(norm32).bfloat16()
+    fit16 = fit_layer(recognize(norm16), norm16, x, "tanh", 1e-3)
+    fit32 = fit_layer(recognize(norm32), norm32, x.float(), "tanh", 1e-3)
+    assert fit32.lam.mean() > 0.05
+    assert torch.equal(fit16.lam, fit32.lam)
