@@ -41,7 +41,9 @@ _TINY_LAM = 1e-20
 # absolute error ≈ 2e-7 in tanh(u), i.e. 2e-7/λ in s_λ(z): used only when every positive λ is at
 # least this, so that the error stays ≤ 4e-6 (float32 models; bf16 rounds at 4e-3).  Otherwise
 # tanh(u) = −expm1(−2|u|) / (expm1(−2|u|) + 2) with the sign of u, accurate to float32 rounding.
-_LOGISTIC_MIN_LAM = 0.05
+# tanh through the logistic function from this λ up: below it (2/λ)·σ(2λz) − 1/λ loses digits of
+# the output to cancellation (an absolute error ~ 6e-8/λ), too many for a layer's output.
+LOGISTIC_MIN_LAM = 0.05
 _OPS = ("tanh", "log", "power")
 
 
@@ -67,7 +69,7 @@ class LamConstants:
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _derive(lam: Tensor, op: str, ct: torch.dtype) -> LamConstants | None:
+def _derive(lam: Tensor, op: str, ct: torch.dtype, logistic_min: float) -> LamConstants | None:
     eff = lam.detach().to(ct).clamp_min(0.0)
     is_zero = eff == 0
     if bool(is_zero.all()):
@@ -78,7 +80,7 @@ def _derive(lam: Tensor, op: str, ct: torch.dtype) -> LamConstants | None:
     live = (~is_zero).to(ct)
     keep = is_zero.to(ct) if bool(is_zero.any()) else None
     lam32 = eff.to(torch.float32).reshape(-1).contiguous()
-    if op == "tanh" and float(safe.min()) >= _LOGISTIC_MIN_LAM:
+    if op == "tanh" and float(safe.min()) >= logistic_min:
         # tanh(λz)/λ = σ(2λz)·(2/λ) − 1/λ
         return LamConstants(False, "logistic", 2.0 * safe, 2.0 * live / safe, -live / safe, keep, lam32)
     if op == "tanh":
@@ -89,15 +91,15 @@ def _derive(lam: Tensor, op: str, ct: torch.dtype) -> LamConstants | None:
     return LamConstants(False, "power", p, live / p, -live / p, keep, lam32)
 
 
-def lam_constants(lam: Tensor, op: str, ct: torch.dtype) -> LamConstants | None:
+def lam_constants(lam: Tensor, op: str, ct: torch.dtype, logistic_min: float = LOGISTIC_MIN_LAM) -> LamConstants | None:
     """Cached constants for ``lam``; None when this λ needs the reference (tiny positive λ)."""
     if lam.is_inference():  # no version counter to detect in-place changes: derive every time
-        return _derive(lam, op, ct)
-    key = (lam._version, lam.data_ptr(), lam.device, op, ct)
+        return _derive(lam, op, ct, logistic_min)
+    key = (lam._version, lam.data_ptr(), lam.device, op, ct, logistic_min)
     hit = _CACHE.get(lam)
     if hit is not None and hit[0] == key:
         return hit[1]
-    consts = _derive(lam, op, ct)
+    consts = _derive(lam, op, ct, logistic_min)
     _CACHE[lam] = (key, consts)
     return consts
 
