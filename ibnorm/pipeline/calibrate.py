@@ -6,7 +6,8 @@ order and each sees the outputs of the converted blocks before it:
 * the inputs of block 0 are caught once (norms before the blocks — an embedding LayerNorm — are
   captured on the way, converted, and the inputs caught again);
 * for each block: its norms' inputs are captured while the cached hidden states run through the
-  *source* block, the norms are fitted and replaced, and the converted block produces the next
+  *source* block, up to the norm it calls last (the check batches' pass through the source block
+  tells which), the norms are fitted and replaced, and the converted block produces the next
   block's inputs;
 * norms after the blocks (the final norm) are captured by replaying the last block's outputs
   into the model's tail.
@@ -26,7 +27,7 @@ from ..calibration import LayerFit, capture_inputs, fit_layer, fit_layer_data_fr
 from ..layers import IBNormBase, from_spec
 from ..surgery import NormSite, replace_norms
 from ..validate import check_seq_len
-from .layout import CachedCall, catch_block_inputs, run_block, run_tail, stop_after
+from .layout import CachedCall, catch_block_inputs, last_called, recorded_calls, run_block, run_tail, stop_after
 from .options import ConvertOptions, Progress
 from .plan import Plan
 
@@ -157,16 +158,28 @@ class _Sequential:
     def block(self, i: int, calls: list[CachedCall], reference_calls: list[CachedCall]):
         blocks = self.blocks
         block = self.store.block(blocks, i)
-        with torch.no_grad():
-            reference_calls = [(run_block(blocks, block, c), c[1], c[2]) for c in reference_calls]
         sites = self.plan.block_sites(i)
+        modules = {s.name: self.model.get_submodule(s.name) for s in sites}
+        with torch.no_grad(), recorded_calls(modules) as order:  # the source block on the check batches
+            reference_calls = [(run_block(blocks, block, c), c[1], c[2]) for c in reference_calls]
         if sites:
-            inputs = self.capture(sites, lambda: [run_block(blocks, block, c) for c in calls])
+            inputs = self.capture(sites, lambda: self.run_until(block, calls, last_called(order, list(modules))))
             self.fit_and_install(sites, inputs)
         with torch.no_grad():
             calls = [(run_block(blocks, block, c), c[1], c[2]) for c in calls]
         self.store.release(blocks, i, block)
         return calls, reference_calls
+
+    def run_until(self, block: nn.Module, calls: list[CachedCall], last: str | None) -> None:
+        """The block on every cached call, each stopped once the norm called last has run: the
+        capture needs no more (in a transformer block the MLP after the second norm is skipped)."""
+        if last is None:  # a norm called twice or not at all: run the whole block
+            for c in calls:
+                run_block(self.blocks, block, c)
+            return
+        with stop_after(self.model.get_submodule(last)) as guard:
+            for c in calls:
+                guard(lambda c=c: run_block(self.blocks, block, c))
 
     def tail(self, post: list[NormSite], calls, reference_calls) -> tuple[list[Tensor], list[Tensor]]:
         """Norms after the blocks, fed by the last block's outputs; then the check outputs of both models."""

@@ -162,3 +162,22 @@ def stop_after(module: nn.Module) -> Iterator[Callable[[Callable[[], None]], Non
         yield guard
     finally:
         handle.remove()
+
+
+@contextmanager
+def recorded_calls(modules: dict[str, nn.Module]) -> Iterator[list[str]]:
+    """Within the block, the names of ``modules`` in the order they are called (each call listed)."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda *_, n=name: order.append(n)) for name, m in modules.items()]
+    try:
+        yield order
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def last_called(order: list[str], names: Sequence[str]) -> str | None:
+    """The name called last when every one of ``names`` was called exactly once, else None."""
+    if len(order) != len(names) or set(order) != set(names):
+        return None
+    return order[-1]
