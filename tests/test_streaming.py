@@ -158,3 +158,28 @@ def test_copy_from_a_truncated_source_is_a_source_error(tmp_path):
             writer.copy("t", "F32", (4,), fd, 0)
     finally:
         os.close(fd)
+
+
+def test_capture_stops_each_block_at_its_last_norm_and_converts_the_same(tmp_path, monkeypatch):
+    # The capture pass stops every block once the norm it calls last has run (the MLP after a Llama
+    # block's second norm is skipped); the captured inputs, and so the conversion, are unchanged.
+    from transformers.models.llama import modeling_llama
+
+    from ibnorm.pipeline import calibrate
+
+    src = tiny_lm_with_tokenizer(tmp_path / "src")
+    calls = []
+    original = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(1) or original(self, x))
+    opts = ibnorm.ConvertOptions(calib="builtin:pydoc:train", calib_samples=32, seq_len=32, budget=float("inf"))
+    ibnorm.convert_checkpoint(str(src), tmp_path / "early", opts, stream="never")
+    early = len(calls)
+    monkeypatch.setattr(calibrate, "last_called", lambda order, names: None)  # capture runs whole blocks
+    calls.clear()
+    ibnorm.convert_checkpoint(str(src), tmp_path / "whole", opts, stream="never")
+    blocks, batches, check_batches = 2, 32 // 4, 2
+    assert early == blocks * (check_batches + batches)  # per block: the check batches' source pass, the converted pass
+    assert len(calls) == early + blocks * batches  # plus a whole capture pass per block
+    a, b = TensorIndex.open(tmp_path / "early"), TensorIndex.open(tmp_path / "whole")
+    assert set(a.tensors) == set(b.tensors)
+    assert all(a.read_bytes(n) == b.read_bytes(n) for n in a.tensors)

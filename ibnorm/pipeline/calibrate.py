@@ -160,8 +160,11 @@ class _Sequential:
         block = self.store.block(blocks, i)
         sites = self.plan.block_sites(i)
         modules = {s.name: self.model.get_submodule(s.name) for s in sites}
-        with torch.no_grad(), recorded_calls(modules) as order:  # the source block on the check batches
-            reference_calls = [(run_block(blocks, block, c), c[1], c[2]) for c in reference_calls]
+        with torch.no_grad():  # the source block on the check batches; the first tells the norms' call order
+            with recorded_calls(modules) as order:
+                hidden = [run_block(blocks, block, reference_calls[0])]
+            hidden += [run_block(blocks, block, c) for c in reference_calls[1:]]
+            reference_calls = [(h, c[1], c[2]) for h, c in zip(hidden, reference_calls)]
         if sites:
             inputs = self.capture(sites, lambda: self.run_until(block, calls, last_called(order, list(modules))))
             self.fit_and_install(sites, inputs)
