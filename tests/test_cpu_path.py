@@ -27,7 +27,7 @@ def _case(centered: bool, per_channel: bool, dtype=torch.float32, degenerate: bo
         x[2, 1] = 3.0  # a constant row
     w = torch.randn(H) * 0.5 + 1.0
     b = torch.randn(H) * 0.3 if centered else None
-    if per_channel:  # λ ≥ 0.05 takes the logistic form of tanh, smaller λ the expm1 form
+    if per_channel:  # λ ≥ 0.05 takes the logistic form of tanh, smaller λ the series form
         lam = torch.rand(H) * 2.5 + (0.05 if per_channel == "large" else 0.001)
         lam[::5] = 0.0  # some channels left exact
     else:
