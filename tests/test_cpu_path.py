@@ -27,7 +27,7 @@ def _case(centered: bool, per_channel: bool, dtype=torch.float32, degenerate: bo
         x[2, 1] = 3.0  # a constant row
     w = torch.randn(H) * 0.5 + 1.0
     b = torch.randn(H) * 0.3 if centered else None
-    if per_channel:  # λ ≥ 0.05 takes the logistic form of tanh, smaller λ the series form
+    if per_channel:  # λ ≥ 0.05 takes the logistic form of tanh; smaller λ are recomputed, or the series form
         lam = torch.rand(H) * 2.5 + (0.05 if per_channel == "large" else 0.001)
         lam[::5] = 0.0  # some channels left exact
     else:
@@ -244,3 +244,24 @@ def test_a_bf16_layer_gets_the_lambda_its_float32_values_get():
     fit32 = fit_layer(recognize(norm32), norm32, x.float(), "tanh", 1e-3)
     assert fit32.lam.mean() > 0.05
     assert torch.equal(fit16.lam, fit32.lam)
+
+
+def test_a_few_small_lambda_channels_keep_the_fast_form_and_are_exact():
+    # Calibrated layers have a few channels with 0 < λ < 0.05 (0.025 × a back-off): the layer keeps the
+    # logistic form and those channels are recomputed with tanh; many small λ take the series form.
+    lam = torch.full((64,), 0.3)
+    lam[[3, 17, 40]] = torch.tensor([0.02, 0.016, 0.0128])
+    lam[5] = 0.0
+    k = cpu_rownorm.lam_constants(lam, "tanh", torch.float32)
+    assert k.form == "logistic" and k.fix.tolist() == [3, 17, 40]
+    assert cpu_rownorm.lam_constants(torch.rand(64) * 0.04, "tanh", torch.float32).form == "series"
+    z = torch.randn(300, 64) * 3
+    z[0, 3] = 40.0
+    for grad in (False, True):
+        zz = z.clone().requires_grad_(grad)
+        c = cpu_rownorm.compress_fast(zz, k)
+        want = torch.stack([ref.s(z[:, j].double(), float(lam[j]), "tanh") for j in range(64)], 1)
+        assert (c.double() - want).abs().max() < 5e-6
+        fixed = [3, 17, 40]  # tanh: a few ulps, not the logistic form's ~1e-5 at these λ
+        assert ((c.double() - want)[:, fixed] / want[:, fixed].abs().clamp_min(1.0)).abs().max() < 1e-6
+        assert torch.equal(c[:, 5].detach(), z[:, 5])  # λ = 0 is z exactly
