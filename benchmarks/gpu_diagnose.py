@@ -17,7 +17,7 @@ benchmark of record is ``bench_kernels_gpu.py``.
 from __future__ import annotations
 
 import argparse
-import shlex
+import os
 import sys
 import time
 
@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ibnorm.kernels import rownorm_op as R
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import command  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -147,7 +150,7 @@ def render(path: str | None, overhead, bwd, fwd) -> None:
     import triton
 
     lines = [f"# Row-kernel diagnosis on {torch.cuda.get_device_name()}", "",
-             "command: `PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in sys.argv) + "`", "",
+             f"command: `PYTHONPATH=. {command()}`", "",
              f"torch {torch.__version__}, triton {triton.__version__}, bf16, tanh, scalar λ = 0.5", "",
              "## Time per call (µs): eager = do_bench with L2 flush; GPU = CUDA-graph replay; CPU = host time per call",
              "", "| case | path | eager | GPU | CPU |", "|---|---|---|---|---|"]

@@ -459,15 +459,8 @@ def ibnorm_row_bwd_kernel(
                 z = z + zbar
                 c = c + cbar
             dl_acc += dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
-    part = PART + pid.to(tl.int64) * (NEED_DW + NEED_DB + NEED_DLAM) * N + cols
-    if NEED_DW:
-        tl.store(part, dw_acc, mask=mask)
-        part += N
-    if NEED_DB:
-        tl.store(part, db_acc, mask=mask)
-        part += N
-    if NEED_DLAM:
-        tl.store(part, dl_acc, mask=mask)
+    _store_partials(PART, pid, cols, mask, dw_acc, db_acc, dl_acc, N, NEED_DW + NEED_DB + NEED_DLAM, NEED_DW, NEED_DB,
+                    NEED_DLAM)
 
 
 @triton.jit
