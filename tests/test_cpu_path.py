@@ -13,7 +13,7 @@ import ibnorm
 import reference64 as ref
 from ibnorm import functional as IBF
 from ibnorm.calibration.fit import LAMBDA_GRID, admissible_lambda, channel_errors
-from ibnorm.kernels import cpu_rownorm, cpu_small
+from ibnorm.kernels import cpu_rownorm, cpu_fused
 
 OPS = ["tanh", "log", "power"]
 H = 40
@@ -39,15 +39,15 @@ def _case(centered: bool, per_channel: bool, dtype=torch.float32, degenerate: bo
 def path(request, monkeypatch):
     """Both CPU forms: the small C kernel (decode-sized inputs) and the few-op torch form."""
     if request.param == "c":
-        if not cpu_small.available():
+        if not cpu_fused.available():
             pytest.skip("no C compiler: the torch form serves")
         calls = []
-        real = cpu_small.row_norm
-        monkeypatch.setattr(cpu_small, "row_norm", lambda *a: calls.append(1) or real(*a))
+        real = cpu_fused.row_norm
+        monkeypatch.setattr(cpu_fused, "row_norm", lambda *a: calls.append(1) or real(*a))
         yield "c"
         assert calls, "the C kernel was not used"
     else:
-        monkeypatch.setattr(cpu_small, "applies", lambda *a: False)
+        monkeypatch.setattr(cpu_fused, "applies", lambda *a: False)
         yield "torch"
 
 
@@ -265,3 +265,53 @@ def test_a_few_small_lambda_channels_keep_the_fast_form_and_are_exact():
         fixed = [3, 17, 40]  # tanh: a few ulps, not the logistic form's ~1e-5 at these λ
         assert ((c.double() - want)[:, fixed] / want[:, fixed].abs().clamp_min(1.0)).abs().max() < 1e-6
         assert torch.equal(c[:, 5].detach(), z[:, 5])  # λ = 0 is z exactly
+
+
+def _fused_or_skip():
+    if not cpu_fused.available():
+        pytest.skip("no C compiler: the torch form serves")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_prefill_sized_threaded_matches_float64_reference(op, centered, dtype, monkeypatch):
+    # Prefill-sized input (rows split across threads; 3 threads gives uneven splits), a hidden size
+    # that is not a multiple of the C code's 256-element reduction blocks, |z| up to √H, λ up to 10.
+    _fused_or_skip()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    n = 1000
+    x = torch.randn(2, 91, n) * 2 + (1.5 if centered else 0.0)
+    x[0, 4, 7] = 3000.0  # one channel dominates the row: |z| ≈ √n
+    x[1, 3] = 0.0
+    lam = torch.rand(n) * 10
+    lam[::7] = 0.0
+    lam[1::7] = torch.rand(lam[1::7].shape) * 0.05  # small λ: the polynomial side of the seams
+    w = torch.randn(n) * 0.5 + 1.0
+    b = torch.randn(n) * 0.3 if centered else None
+    x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+    assert x.numel() >= cpu_fused.THREADED_MIN_ELEMENTS
+    calls = []
+    real = cpu_fused.row_norm
+    monkeypatch.setattr(cpu_fused, "row_norm", lambda *a: calls.append(1) or real(*a))
+    got = cpu_rownorm.row_norm(x, (n,), w, b, lam, op, 1e-5, centered)
+    assert calls and got.dtype == dtype
+    want = ref.row_norm(x.double(), w.double(), None if b is None else b.double(), lam.double(), op, 1e-5, centered)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_fused_compression_is_accurate_across_its_seams(op):
+    # The C code computes s_λ from polynomial forms joined at fixed arguments (tanh: |u| = 0.625,
+    # expm1: 0.5); a row holding a fine grid of z in [-30, 30] (padded with zeros, so its RMS is ~1
+    # and z is the grid itself) for several λ checks each side of each seam.
+    _fused_or_skip()
+    grid = torch.cat([torch.linspace(-30, 30, 3001), torch.tensor([1e-30, -1e-30])])
+    x = torch.cat([grid, torch.zeros(int(grid.square().sum()) - grid.numel())]).reshape(1, -1)
+    assert x.square().mean().sqrt().item() == pytest.approx(1.0, rel=1e-3)
+    for lam in (1e-3, 0.05, 0.3, 1.0, 3.0, 10.0):
+        got = cpu_rownorm.row_norm(x, (x.shape[-1],), None, None, torch.tensor(lam), op, 1e-5, False)
+        want = ref.row_norm(x.double(), None, None, lam, op, 1e-5, False)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..functional import RESTANDARDIZE_FLOOR, compute_dtype
-from . import cpu_small
+from . import cpu_fused
 
 # Below this λ the closed forms lose precision to underflow of λ·z; the reference's series serves.
 _TINY_LAM = 1e-20
@@ -211,8 +211,8 @@ def row_norm(
     if consts is None:
         return None
     dims = tuple(range(-len(shape), 0))
-    if not consts.all_zero and cpu_small.applies(x, weight, bias):  # decode-sized: one C call, not ~20 ops
-        y = cpu_small.row_norm(x, shape, weight, bias, consts.lam32, op, eps, centered)
+    if not consts.all_zero and cpu_fused.applies(x, weight, bias):  # one fused C call, not ~12 ops
+        y = cpu_fused.row_norm(x, shape, weight, bias, consts.lam32, op, eps, centered)
         if y is not None:
             return y
     xf = x.to(ct)
