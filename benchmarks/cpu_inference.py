@@ -120,19 +120,25 @@ def main() -> None:
         for name, _, path in entries:  # warm-up (first-call allocations, lazy inits)
             for k in ("prefill", "decode"):
                 _env_run(path, runs[name][k])
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             for k in ("prefill", "decode"):
-                for name, _, path in entries:
+                # The order rotates between repeats: whichever model runs right after a heavy run (a
+                # warmer, possibly down-clocked CPU) would otherwise always be the same one.
+                for name, _, path in entries[i % len(entries):] + entries[: i % len(entries)]:
                     times[(name, k)].append(_env_run(path, runs[name][k]))
         for k, tokens in (("prefill", ids.numel()), ("decode", args.new_tokens)):
             best_src = min(times[("source", k)])
             for name, _, _ in entries:
                 ratio = min(times[(name, k)]) / best_src
-                rows.append([dtype_name, k, name, _fmt(times[(name, k)], tokens), f"{min(times[(name, k)]):.3f}", f"{ratio:.3f}×"])
+                # Each repeat runs every model back to back, so the ratio within a repeat cancels slow drift.
+                paired = sorted(t / s for t, s in zip(times[(name, k)], times[("source", k)]))
+                rows.append([dtype_name, k, name, _fmt(times[(name, k)], tokens), f"{min(times[(name, k)]):.3f}",
+                             f"{ratio:.3f}×", f"{statistics.median(paired):.3f}× ({paired[0]:.3f}–{paired[-1]:.3f})"])
             print(rows[-len(entries):], flush=True)
     title = (f"{args.source} on CPU: prefill {args.batch}×{args.prefill_len} tokens, greedy decode {args.new_tokens} tokens "
              f"after {args.prompt_len}; best of {args.repeats} (source load {load_s:.1f} s); converted: {how}")
-    columns = ["dtype", "phase", "model", "tokens/s best / median / worst", "best s", "time ÷ source (best)"]
+    columns = ["dtype", "phase", "model", "tokens/s best / median / worst", "best s", "time ÷ source (best)",
+               "time ÷ source, paired: median (min–max)"]
     print_and_save(args.out, title, columns, rows)
 
 
