@@ -2,9 +2,10 @@
 
     python benchmarks/cpu_norms.py [--repeats 41] [--out benchmarks/results/cpu_norms.md]
 
-Shapes are SmolLM2's (hidden 576) at decode (4 sequences × 1 token) and prefill (4 × 256 tokens),
-and a 7B-sized prefill row (1 × 512 × 4096).  The source is HF's ``LlamaRMSNorm`` (what the model
-runs) or ``nn.LayerNorm``; IBNorm is the converted layer with a per-channel λ in [0.06, 0.46] with
+Row shapes are SmolLM2's (hidden 576) at decode (4 sequences × 1 token) and prefill (4 × 256
+tokens), and a 7B-sized prefill row (1 × 512 × 4096); convolution shapes are ResNet's.  The source
+is HF's ``LlamaRMSNorm`` (what the model runs), ``nn.LayerNorm``, ``nn.BatchNorm2d`` in eval or
+``nn.GroupNorm(32, C)``; IBNorm is the converted layer with a per-channel λ in [0.06, 0.46] with
 5% of channels at 0, called as the model calls it (module call, inference mode) through:
 ``fused`` (the C function), ``torch form`` (what serves without a C compiler), and
 ``reference`` (``IBNORM_KERNEL=reference``).  Each sample times a block of calls; the paths take
@@ -29,15 +30,21 @@ import ibnorm  # noqa: E402
 from _common import print_and_save  # noqa: E402
 from ibnorm.kernels import cpu_fused  # noqa: E402
 
-SHAPES = {"decode 4×1×576": (4, 1, 576), "prefill 4×256×576": (4, 256, 576), "prefill 1×512×4096": (1, 512, 4096)}
+ROW_SHAPES = {"decode 4×1×576": (4, 1, 576), "prefill 4×256×576": (4, 256, 576), "prefill 1×512×4096": (1, 512, 4096)}
+CONV_SHAPES = {"1×64×56×56": (1, 64, 56, 56), "32×64×56×56": (32, 64, 56, 56), "32×512×7×7": (32, 512, 7, 7)}
+SHAPES = {"rms": ROW_SHAPES, "layer": ROW_SHAPES, "batch": CONV_SHAPES, "group": CONV_SHAPES}
 
 
-def _source(variant: str, h: int) -> nn.Module:
+def _source(variant: str, shape: tuple[int, ...]) -> nn.Module:
     if variant == "rms":
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-        return LlamaRMSNorm(h, eps=1e-5)
-    return nn.LayerNorm(h)
+        return LlamaRMSNorm(shape[-1], eps=1e-5)
+    if variant == "batch":
+        return nn.BatchNorm2d(shape[1])  # eval: running statistics
+    if variant == "group":
+        return nn.GroupNorm(32, shape[1])
+    return nn.LayerNorm(shape[-1])
 
 
 def _converted(source: nn.Module, op: str, h: int) -> nn.Module:
@@ -82,16 +89,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=41)
     ap.add_argument("--ops", nargs="+", default=["tanh", "log", "power"])
+    ap.add_argument("--variants", nargs="+", default=list(SHAPES))
     ap.add_argument("--out", default="benchmarks/results/cpu_norms.md")
     args = ap.parse_args()
     if not cpu_fused.available():
         sys.exit("error: the fused C path is not available here (no C compiler, or IBNORM_CPU_C=0)")
     torch.manual_seed(0)
     rows = []
-    for variant in ("rms", "layer"):
-        for shape_name, shape in SHAPES.items():
-            h = shape[-1]
-            src = _source(variant, h).eval()
+    for variant in args.variants:
+        for shape_name, shape in SHAPES[variant].items():
+            h = shape[-1] if variant in ("rms", "layer") else shape[1]
+            src = _source(variant, shape).eval()
             for dtype in (torch.float32, torch.bfloat16):
                 x = torch.randn(shape).to(dtype)
                 s = src.to(dtype)

@@ -41,10 +41,11 @@ def restandardize(z: Tensor, c: Tensor, dims: Sequence[int], centered: bool) -> 
     else:
         var_c = c.square().mean(dims, keepdim=True)
         var_z = z.square().mean(dims, keepdim=True)
-    return c * _spread_ratio(var_z, var_c)
+    return c * spread_ratio(var_z, var_c)
 
 
-def _spread_ratio(var_z: Tensor, var_c: Tensor) -> Tensor:
+def spread_ratio(var_z: Tensor, var_c: Tensor) -> Tensor:
+    """σ_z / σ_c with the floor δ under both variances (step 4)."""
     return torch.sqrt(var_z.clamp_min(RESTANDARDIZE_FLOOR)) / torch.sqrt(var_c.clamp_min(RESTANDARDIZE_FLOOR))
 
 
@@ -206,7 +207,7 @@ def ib_batch_norm(
                 running_z_var.lerp_(z.var(dims, unbiased=False).to(running_z_var.dtype), mom)
     else:
         mu_c = _channel_view(running_c_mean.to(ct), nd)
-        ratio = _spread_ratio(_channel_view(running_z_var.to(ct), nd), _channel_view(running_c_var.to(ct), nd))
+        ratio = spread_ratio(_channel_view(running_z_var.to(ct), nd), _channel_view(running_c_var.to(ct), nd))
         y = (c - mu_c) * ratio
     if weight is not None:
         y = y * _channel_view(weight.to(ct), nd)

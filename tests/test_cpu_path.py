@@ -315,3 +315,85 @@ def test_fused_compression_is_accurate_across_its_seams(op):
         got = cpu_rownorm.row_norm(x, (x.shape[-1],), None, None, torch.tensor(lam), op, 1e-5, False)
         want = ref.row_norm(x.double(), None, None, lam, op, 1e-5, False)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def _count_calls(monkeypatch, name):
+    calls = []
+    real = getattr(cpu_fused, name)
+    monkeypatch.setattr(cpu_fused, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 12, 7, 5), (40, 12, 30, 30)])  # one thread; threaded (rows across threads)
+def test_fused_group_norm_matches_float64_reference(op, per_channel, dtype, shape, monkeypatch):
+    _fused_or_skip()
+    calls = _count_calls(monkeypatch, "group_norm")
+    x = torch.randn(shape) * 2 + 0.7
+    x[0, 4, 1, 2] = 300.0  # a massive activation in one group
+    x[1, :4] = 0.0  # a zero group
+    lam = torch.rand(12) * 5 if per_channel else torch.tensor(0.6)
+    if per_channel:
+        lam[::4] = 0.0
+    m = nn.GroupNorm(3, 12)
+    with torch.no_grad():
+        m.weight.normal_(1.0, 0.3)
+        m.bias.normal_(0.0, 0.3)
+    ib = ibnorm.from_module(m, op=op, lam=0.1).eval().to(dtype)
+    ib.lam.data = lam
+    with torch.no_grad():
+        got = ib(x.to(dtype))
+    assert calls and got.dtype == dtype
+    want = ref.group_norm(x.to(dtype).double(), 3, ib.weight.double(), ib.bias.double(), lam.double(), op, 1e-5)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 6), (4, 6, 9), (2, 6, 5, 5), (64, 6, 20, 20)])
+def test_fused_batch_norm_eval_matches_float64_reference(op, per_channel, dtype, shape, monkeypatch):
+    _fused_or_skip()
+    calls = _count_calls(monkeypatch, "channel_map")
+    bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](6)
+    ib = ibnorm.from_module(bn, op=op, lam=0.1)
+    with torch.no_grad():
+        ib.weight.normal_(1.0, 0.3)
+        ib.bias.normal_(0.0, 0.3)
+        ib.running_mean.normal_(0.0, 0.5)
+        ib.running_var.uniform_(0.5, 2.0)
+        ib.running_c_mean.normal_(0.0, 0.1)
+        ib.running_c_var.uniform_(0.5, 1.0)
+        ib.running_z_var.uniform_(0.8, 1.2)
+    lam = torch.rand(6) * 5 if per_channel else torch.tensor(0.6)
+    if per_channel:
+        lam[::3] = 0.0
+    ib.lam.data = lam
+    ib = ib.eval().to(dtype)
+    x = (torch.randn(shape) * 2).to(dtype)
+    with torch.no_grad():
+        got = ib(x)
+    assert calls and got.dtype == dtype
+    bufs = [getattr(ib, n) for n in ("running_mean", "running_var", "running_c_mean", "running_c_var", "running_z_var")]
+    want = ref.batch_norm_eval(x.double(), *bufs, ib.weight.double(), ib.bias.double(), lam.double(), op, 1e-5)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_channel_groupings_keep_the_reference_where_the_fused_path_does_not_apply(monkeypatch):
+    _fused_or_skip()
+    group_calls, batch_calls = _count_calls(monkeypatch, "group_norm"), _count_calls(monkeypatch, "channel_map")
+    gn = ibnorm.from_module(nn.GroupNorm(2, 4), lam=0.0).eval()
+    bn = ibnorm.from_module(nn.BatchNorm2d(4), lam=0.5)
+    x = torch.randn(3, 4, 5, 5)
+    with torch.no_grad():
+        # λ = 0 everywhere: the reference itself
+        assert torch.equal(gn(x), IBF.ib_group_norm(x, 2, gn.weight, gn.bias, gn.lam, "tanh", 1e-5))
+        bn.train()(x)  # batch statistics and running updates: the reference
+    gn.lam.data = torch.tensor(0.5)
+    y = gn(x.requires_grad_())  # a gradient is wanted: the reference
+    y.sum().backward()
+    assert not group_calls and not batch_calls

@@ -85,9 +85,17 @@ def _build(cc: str, cache: Path, src: bytes) -> Path | None:
     return None
 
 
+_VP, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+_SIGNATURES = {
+    "ibnorm_rows": [_VP, _I, _VP, _VP, _VP, _VP, _I, _L, _L, _F, _F, _I, _I, _I],
+    "ibnorm_groups": [_VP, _I, _VP, _VP, _VP, _VP, _I, _L, _L, _L, _L, _F, _F, _I, _I],
+    "ibnorm_channels": [_VP, _I, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _I, _L, _L, _L, _I, _I],
+}
+
+
 @functools.lru_cache(maxsize=1)
 def _library():
-    """The loaded function, or None (no compiler, build failure, or disabled)."""
+    """The loaded library with its functions typed, or None (no compiler, build failure, or disabled)."""
     if os.environ.get("IBNORM_CPU_C", "1") == "0" or not _SOURCE.exists():
         return None
     cc = _compiler()
@@ -96,15 +104,13 @@ def _library():
     cache = Path(os.environ.get("IBNORM_CACHE") or Path.home() / ".cache" / "ibnorm")
     try:
         lib = _build(cc, cache, _SOURCE.read_bytes())
-        fn = ctypes.CDLL(str(lib)).ibnorm_rows if lib is not None else None
-    except OSError:
+        lib = ctypes.CDLL(str(lib)) if lib is not None else None
+        for name, argtypes in _SIGNATURES.items() if lib is not None else ():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, _I
+    except (OSError, AttributeError):
         return None
-    if fn is None:
-        return None
-    vp, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    fn.argtypes = [vp, i, vp, vp, i, vp, i, vp, i, lg, lg, f, f, i, i, i]
-    fn.restype = i
-    return fn
+    return lib
 
 
 def available() -> bool:
@@ -116,26 +122,64 @@ def applies(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
         return False
     for t in (weight, bias):
-        if t is not None and (t.dtype not in _DTYPES or t.device.type != "cpu"):
+        if t is not None and (not t.is_floating_point() or t.device.type != "cpu"):
             return False
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return not grad and available()
 
 
+def _f32(t: Tensor | None) -> Tensor | None:
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):  # the common case: no new tensor
+        return t
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _threads(x: Tensor) -> int:
+    return torch.get_num_threads() if x.numel() >= THREADED_MIN_ELEMENTS else 1
+
+
 def row_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
              lam_f32: Tensor, op: str, eps: float, centered: bool) -> Tensor | None:
-    """IBNorm of the rows of ``x``; ``lam_f32`` is the effective λ (≥ 0), contiguous float32. None on failure."""
-    fn = _library()
+    """rms/layer IBNorm of the rows of ``x``; ``lam_f32`` is the effective λ (≥ 0), contiguous float32.
+
+    None on failure (the caller's torch form serves)."""
     n = math.prod(normalized_shape)
     xc = x.contiguous()
-    w = weight.contiguous() if weight is not None else None
-    b = bias.contiguous() if bias is not None else None
+    w, b = _f32(weight), _f32(bias)
     y = torch.empty_like(xc)
-    rows = xc.numel() // max(n, 1)
-    threads = torch.get_num_threads() if xc.numel() >= THREADED_MIN_ELEMENTS else 1
-    rc = fn(xc.data_ptr(), _DTYPES[x.dtype], y.data_ptr(),
-            w.data_ptr() if w is not None else None, _DTYPES[w.dtype] if w is not None else 0,
-            b.data_ptr() if b is not None else None, _DTYPES[b.dtype] if b is not None else 0,
-            lam_f32.data_ptr(), int(lam_f32.numel() > 1), rows, n, float(eps),
-            RESTANDARDIZE_FLOOR, int(centered), _OPS[op], threads)
+    rc = _library().ibnorm_rows(xc.data_ptr(), _DTYPES[x.dtype], y.data_ptr(), _ptr(w), _ptr(b), lam_f32.data_ptr(),
+                                int(lam_f32.numel() > 1), xc.numel() // max(n, 1), n, float(eps), RESTANDARDIZE_FLOOR,
+                                int(centered), _OPS[op], _threads(xc))
+    return y if rc == 0 else None
+
+
+def group_norm(x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, lam_f32: Tensor, op: str,
+               eps: float) -> Tensor | None:
+    """group IBNorm of ``x`` (N, C, *); λ one value or one per channel. None on failure."""
+    xc = x.contiguous()
+    n, ch = xc.shape[:2]
+    w, b = _f32(weight), _f32(bias)
+    y = torch.empty_like(xc)
+    rc = _library().ibnorm_groups(xc.data_ptr(), _DTYPES[x.dtype], y.data_ptr(), _ptr(w), _ptr(b), lam_f32.data_ptr(),
+                                  int(lam_f32.numel() > 1), n, ch, groups, xc[0, 0].numel(), float(eps),
+                                  RESTANDARDIZE_FLOOR, _OPS[op], _threads(xc))
+    return y if rc == 0 else None
+
+
+def channel_map(x: Tensor, mean: Tensor, rstd: Tensor, mu: Tensor, k: Tensor, weight: Tensor | None,
+                bias: Tensor | None, lam_f32: Tensor, op: str) -> Tensor | None:
+    """y = (s_λ((x − mean)·rstd) − mu)·k·γ + β per channel of ``x`` (N, C, *): batch IBNorm in eval.
+
+    The per-channel constants are float32 (C,). None on failure."""
+    xc = x.contiguous()
+    n, ch = (xc.shape[0], xc.shape[1]) if xc.dim() > 1 else (1, xc.shape[0])
+    consts = [_f32(t) for t in (mean, rstd, mu, k, weight, bias)]
+    y = torch.empty_like(xc)
+    rc = _library().ibnorm_channels(xc.data_ptr(), _DTYPES[x.dtype], y.data_ptr(), *map(_ptr, consts),
+                                    lam_f32.data_ptr(), int(lam_f32.numel() > 1), n, ch, xc.numel() // max(n * ch, 1),
+                                    _OPS[op], _threads(xc))
     return y if rc == 0 else None

@@ -10,8 +10,9 @@
  * The loops are written to be vectorized by the compiler (-O3, `omp simd`, one loop per op, λ
  * layout and dtype): s_λ uses branch-free polynomial forms (Cephes' coefficients, float32, a few
  * ulp) instead of libm's scalar calls, and 1/λ is computed once per call, not per element.
- * Rows are split across `threads` OpenMP threads (the GIL is released by ctypes during the call).
- * dtype codes: 0 float32, 1 bfloat16.  op codes: 0 tanh, 1 log, 2 power.
+ * Three entry points: ibnorm_rows (rms, layer), ibnorm_groups (group), ibnorm_channels (batch in
+ * eval).  Rows are split across `threads` OpenMP threads (the GIL is released by ctypes during the
+ * call).  γ, β and λ come as float32.  dtype codes: 0 float32, 1 bfloat16.  op codes: 0 tanh, 1 log, 2 power.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -92,24 +93,8 @@ INLINE float compress(float z, float scale, float inv, int lam_zero, int op) {
     return lam_zero ? z : c;
 }
 
-typedef struct {
-    const void *x; void *y; const void *w; const void *b; const float *lam;
-    int xdt, wdt, bdt, lam_per_channel, centered, op;
-    long rows, n;
-    float eps, floor_;
-    long r0, r1;
-    int status;
-} Job;
-
 INLINE float load(const void *p, long i, int dt) {
     return dt == 0 ? ((const float *)p)[i] : bf16_to_float(((const uint16_t *)p)[i]);
-}
-
-static void load_row(const void *src, int dt, long n, float *d) {
-    if (dt == 0) { memcpy(d, src, sizeof(float) * (size_t)n); return; }
-    const uint16_t *h = (const uint16_t *)src;
-#pragma omp simd
-    for (long j = 0; j < n; j++) d[j] = bf16_to_float(h[j]);
 }
 
 /* Σ (x − shift)^power over one row (power 1 or 2), float lanes inside blocks, double across. */
@@ -158,17 +143,27 @@ static void row_compress(const void *x, long o, long n, int dt, float mean, floa
     }
 }
 
-static void store_row(const Job *jb, const float *c, long o, float mu, float k, const float *w, const float *b) {
-    long n = jb->n;
-    if (jb->xdt == 0) {
-        float *y = (float *)jb->y + o;
+/* y = (c − mu)·k·w + b over n elements; w, b per element (NULL: none) or, with wb_scalar, one value. */
+INLINE void store_span(void *y, int dt, long o, const float *c, long n, float mu, float k, const float *w,
+                       const float *b, int wb_scalar) {
+    float w0 = (w && wb_scalar) ? w[0] : 1.0f, b0 = (b && wb_scalar) ? b[0] : 0.0f;
+    if (dt == 0) {
+        float *out = (float *)y + o;
 #pragma omp simd
-        for (long j = 0; j < n; j++) y[j] = ((c[j] - mu) * k) * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
+        for (long j = 0; j < n; j++)
+            out[j] = ((c[j] - mu) * k) * ((w && !wb_scalar) ? w[j] : w0) + ((b && !wb_scalar) ? b[j] : b0);
     } else {
-        uint16_t *y = (uint16_t *)jb->y + o;
+        uint16_t *out = (uint16_t *)y + o;
 #pragma omp simd
-        for (long j = 0; j < n; j++) y[j] = float_to_bf16(((c[j] - mu) * k) * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f));
+        for (long j = 0; j < n; j++)
+            out[j] = float_to_bf16(((c[j] - mu) * k) * ((w && !wb_scalar) ? w[j] : w0) + ((b && !wb_scalar) ? b[j] : b0));
     }
+}
+
+static void store(void *y, int dt, long o, const float *c, long n, float mu, float k, const float *w, const float *b,
+                  int wb_scalar) {
+    if (dt == 0) store_span(y, 0, o, c, n, mu, k, w, b, wb_scalar);
+    else store_span(y, 1, o, c, n, mu, k, w, b, wb_scalar);
 }
 
 /* What s_λ needs per channel (or once for a scalar λ): tanh and log take λ and 1/λ, power
@@ -182,51 +177,121 @@ static void channel_constants(const float *lam, long m, int op, float *scale, fl
     }
 }
 
-static void *run_rows(void *arg) {
-    Job *jb = (Job *)arg;
-    long n = jb->n, m = jb->lam_per_channel ? n : 1;
-    float *buf = (float *)malloc(sizeof(float) * (3 * (size_t)n + 2 * (size_t)m));
-    if (!buf) { jb->status = 1; return NULL; }
-    float *d = buf, *w = NULL, *b = NULL, *scale = buf + 3 * n, *inv = scale + m;
-    if (jb->w) { w = buf + n; load_row(jb->w, jb->wdt, n, w); }
-    if (jb->b) { b = buf + 2 * n; load_row(jb->b, jb->bdt, n, b); }
-    channel_constants(jb->lam, m, jb->op, scale, inv);
-    for (long r = jb->r0; r < jb->r1; r++) {
-        long o = r * n;
-        float mean = jb->centered ? (float)(row_moment(jb->x, o, n, jb->xdt, 0.0f, 1) / n) : 0.0f;
-        double var = (jb->xdt == 0 ? row_moment(jb->x, o, n, 0, mean, 2) : row_moment(jb->x, o, n, 1, mean, 2)) / n;
-        float rstd = 1.0f / sqrtf((float)var + jb->eps);
-        double sums[3];
-        row_compress(jb->x, o, n, jb->xdt, mean, rstd, scale, inv, jb->lam_per_channel, jb->op, d, sums);
-        /* var(z) = v/(v + ε) analytically (z is never reduced again, as in the torch form) */
-        double vz = var * rstd * rstd, vc = sums[1] / n, mu = 0.0;
-        if (jb->centered) { vc -= (sums[0] / n) * (sums[0] / n); mu = (sums[0] - sums[2]) / n; }
-        float k = (float)(sqrt(vz > jb->floor_ ? vz : jb->floor_) / sqrt(vc > jb->floor_ ? vc : jb->floor_));
-        store_row(jb, d, o, (float)mu, k, w, b);
-    }
-    free(buf);
-    return NULL;
+/* Step 4's factor and shift from the row's sums: k = √max(v_z, δ)/√max(v_c, δ), μ = mean(c − z). */
+static float spread_ratio(double var, float rstd, const double *sums, long n, int centered, float floor_, float *mu) {
+    double vz = var * rstd * rstd, vc = sums[1] / n; /* var(z) = v/(v + ε) analytically */
+    *mu = 0.0f;
+    if (centered) { vc -= (sums[0] / n) * (sums[0] / n); *mu = (float)((sums[0] - sums[2]) / n); }
+    return (float)(sqrt(vz > floor_ ? vz : floor_) / sqrt(vc > floor_ ? vc : floor_));
 }
 
-int ibnorm_rows(const void *x, int xdt, void *y, const void *w, int wdt, const void *b, int bdt, const float *lam,
-                int lam_per_channel, long rows, long n, float eps, float floor_, int centered, int op, int threads) {
-    enum { MAX_THREADS = 256 };
-    Job jobs[MAX_THREADS];
+/* Row statistics: mean (0 unless centred) and the variance about it. */
+static double row_variance(const void *x, int dt, long o, long n, int centered, float *mean) {
+    *mean = centered ? (float)(row_moment(x, o, n, dt, 0.0f, 1) / n) : 0.0f;
+    return (dt == 0 ? row_moment(x, o, n, 0, *mean, 2) : row_moment(x, o, n, 1, *mean, 2)) / n;
+}
+
+static int threads_for(int threads, long rows) {
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
-    Job base = {x, y, w, b, lam, xdt, wdt, bdt, lam_per_channel, centered, op, rows, n, eps, floor_, 0, 0, 0};
-    for (int t = 0; t < threads; t++) {
-        jobs[t] = base;
-        jobs[t].r0 = rows * t / threads;
-        jobs[t].r1 = rows * (t + 1) / threads;
+    return threads > rows ? (rows > 0 ? (int)rows : 1) : threads;
+}
+
+/* One thread's scratch: a row buffer of n floats and s_λ's constants for m channels; NULL if out of memory. */
+static float *scratch(long n, const float *lam, long m, int op, float **scale, float **inv) {
+    float *buf = (float *)malloc(sizeof(float) * ((size_t)n + 2 * (size_t)m));
+    if (buf) {
+        *scale = buf + n;
+        *inv = *scale + m;
+        channel_constants(lam, m, op, *scale, *inv);
     }
-    /* Built with -fopenmp this runs on the process's OpenMP pool: torch's own libgomp.so.1, already
-     * loaded, whose workers are awake after torch's last op (separate threads would compete with them
-     * for the cores).  Without OpenMP the pragma is ignored and the blocks run one after another. */
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; t++) run_rows(&jobs[t]);
-    int status = 0;
-    for (int t = 0; t < threads; t++) status |= jobs[t].status;
-    return status;
+    return buf;
+}
+
+/* Each entry point runs its rows in one OpenMP loop.  Built with -fopenmp that is the process's
+ * OpenMP pool: torch's own libgomp.so.1, already loaded, whose workers are awake after torch's last
+ * op (separate threads would compete with them for the cores).  Without OpenMP the pragmas are
+ * ignored and the rows run one after another.  Every thread reaches the `omp for` (its barrier),
+ * also one whose scratch could not be allocated: it skips its rows and the call reports failure. */
+
+/* rms / layer: rows of n contiguous elements; γ, β, λ per element of the row (λ may be one value). */
+int ibnorm_rows(const void *x, int xdt, void *y, const float *w, const float *b, const float *lam,
+                int lam_per_channel, long rows, long n, float eps, float floor_, int centered, int op, int threads) {
+    int failed = 0;
+    long m = lam_per_channel ? n : 1;
+#pragma omp parallel num_threads(threads_for(threads, rows))
+    {
+        float *scale, *inv, *buf = scratch(n, lam, m, op, &scale, &inv);
+        if (!buf) failed = 1;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            if (!buf) continue;
+            long o = r * n;
+            float mean, mu;
+            double var = row_variance(x, xdt, o, n, centered, &mean), sums[3];
+            float rstd = 1.0f / sqrtf((float)var + eps);
+            row_compress(x, o, n, xdt, mean, rstd, scale, inv, lam_per_channel, op, buf, sums);
+            float k = spread_ratio(var, rstd, sums, n, centered, floor_, &mu);
+            store(y, xdt, o, buf, n, mu, k, w, b, 0);
+        }
+        free(buf);
+    }
+    return failed;
+}
+
+/* group: x is (samples, channels, inner); a row is one sample's group of channels (channels/groups ×
+ * inner elements), statistics over the row, λ, γ, β per channel (λ may be one value). */
+int ibnorm_groups(const void *x, int xdt, void *y, const float *w, const float *b, const float *lam,
+                  int lam_per_channel, long samples, long channels, long groups, long inner, float eps, float floor_,
+                  int op, int threads) {
+    int failed = 0;
+    long per_group = channels / groups, n = per_group * inner, rows = samples * groups;
+    long m = lam_per_channel ? channels : 1;
+#pragma omp parallel num_threads(threads_for(threads, rows))
+    {
+        float *scale, *inv, *buf = scratch(n, lam, m, op, &scale, &inv);
+        if (!buf) failed = 1;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            if (!buf) continue;
+            long o = r * n, ch0 = (r % groups) * per_group;
+            float mean, mu;
+            double var = row_variance(x, xdt, o, n, 1, &mean), sums[3] = {0, 0, 0}, part[3];
+            float rstd = 1.0f / sqrtf((float)var + eps);
+            for (long s = 0; s < per_group; s++) { /* one channel: one λ */
+                long j = lam_per_channel ? ch0 + s : 0;
+                row_compress(x, o + s * inner, inner, xdt, mean, rstd, scale + j, inv + j, 0, op, buf + s * inner, part);
+                sums[0] += part[0]; sums[1] += part[1]; sums[2] += part[2];
+            }
+            float k = spread_ratio(var, rstd, sums, n, 1, floor_, &mu);
+            for (long s = 0; s < per_group; s++)
+                store(y, xdt, o + s * inner, buf + s * inner, inner, mu, k, w ? w + ch0 + s : NULL,
+                      b ? b + ch0 + s : NULL, 1);
+        }
+        free(buf);
+    }
+    return failed;
+}
+
+/* batch in eval: a per-channel map with running statistics.  x is (samples, channels, inner);
+ * z = (x − mean_c)·rstd_c, y = (s_λ(z) − mu_c)·k_c·γ_c + β_c with every constant per channel. */
+int ibnorm_channels(const void *x, int xdt, void *y, const float *mean, const float *rstd, const float *mu,
+                    const float *k, const float *w, const float *b, const float *lam, int lam_per_channel,
+                    long samples, long channels, long inner, int op, int threads) {
+    int failed = 0;
+    long rows = samples * channels, m = lam_per_channel ? channels : 1;
+#pragma omp parallel num_threads(threads_for(threads, rows))
+    {
+        float *scale, *inv, *buf = scratch(inner, lam, m, op, &scale, &inv);
+        if (!buf) failed = 1;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            if (!buf) continue;
+            long ch = r % channels, o = r * inner, j = lam_per_channel ? ch : 0;
+            double sums[3];
+            row_compress(x, o, inner, xdt, mean[ch], rstd[ch], scale + j, inv + j, 0, op, buf, sums);
+            store(y, xdt, o, buf, inner, mu[ch], k[ch], w ? w + ch : NULL, b ? b + ch : NULL, 1);
+        }
+        free(buf);
+    }
+    return failed;
 }
