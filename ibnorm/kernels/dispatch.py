@@ -43,8 +43,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(x: Tensor, normalized_shape: Sequence[int]) -> bool:
-    mode = kernel_mode()
+def use_triton(x: Tensor, normalized_shape: Sequence[int], mode: str | None = None) -> bool:
+    mode = kernel_mode() if mode is None else mode
     if mode == "reference" or len(normalized_shape) != 1:
         return False
     if mode == "auto" and not x.is_cuda:
@@ -84,10 +84,11 @@ def row_norm(
     eps: float,
     centered: bool,
 ) -> Tensor:
-    if use_triton(x, normalized_shape):
+    mode = kernel_mode()
+    if (x.is_cuda or mode == "triton") and use_triton(x, normalized_shape, mode):
         # The straight-through max(λ, 0) of the reference is applied inside the kernels.
         return triton_ops().row_norm_op(x, weight, bias, lam, op, float(eps), bool(centered))
-    if kernel_mode() == "auto" and cpu_rownorm.supported(x, lam, op):
+    if mode == "auto" and cpu_rownorm.supported(x, lam, op):
         y = cpu_rownorm.row_norm(x, normalized_shape, weight, bias, lam, op, eps, centered)
         if y is not None:
             return y

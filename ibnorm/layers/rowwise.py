@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels.dispatch import row_norm
 from .base import IBNormBase
 
 
@@ -42,8 +43,6 @@ class _IBRowNorm(IBNormBase):
         return self.normalized_shape
 
     def forward(self, x: Tensor) -> Tensor:
-        from ..kernels.dispatch import row_norm  # late import: kernels are optional
-
         return row_norm(x, self.normalized_shape, self.weight, self.bias, self.lam, self.op, self.eps, self.centered)
 
     def extra_repr(self) -> str:
