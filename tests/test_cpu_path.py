@@ -13,7 +13,7 @@ import ibnorm
 import reference64 as ref
 from ibnorm import functional as IBF
 from ibnorm.calibration.fit import LAMBDA_GRID, admissible_lambda, channel_errors
-from ibnorm.kernels import cpu_rownorm, cpu_fused
+from ibnorm.kernels import cpu_fused, cpu_rownorm, torch_rownorm
 
 OPS = ["tanh", "log", "power"]
 H = 40
@@ -252,14 +252,14 @@ def test_a_few_small_lambda_channels_keep_the_fast_form_and_are_exact():
     lam = torch.full((64,), 0.3)
     lam[[3, 17, 40]] = torch.tensor([0.02, 0.016, 0.0128])
     lam[5] = 0.0
-    k = cpu_rownorm.lam_constants(lam, "tanh", torch.float32)
+    k = torch_rownorm.lam_constants(lam, "tanh", torch.float32)
     assert k.form == "logistic" and k.fix.tolist() == [3, 17, 40]
-    assert cpu_rownorm.lam_constants(torch.rand(64) * 0.04, "tanh", torch.float32).form == "series"
+    assert torch_rownorm.lam_constants(torch.rand(64) * 0.04, "tanh", torch.float32).form == "series"
     z = torch.randn(300, 64) * 3
     z[0, 3] = 40.0
     for grad in (False, True):
         zz = z.clone().requires_grad_(grad)
-        c = cpu_rownorm.compress_fast(zz, k)
+        c = torch_rownorm.compress_fast(zz, k)
         want = torch.stack([ref.s(z[:, j].double(), float(lam[j]), "tanh") for j in range(64)], 1)
         assert (c.double() - want).abs().max() < 5e-6
         fixed = [3, 17, 40]  # tanh: a few ulps, not the logistic form's ~1e-5 at these λ
@@ -397,3 +397,16 @@ def test_channel_groupings_keep_the_reference_where_the_fused_path_does_not_appl
     y = gn(x.requires_grad_())  # a gradient is wanted: the reference
     y.sum().backward()
     assert not group_calls and not batch_calls
+
+
+def test_torch_form_is_self_contained_and_shares_the_floor():
+    # It is shipped next to converted models' modeling code, where ibnorm may not be installed.
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(torch_rownorm))
+    roots = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert roots <= {"__future__", "dataclasses", "math", "typing", "torch"}
+    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
+    assert torch_rownorm.RESTANDARDIZE_FLOOR == IBF.RESTANDARDIZE_FLOOR

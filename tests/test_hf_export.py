@@ -79,7 +79,9 @@ def as_format_1(directory: Path) -> None:
     if manifest["family"] == "hf":
         base = base_config_dict(config)
         base["ibnorm"] = {"format": "ibnorm-converted/1", "manifest": "ibnorm_manifest.json", "op": config["ibnorm"]["op"]}
-        for name in ("configuration_ibnorm.py", "modeling_ibnorm.py"):
+        from ibnorm.hf.configuration_ibnorm import CODE_FILES
+
+        for name in CODE_FILES:
             (directory / name).unlink()
     else:
         base = {"architecture": config["ibnorm"]["base_architecture"], "library": "timm", "num_classes": config["num_classes"],
@@ -339,12 +341,7 @@ def _reference(case: str, x, w, b, lam, op):
     return IBF.ib_group_norm(x, 3, w, b, lam, op, 1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("op", ["tanh", "log", "power"])
-@pytest.mark.parametrize("case", ["rms", "rms_no_affine", "layer", "layer_channels_first", "group"])
-def test_shipped_module_equals_reference_bitwise(case, op, dtype):
-    """The exported IBNorm computes exactly what ibnorm's reference computes (per-channel λ, some 0;
-    λ near the series cutoff; z = 0 entries), so an exported model equals ibnorm.load's."""
+def _shipped_case(case: str, op: str, dtype, lam_zero: bool = False):
     from ibnorm.hf.modeling_ibnorm import IBNorm
 
     g = torch.Generator().manual_seed(3)
@@ -352,6 +349,8 @@ def test_shipped_module_equals_reference_bitwise(case, op, dtype):
     lam = (torch.rand(ch, generator=g, dtype=torch.float64) * 2).to(dtype)
     lam[::4] = 0.0
     lam[1] = 1e-5  # λ·|z| below the series cutoff
+    if lam_zero:
+        lam.zero_()
     w, b = torch.randn(ch, generator=g, dtype=dtype), torch.randn(ch, generator=g, dtype=dtype)
     affine = case != "rms_no_affine"
     grouping = "layer" if case.startswith("layer") else case.split("_")[0]
@@ -370,8 +369,45 @@ def test_shipped_module_equals_reference_bitwise(case, op, dtype):
         x = x.permute(0, 2, 1).unsqueeze(-1)  # N, C, H, 1
     elif case == "group":
         x = x.permute(0, 2, 1)  # N, C, L
-    want = _reference(case, x, w if affine else None, b if grouping != "rms" else None, lam, op)
-    assert torch.equal(module(x), want)
+    return module, x, (w if affine else None, b if grouping != "rms" else None, lam)
+
+
+CASES = ["rms", "rms_no_affine", "layer", "layer_channels_first", "group"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", ["tanh", "log", "power"])
+@pytest.mark.parametrize("case", CASES)
+def test_shipped_module_matches_reference(case, op, dtype):
+    """The exported IBNorm computes what ibnorm's reference computes, to the rounding of the compute
+    dtype (per-channel λ, some 0; λ near the series cutoff; z = 0 entries), in float64 arithmetic."""
+    module, x, (w, b, lam) = _shipped_case(case, op, dtype)
+    with torch.no_grad():
+        got = module(x)
+        want = _reference(case, x.double(), *(None if t is None else t.double() for t in (w, b, lam)), op)
+    assert got.dtype == dtype
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_shipped_module_at_lambda_zero_is_the_reference_bitwise(case, dtype):
+    module, x, (w, b, lam) = _shipped_case(case, "tanh", dtype, lam_zero=True)
+    with torch.no_grad():
+        assert torch.equal(module(x), _reference(case, x, w, b, lam, "tanh"))
+
+
+def test_shipped_rows_run_the_few_op_torch_form(monkeypatch):
+    import ibnorm.hf.modeling_ibnorm as shipped
+
+    calls = []
+    real = shipped.fast_row_norm
+    monkeypatch.setattr(shipped, "fast_row_norm", lambda *a: calls.append(1) or real(*a))
+    for case in ("rms", "layer_channels_first"):
+        module, x, _ = _shipped_case(case, "tanh", torch.float32)
+        module(x)
+    assert len(calls) == 2
 
 
 def test_hf_config_keeps_every_base_field(dirs):

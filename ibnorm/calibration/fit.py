@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..compression import compress
-from ..kernels.cpu_rownorm import LamConstants, compress_fast, lam_constants
+from ..kernels.torch_rownorm import LamConstants, compress_fast, lam_constants
 from ..layers import IBNormBase, from_spec
 from ..spec import NormSpec
 

@@ -1,8 +1,9 @@
 """Converted checkpoints as their own transformers architecture (``ibnorm_<base>``).
 
 ``configuration_ibnorm.py`` and ``modeling_ibnorm.py`` are self-contained (torch + transformers
-only): they are copied into every converted directory (``auto_map``), and registered with the
-Auto classes by ``import ibnorm`` (see ``register.py``).  ``export`` writes configs and code,
+only; the modeling file imports ``ibnorm/kernels/torch_rownorm.py``, which needs only torch): the
+three are copied into every converted directory (``auto_map``), and the first two are registered
+with the Auto classes by ``import ibnorm`` (see ``register.py``).  ``export`` writes configs and code,
 ``upgrade`` rewrites directories of the first format.  This package imports nothing heavy.
 """
 

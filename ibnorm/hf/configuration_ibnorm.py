@@ -18,7 +18,7 @@ from pathlib import Path
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 MODEL_TYPE_PREFIX = "ibnorm_"
-CODE_FILES = ("configuration_ibnorm.py", "modeling_ibnorm.py")
+CODE_FILES = ("configuration_ibnorm.py", "modeling_ibnorm.py", "torch_rownorm.py")
 
 _CONFIG_CLASSES: dict = {}
 
@@ -30,12 +30,20 @@ def base_model_type(model_type: str) -> str:
     return model_type[len(MODEL_TYPE_PREFIX):]
 
 
-def write_code_files(save_directory) -> None:
-    """Copy this file and the modeling file next to a saved config, so ``auto_map`` resolves."""
+def code_file_source(name: str) -> Path:
+    """Where a shipped code file is: beside this one in a model directory; in the ibnorm package the
+    torch form lives with the kernels (``ibnorm/kernels/torch_rownorm.py``)."""
     here = Path(__file__).resolve().parent
+    if (here / name).is_file() or here.name != "hf":
+        return here / name
+    return here.parent / "kernels" / name
+
+
+def write_code_files(save_directory) -> None:
+    """Copy the shipped code files next to a saved config, so ``auto_map`` resolves."""
     out = Path(save_directory)
     for name in CODE_FILES:
-        src, dst = here / name, out / name
+        src, dst = code_file_source(name), out / name
         if src.is_file() and src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
 

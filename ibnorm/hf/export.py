@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..io.manifest import FORMAT_2, MANIFEST
-from .configuration_ibnorm import CODE_FILES, MODEL_TYPE_PREFIX
+from .configuration_ibnorm import CODE_FILES, MODEL_TYPE_PREFIX, code_file_source
 from .register import AUTO_MODEL_MAPPINGS, base_classes_for
 
 TIMM_ARCHITECTURE_PREFIX = "ibnorm-converted:"
@@ -109,12 +109,11 @@ def base_config(config_dict: dict):
 
 
 def write_remote_code(out_dir: str | Path) -> list[str]:
-    """Copy the self-contained configuration and modeling files into ``out_dir``."""
-    here = Path(__file__).resolve().parent
+    """Copy the self-contained configuration, modeling and torch-form files into ``out_dir``."""
     for name in CODE_FILES:
         dst = Path(out_dir) / name
         dst.unlink(missing_ok=True)  # a fresh file: never write through a hard link
-        shutil.copyfile(here / name, dst)
+        shutil.copyfile(code_file_source(name), dst)
     return list(CODE_FILES)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import functional as IBF
 from . import cpu_fused
-from .cpu_rownorm import lam_constants
+from .torch_rownorm import lam_constants
 from .dispatch import kernel_mode
 
 _broken: set[str] = set()
