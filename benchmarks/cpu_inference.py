@@ -45,6 +45,9 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--shipped", action="store_true",
+                    help="also time the converted directory read by transformers (the shipped modeling code that "
+                         "trust_remote_code runs); needs --converted")
     ap.add_argument("--out", default="benchmarks/results/cpu_inference.md")
     return ap.parse_args()
 
@@ -64,7 +67,13 @@ def _models(args: argparse.Namespace):
         converted, how = conv.model.eval(), f"converted in memory (calibrated on {args.calib_samples}×{args.calib_len} tokens)"
     lam = torch.cat([m.effective_lam.reshape(-1) for m in converted.modules() if isinstance(m, ibnorm.IBNormBase)])
     how += f"; λ mean {lam.mean():.3f}, {100 * (lam == 0).float().mean():.1f}% of channels at λ = 0"
-    return loaded.tokenizer, source, converted, how, load_s
+    shipped = None
+    if args.shipped:
+        import transformers
+
+        # With ibnorm imported the registered classes are the shipped modeling code (what trust_remote_code runs).
+        shipped = transformers.AutoModelForCausalLM.from_pretrained(args.converted).eval()
+    return loaded.tokenizer, source, converted, shipped, how, load_s
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -107,7 +116,9 @@ def _fmt(samples: list[float], tokens: int) -> str:
 def main() -> None:
     args = _parse()
     torch.manual_seed(0)
-    tok, source, converted, how, load_s = _models(args)
+    if args.shipped and not args.converted:
+        sys.exit("error: --shipped needs --converted DIR (a directory written by `ibnorm convert`)")
+    tok, source, converted, shipped, how, load_s = _models(args)
     ids = token_examples(tok, read_texts("builtin:pydoc:eval"), args.prefill_len, args.batch)
     prompt = ids[:1, : args.prompt_len]
     rows = []
@@ -115,6 +126,8 @@ def main() -> None:
         dtype = getattr(torch, dtype_name)
         src, conv = source.to(dtype), converted.to(dtype)
         entries = [("source", src, None)] + [(f"converted ({p})", conv, p) for p in args.paths]
+        if shipped is not None:
+            entries.append(("converted (shipped code)", shipped.to(dtype), None))
         runs = {name: _runners(m, ids, prompt, args.new_tokens, tok.eos_token_id) for name, m, _ in entries}
         times: dict[tuple[str, str], list[float]] = {(n, k): [] for n, _, _ in entries for k in ("prefill", "decode")}
         for name, _, path in entries:  # warm-up (first-call allocations, lazy inits)
