@@ -8,7 +8,8 @@ is HF's ``LlamaRMSNorm`` (what the model runs), ``nn.LayerNorm``, ``nn.BatchNorm
 ``nn.GroupNorm(32, C)``; IBNorm is the converted layer with a per-channel λ in [0.06, 0.46] with
 5% of channels at 0, called as the model calls it (module call, inference mode) through:
 ``fused`` (the C function), ``torch form`` (what serves without a C compiler), and
-``reference`` (``IBNORM_KERNEL=reference``).  Each sample times a block of calls; the paths take
+``reference`` (``IBNORM_KERNEL=reference``).  Batch and group have no torch form: that column runs
+the reference for them.  Each sample times a block of calls; the paths take
 turns within every repeat; the table gives the best and the median per call, and the ratio of the
 best to the source's best (allocation and page-fault effects make the medians of the large shapes
 move by 2× between rows on the 2-core machine).

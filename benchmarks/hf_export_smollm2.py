@@ -130,7 +130,7 @@ def measure(work: Path, convert_args: list[str], blocks: int, seq_len: int, n_do
     lm_eval_scores, t_lm_eval = _lm_eval(work, v2, docs)
     own = _doc_perplexities(reference, tok, docs)
 
-    rows = [("ibnorm.load (reference)", ref), ("transformers, ibnorm imported, no remote code", registered),
+    rows = [("ibnorm.load (its CPU path)", ref), ("transformers, ibnorm imported, no remote code", registered),
             ("transformers, trust_remote_code, ibnorm not importable", remote),
             ("stock transformers on the format-1 directory (the misread)", stock_v1)]
     p_ref = _ppl(ref, ids)

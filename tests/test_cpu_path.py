@@ -410,3 +410,20 @@ def test_torch_form_is_self_contained_and_shares_the_floor():
     assert roots <= {"__future__", "dataclasses", "math", "typing", "torch"}
     assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))
     assert torch_rownorm.RESTANDARDIZE_FLOOR == IBF.RESTANDARDIZE_FLOOR
+
+
+def test_fused_handles_strided_inputs_and_mixed_parameter_dtypes():
+    _fused_or_skip()
+    n = 48
+    x = (torch.randn(n, 6, 5) * 2).transpose(0, 2)  # (5, 6, n), not contiguous
+    w = (torch.randn(n) * 0.3 + 1).bfloat16()  # a bf16 γ with a float32 input
+    lam = torch.rand(n) * 2
+    got = cpu_rownorm.row_norm(x, (n,), w, None, lam, "tanh", 1e-5, False)
+    want = ref.row_norm(x.double(), w.double(), None, lam.double(), "tanh", 1e-5, False)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    half = cpu_rownorm.row_norm(x.half(), (n,), w, None, lam, "tanh", 1e-5, False)  # float16: the torch form
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), ref.row_norm(x.half().double(), w.double(), None, lam.double(), "tanh",
+                                                           1e-5, False), rtol=2e-3, atol=2e-3)
+    empty = cpu_rownorm.row_norm(torch.empty(0, n), (n,), w, None, lam, "tanh", 1e-5, False)
+    assert empty.shape == (0, n)
