@@ -37,7 +37,7 @@ def _case(centered: bool, per_channel: bool, dtype=torch.float32, degenerate: bo
 
 @pytest.fixture(params=["c", "torch"])
 def path(request, monkeypatch):
-    """Both CPU forms: the small C kernel (decode-sized inputs) and the few-op torch form."""
+    """Both CPU forms: the fused C function (at inference) and the few-op torch form."""
     if request.param == "c":
         if not cpu_fused.available():
             pytest.skip("no C compiler: the torch form serves")

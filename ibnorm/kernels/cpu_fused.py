@@ -1,4 +1,4 @@
-"""Row-wise IBNorm on CPU in one fused call of a small C function (``cpu_rows.c``), built on first use.
+"""IBNorm on CPU in one fused call of a small C function (``cpu_rows.c``), built on first use.
 
 The torch form (``cpu_rownorm``) runs about a dozen ops per call: during decode (one token per
 sequence) its cost is per-op overhead (~45 µs against ~8 for torch's RMSNorm), during prefill
