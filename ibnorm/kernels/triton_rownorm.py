@@ -2,7 +2,9 @@
 
 Forward: one program per row.  The row stays on chip; it writes y and eight fp32 statistics
 per row (mean, rstd, μ_c, mean c, mean z, var c, var z, k = σ_z/σ_c) that the backward reuses,
-so the backward runs no forward reductions.
+so the backward runs no forward reductions.  mean z (0 for layer) and var z (v/(v + ε)) are
+known from the row's own statistics, so the forward reduces x twice (layer; once for rms) and c
+twice (once for rms), with a per-channel λ's nonzero count riding along in a c reduction.
 
 Backward: SM-count persistent programs, each walking a fixed strided set of rows.  Per row one
 multi-operand reduction gives every sum the gradient needs (the second reduction of the chain
@@ -214,35 +216,42 @@ def ibnorm_row_fwd_kernel(
     else:
         mean = 0.0
         d = x
-    rstd = tl.rsqrt(tl.sum(d * d, axis=0) * inv_n + eps)
+    var = tl.sum(d * d, axis=0) * inv_n
+    rstd = tl.rsqrt(var + eps)
     z = d * rstd
     c = _compress_value(z, is_zero, lam_s, inv, OP)  # 0 where masked: z = 0 there
     # λ = 0 is structural: μ_c and v_c are selected (0 and v_z) when every λ of the row is 0, so
     # k == 1 and y == z·γ (+β) bit for bit.  Arithmetic cannot promise it on a GPU: ptxas contracts
     # c − d·rstd into one FMA (c − z ≠ 0) and reductions may add in different orders.
-    if LAM_PER_CHANNEL:
-        n_nonzero = tl.sum(tl.where(is_zero, 0.0, 1.0), axis=0)
-        all_zero = n_nonzero == 0.0
-    else:
-        all_zero = is_zero
+    # z is d·rstd with d centred (layer) or not (rms), so mean(z) = 0 (layer) and var(z) = v/(v + ε)
+    # exactly: the forward reduces only c, and saves these for the backward.  A per-channel λ's
+    # count of nonzero channels rides along in the first reduction (one tree, not two).
+    vz = var * rstd * rstd
+    zbar = 0.0
+    nonzero = tl.where(is_zero, 0.0, 1.0)
     if CENTERED:
-        sdiff, sz = tl.reduce((c - z, z), 0, _add2)
+        if LAM_PER_CHANNEL:
+            sdiff, n_nonzero = tl.reduce((c - z, nonzero), 0, _add2)
+            all_zero = n_nonzero == 0.0
+        else:
+            sdiff = tl.sum(c - z, axis=0)
+            all_zero = is_zero
         mu_c = tl.where(all_zero, 0.0, sdiff * inv_n)  # mean(c − z): no cancellation of two means
-        zbar = sz * inv_n
-        cbar = zbar + mu_c
-        # Two-pass variances: mean(c) is far from 0 when one channel dominates (one-pass cancels).
+        cbar = mu_c
+        # Two-pass variance: mean(c) is far from 0 when one channel dominates (one-pass cancels).
         cc = c - cbar
-        zc = z - zbar
         if not EVEN:
             cc = tl.where(mask, cc, 0.0)
-            zc = tl.where(mask, zc, 0.0)
-        scc, szz = tl.reduce((cc * cc, zc * zc), 0, _add2)
+        scc = tl.sum(cc * cc, axis=0)
     else:
-        scc, szz = tl.reduce((c * c, z * z), 0, _add2)
+        if LAM_PER_CHANNEL:
+            scc, n_nonzero = tl.reduce((c * c, nonzero), 0, _add2)
+            all_zero = n_nonzero == 0.0
+        else:
+            scc = tl.sum(c * c, axis=0)
+            all_zero = is_zero
         cbar = 0.0
-        zbar = 0.0
         mu_c = 0.0
-    vz = szz * inv_n
     vc = tl.where(all_zero, vz, scc * inv_n)
     k = _spread_ratio(vz, vc, delta)
     y = c - mu_c if CENTERED else c
