@@ -427,3 +427,26 @@ def test_fused_handles_strided_inputs_and_mixed_parameter_dtypes():
                                                            1e-5, False), rtol=2e-3, atol=2e-3)
     empty = cpu_rownorm.row_norm(torch.empty(0, n), (n,), w, None, lam, "tanh", 1e-5, False)
     assert empty.shape == (0, n)
+
+
+def test_a_failed_build_leaves_the_torch_form_serving(monkeypatch, tmp_path):
+    # No usable compiler (every flag set refused), an empty cache: available() is False, nothing
+    # half-built is left in the cache, and the norms still give the reference's result.
+    monkeypatch.setenv("IBNORM_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_fused, "_FLAGS", (["-not-a-flag"],))
+    cpu_fused._library.cache_clear()
+    try:
+        assert not cpu_fused.available()
+        assert list(tmp_path.iterdir()) == []
+        x, w, b, lam = _case(True, "large")
+        got = cpu_rownorm.row_norm(x, (H,), w, b, lam, "tanh", 1e-5, True)
+        want = ref.row_norm(x.double(), w, b, lam.double(), "tanh", 1e-5, True)
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+        gn = ibnorm.from_module(nn.GroupNorm(2, 4), lam=0.5).eval()
+        xg = torch.randn(2, 4, 3, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(gn(xg).double(), ref.group_norm(xg.double(), 2, gn.weight.double(),
+                                                                       gn.bias.double(), 0.5, "tanh", 1e-5),
+                                       rtol=2e-5, atol=2e-5)
+    finally:
+        cpu_fused._library.cache_clear()
