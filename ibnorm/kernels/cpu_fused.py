@@ -1,6 +1,6 @@
 """IBNorm on CPU in one fused call of a small C function (``cpu_rows.c``), built on first use.
 
-The torch form (``cpu_rownorm``) runs about a dozen ops per call: during decode (one token per
+The torch form (``torch_rownorm``) runs about a dozen ops per call: during decode (one token per
 sequence) its cost is per-op overhead (~45 µs against ~8 for torch's RMSNorm), during prefill
 it is its eight or so passes over memory and torch's transcendental functions.  The C function
 reads each row once and writes it once, computes s_λ with vectorized polynomial forms, and splits
