@@ -34,9 +34,7 @@ def code_file_source(name: str) -> Path:
     """Where a shipped code file is: beside this one in a model directory; in the ibnorm package the
     torch form lives with the kernels (``ibnorm/kernels/torch_rownorm.py``)."""
     here = Path(__file__).resolve().parent
-    if (here / name).is_file() or here.name != "hf":
-        return here / name
-    return here.parent / "kernels" / name
+    return here / name if (here / name).is_file() else here.parent / "kernels" / name
 
 
 def write_code_files(save_directory) -> None:

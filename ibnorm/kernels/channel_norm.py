@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as IBF
-from . import cpu_fused
+from . import cpu_fused, cpu_rownorm
 from .torch_rownorm import lam_constants
 from .dispatch import kernel_mode
 
@@ -56,10 +56,8 @@ def _call(name: str, reference: Callable[..., Tensor], x: Tensor, *args: Any, **
 
 def _cpu_lam(x: Tensor, weight: Tensor | None, bias: Tensor | None, lam: Tensor | float, op: str) -> Tensor | None:
     """The effective λ as flat float32 when the fused CPU path serves this call, else None."""
-    if kernel_mode() != "auto" or not cpu_fused.applies(x, weight, bias) or op not in ("tanh", "log", "power"):
-        return None
     lam_t = lam if isinstance(lam, Tensor) else torch.tensor(float(lam))
-    if lam_t.requires_grad and torch.is_grad_enabled():
+    if kernel_mode() != "auto" or not cpu_rownorm.supported(x, lam_t, op) or not cpu_fused.applies(x, weight, bias):
         return None
     consts = lam_constants(lam_t, op, torch.float32)
     return None if consts is None or consts.all_zero else consts.lam32

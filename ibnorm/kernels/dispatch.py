@@ -85,7 +85,7 @@ def row_norm(
     centered: bool,
 ) -> Tensor:
     mode = kernel_mode()
-    if (x.is_cuda or mode == "triton") and use_triton(x, normalized_shape, mode):
+    if use_triton(x, normalized_shape, mode):
         # The straight-through max(λ, 0) of the reference is applied inside the kernels.
         return triton_ops().row_norm_op(x, weight, bias, lam, op, float(eps), bool(centered))
     if mode == "auto" and cpu_rownorm.supported(x, lam, op):
