@@ -450,3 +450,19 @@ def test_a_failed_build_leaves_the_torch_form_serving(monkeypatch, tmp_path):
                                        rtol=2e-5, atol=2e-5)
     finally:
         cpu_fused._library.cache_clear()
+
+
+def test_a_damaged_cached_library_is_rebuilt(tmp_path):
+    # A fresh process each time: dlopen would hand this one the library it already loaded.
+    import os
+    import subprocess
+    import sys
+
+    _fused_or_skip()
+    env = dict(os.environ, IBNORM_CACHE=str(tmp_path), IBNORM_CPU_C="1")
+    probe = [sys.executable, "-c", "from ibnorm.kernels import cpu_fused; print(cpu_fused.available())"]
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    (built,) = tmp_path.glob("*.so")
+    built.write_bytes(b"not a shared library")
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "True"
+    assert built.read_bytes()[:4] == b"\x7fELF"  # rebuilt in place, not silently given up

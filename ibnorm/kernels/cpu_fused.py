@@ -85,6 +85,19 @@ def _build(cc: str, cache: Path, src: bytes) -> Path | None:
     return None
 
 
+def _load(cc: str, cache: Path) -> ctypes.CDLL | None:
+    """The built library, loaded; a cached file that does not load (damaged) is rebuilt once."""
+    path = _build(cc, cache, _SOURCE.read_bytes())
+    if path is None:
+        return None
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        path = _build(cc, cache, _SOURCE.read_bytes())
+        return ctypes.CDLL(str(path)) if path is not None else None
+
+
 _VP, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 _SIGNATURES = {
     "ibnorm_rows": [_VP, _I, _VP, _VP, _VP, _VP, _I, _L, _L, _F, _F, _I, _I, _I],
@@ -103,8 +116,7 @@ def _library():
         return None
     cache = Path(os.environ.get("IBNORM_CACHE") or Path.home() / ".cache" / "ibnorm")
     try:
-        lib = _build(cc, cache, _SOURCE.read_bytes())
-        lib = ctypes.CDLL(str(lib)) if lib is not None else None
+        lib = _load(cc, cache)
         for name, argtypes in _SIGNATURES.items() if lib is not None else ():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, _I
