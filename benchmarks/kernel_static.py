@@ -42,17 +42,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ibnorm.kernels import rownorm_op as R
-from ibnorm.kernels.triton_rownorm import OP_CODES, ibnorm_row_bwd_halves_kernel, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel
+from ibnorm.kernels.triton_rownorm import (OP_CODES, ibnorm_row_bwd_kernel, ibnorm_row_fwd_kernel, ibnorm_row_sums_kernel,
+                                           ibnorm_row_tiles_bwd_kernel)
 
 SMS, CLOCK, HBM = 132, 1.755e9, 3.35e12
 ISSUE_PER_CLK, MUFU_PER_CLK = 128, 16
 ROWS = 4096
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DT = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4)}
-POINTERS_F32 = {"LAM", "STATS", "PART"}
+POINTERS_F32 = {"LAM", "STATS", "PART", "COEF"}
 POINTERS = POINTERS_F32 | {"X", "Y", "W", "B", "DY", "DX"}
 FLOATS = {"eps", "delta"}
-RELOAD = None if os.environ.get("IBNORM_STATIC_RELOAD") is None else os.environ["IBNORM_STATIC_RELOAD"] == "1"
 
 
 @dataclass
@@ -137,42 +137,55 @@ def count(lines: list[str]) -> tuple[int, int, int]:
     return len(ins), sum("MUFU" in l for l in ins), sum(re.search(r"\bBAR\.(SYNC|RED)", l) is not None for l in ins)
 
 
-def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype: str) -> Stat:
-    block = R._block(h)
-    common = dict(HAS_W=True, LAM_PER_CHANNEL=per_channel, CENTERED=centered, OP=OP_CODES[op], BLOCK=block, N=h)
-    if kind == "fwd":
-        warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block, centered)
-        k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered), warps)
-    else:
-        cfg = R.backward_config(block, centered, per_channel, op)
-        warps, reload, halves = cfg.warps, cfg.reload, cfg.halves
-        warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or warps
-        needs = dict(NEED_DX=True, NEED_DW=True, NEED_DB=centered, NEED_DLAM=per_channel)
-        reload = reload if RELOAD is None else RELOAD
-        if halves and RELOAD is None:
-            k = compile_kernel(ibnorm_row_bwd_halves_kernel, dtype, dict(common, **needs), warps)
-        else:
-            prefetch = os.environ.get("IBNORM_STATIC_PREFETCH", str(int(cfg.prefetch))) == "1"
-            k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, RELOAD=reload, PREFETCH=prefetch, **needs),
-                               warps)
+def kernel_stat(k, per_thread: float, amortise: float, warps: int) -> Stat:
+    """``per_thread``: elements a thread handles per loop iteration (or in all, without a loop);
+    ``amortise``: loop iterations per launch of the code outside the loop."""
     regs, spill = ptxas_usage(k.asm["ptx"])
     lines = sass_lines(k.asm["cubin"])
-    per_thread = block / (32 * warps)
-    body, rest = loop_split(lines) if kind == "bwd" else ([], lines)
-    if body:
-        rows_per_program = ROWS / SMS
-        n_body, m_body, b_body = count(body)
-        n_rest, m_rest, _ = count(rest)
-        instr = (n_body + n_rest / rows_per_program) / per_thread
-        mufu = (m_body + m_rest / rows_per_program) / per_thread
-        barriers = b_body
-    else:
-        n, m, barriers = count(lines)
-        instr, mufu = n / per_thread, m / per_thread
+    body, rest = loop_split(lines)
+    n_body, m_body, b_body = count(body)
+    n_rest, m_rest, b_rest = count(rest)
+    if not body:
+        amortise = 1.0
+    instr = (n_body + n_rest / amortise) / per_thread
+    mufu = (m_body + m_rest / amortise) / per_thread
     stack = int(re.search(r"STACK:(\d+)", cuobjdump_res(k.asm["cubin"])).group(1))
     threads = 32 * warps
     ctas = min(65536 // max(regs * threads, 1), 2048 // threads, 32)
-    return Stat(regs, spill, stack, instr, mufu, barriers, ctas * warps)
+    return Stat(regs, spill, stack, instr, mufu, b_body + b_rest, ctas * warps)
+
+
+def split_programs(cfg, h: int) -> tuple[int, int]:
+    """(tile programs per row block, row blocks) of the SPLIT backward for ROWS rows on SMS SMs."""
+    tiles = -(-h // min(cfg.tile, R._block(h)))
+    rows_per_program = -(-ROWS // max(1, min(ROWS, SMS * cfg.tiles_per_sm // tiles)))
+    return tiles, -(-ROWS // rows_per_program)
+
+
+def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype: str) -> Stat:
+    block = R._block(h)
+    common = dict(HAS_W=True, LAM_PER_CHANNEL=per_channel, CENTERED=centered, OP=OP_CODES[op], N=h)
+    if kind == "fwd":
+        warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block, centered)
+        k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered, BLOCK=block), warps)
+        return kernel_stat(k, block / (32 * warps), 1.0, warps)
+    cfg = R.backward_config(block, centered, per_channel, op)
+    warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or cfg.warps
+    needs = dict(NEED_DX=True, NEED_DW=True, NEED_DB=centered, NEED_DLAM=per_channel)
+    if cfg.split:
+        chunk, tile = min(cfg.chunk, block), min(cfg.tile, block)
+        sums = compile_kernel(ibnorm_row_sums_kernel, dtype, dict(common, CHUNK=chunk), warps)
+        tiles = compile_kernel(ibnorm_row_tiles_bwd_kernel, dtype, dict(common, TILE=tile, **needs), cfg.tile_warps)
+        _, blocks = split_programs(cfg, h)
+        a = kernel_stat(sums, chunk / (32 * warps), h / chunk, warps)
+        b = kernel_stat(tiles, tile / (32 * cfg.tile_warps), ROWS / blocks, cfg.tile_warps)
+        # Per element both passes run, one after the other: instructions and MUFU add up.
+        return Stat(max(a.regs, b.regs), a.spill + b.spill, max(a.stack, b.stack), a.instr + b.instr,
+                    a.mufu + b.mufu, a.barriers, min(a.warps_per_sm, b.warps_per_sm))
+    prefetch = os.environ.get("IBNORM_STATIC_PREFETCH", str(int(cfg.prefetch))) == "1"
+    k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, BLOCK=block, PREFETCH=prefetch, **needs),
+                       warps)
+    return kernel_stat(k, block / (32 * warps), ROWS / SMS, warps)
 
 
 def cuobjdump_res(cubin: bytes) -> str:
@@ -189,7 +202,12 @@ def ceiling(kind: str, st: Stat, h: int, dtype: str, centered: bool, per_channel
     overhead = 32 / h  # per-row statistics, written by the forward, read by the backward
     if kind == "bwd":
         k = 1 + centered + per_channel
-        overhead += SMS * k * 4 * 2 / ROWS  # partial buffer written and read once
+        cfg = R.backward_config(R._block(h), centered, per_channel)
+        programs = split_programs(cfg, h)[1] if cfg.split else SMS
+        overhead += programs * k * 4 * 2 / ROWS  # partial buffer written and read once
+        if cfg.split:  # the tiles pass reads x and dy again, the row statistics and coefficients once per tile
+            tiles = split_programs(cfg, h)[0]
+            overhead += 2 * size + (32 + 32 * tiles + 32 * (1 + tiles)) / h
     t_issue = max(st.instr / ISSUE_PER_CLK, st.mufu / MUFU_PER_CLK) / (SMS * CLOCK)
     t_mem = (essential + overhead) / HBM
     return essential / (HBM * max(t_issue, t_mem))

@@ -276,15 +276,19 @@ def test_gpu_lambda_zero_exact(dtype):
         assert _rel_err(y, ref.double()) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("shape", ["halves", "reload", "prefetch", "reload+prefetch", "prefetch+2-per-SM"])
+@pytest.mark.parametrize("shape", ["split", "split-chunks", "one-block", "prefetch", "prefetch+2-per-SM"])
 @pytest.mark.parametrize("centered", [False, True])
 def test_backward_launch_shapes_match_reference(monkeypatch, centered, shape):
-    # Every launch shape backward_config can choose, forced here: wide rows re-read x and dy after
-    # the row reduction (RELOAD, HALVES); PREFETCH loads a program's next row early (5 rows over 4
-    # or 8 programs: programs with two rows, one row and none, so the last row's prefetch is masked).
+    # Every launch shape backward_config can choose, forced here.  One block: PREFETCH loads a
+    # program's next row early (5 rows over 4 or 8 programs: programs with two rows, one row and
+    # none, so the last row's prefetch is masked).  SPLIT: row sums, then column tiles;
+    # "split-chunks" walks the row in 64-column steps and 32-column tiles, with uneven last ones
+    # (130 columns), over row blocks of 2, 2 and 1 rows.
     ops = dispatch.triton_ops()
-    cfg = ops.BackwardConfig(1, "reload" in shape or shape == "halves", shape == "halves",
-                             programs_per_sm=2 if "2-per-SM" in shape else 1, prefetch="prefetch" in shape)
+    split = shape.startswith("split")
+    cfg = ops.BackwardConfig(1, split, programs_per_sm=2 if "2-per-SM" in shape else 1,
+                             prefetch="prefetch" in shape, chunk=64 if shape == "split-chunks" else 2048,
+                             tile=32 if shape == "split-chunks" else 1024, tile_warps=1)
     monkeypatch.setattr(ops, "backward_config", lambda *args: cfg)
     n = 130
     x, w, b, lam, dy = _case(5, n, centered, True, 0.6, torch.float32)

@@ -21,9 +21,10 @@ from .triton_rownorm import (
     N_STATS,
     OP_CODES,
     RESTANDARDIZE_FLOOR,
-    ibnorm_row_bwd_halves_kernel,
     ibnorm_row_bwd_kernel,
     ibnorm_row_fwd_kernel,
+    ibnorm_row_sums_kernel,
+    ibnorm_row_tiles_bwd_kernel,
 )
 
 
@@ -33,16 +34,20 @@ def _block(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
-    """Launch shape of the persistent backward (chosen with benchmarks/kernel_static.py on sm_90 and
-    benchmarks/gpu_diagnose.py on a GPU): warps per program, RELOAD, HALVES, software-pipelining
-    stages of the row loop, and persistent programs per SM."""
+    """Launch shape of the backward (chosen with benchmarks/kernel_static.py on sm_90 and
+    benchmarks/gpu_diagnose.py on a GPU).  One-block persistent kernel: warps per program,
+    software-pipelining stages of the row loop, persistent programs per SM, PREFETCH.  SPLIT: the
+    two-pass backward instead (row sums, then column tiles); ``warps`` is the sums pass's."""
 
     warps: int
-    reload: bool
-    halves: bool
+    split: bool
     stages: int = 3  # Triton's default for a launch
     programs_per_sm: int = 1
-    prefetch: bool = False  # only the one-block kernel (not HALVES) has it
+    prefetch: bool = False  # only the one-block kernel has it
+    chunk: int = 2048  # SPLIT: columns per step of the sums pass
+    tile: int = 1024  # SPLIT: columns per program of the tiles pass
+    tile_warps: int = 4
+    tiles_per_sm: int = 4  # SPLIT: tile programs per SM (sets rows per program)
 
 
 def forward_warps(block: int, centered: bool) -> int:
@@ -71,16 +76,14 @@ def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh
     """
     prefetch = not centered and not need_dlam and op != "power"
     if block < 4096:
-        return BackwardConfig(max(block // 512, 1), False, False)
+        return BackwardConfig(max(block // 512, 1), False)
     if block == 4096:
         if need_dlam:
-            return BackwardConfig(8, False, False)
-        return BackwardConfig(4 if centered or prefetch else 8, False, False, programs_per_sm=2, prefetch=prefetch)
-    if block == 8192:
-        return BackwardConfig(8 if prefetch else 16, False, False, prefetch=prefetch)
-    if block == 16384:
-        return BackwardConfig(16 if centered or need_dlam else 32, True, True)
-    return BackwardConfig(32, True, True)
+            return BackwardConfig(8, False)
+        return BackwardConfig(4 if centered or prefetch else 8, False, programs_per_sm=2, prefetch=prefetch)
+    if block == 8192 and not need_dlam:
+        return BackwardConfig(8 if prefetch else 16, False, prefetch=prefetch)
+    return BackwardConfig(8, True)
 
 
 def _rows(x: Tensor, n: int) -> Tensor:
@@ -131,19 +134,29 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     k = need_dw + need_db + need_dl
     block = _block(n)
     cfg = backward_config(block, centered, need_dl, op)
-    programs = _programs(x2, m, cfg.programs_per_sm)
+    flags = dict(N=n, HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op])
+    needs = dict(NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl)
+    args = (x2, dy2, dx if need_dx else x2, weight if weight is not None else x2, lam.contiguous(), stats)
+    strides = (x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0)
+    if cfg.split:
+        tiles = triton.cdiv(n, cfg.tile)
+        rows_per_program = triton.cdiv(m, max(1, min(m, _programs(x2, m, cfg.tiles_per_sm) // tiles))) if m else 1
+        programs = triton.cdiv(m, rows_per_program) if m else 1
+    else:
+        programs = _programs(x2, m, cfg.programs_per_sm)
     # Every program writes its whole slab (zeros when it has no rows), so only an empty batch needs zeros.
     parts = (torch.empty if m > 0 else torch.zeros)((programs, max(k, 1), n), dtype=torch.float32, device=x.device)
-    if m > 0 and (need_dx or k):
-        kernel, extra = ((ibnorm_row_bwd_halves_kernel, {}) if cfg.halves
-                         else (ibnorm_row_bwd_kernel, {"RELOAD": cfg.reload, "PREFETCH": cfg.prefetch}))
-        kernel[(programs,)](
-            x2, dy2, dx if need_dx else x2, weight if weight is not None else x2, lam.contiguous(), stats, parts,
-            x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0, m, RESTANDARDIZE_FLOOR, N=n,
-            HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op],
-            NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl,
-            BLOCK=block, num_warps=cfg.warps, num_stages=cfg.stages, **extra,
-        )
+    if m > 0 and (need_dx or k) and cfg.split:
+        coef = torch.empty((m, 8), dtype=torch.float32, device=x.device)
+        ibnorm_row_sums_kernel[(m,)](x2, dy2, args[3], args[4], stats, coef, strides[0], strides[1],
+                                     RESTANDARDIZE_FLOOR, CHUNK=min(cfg.chunk, block), num_warps=cfg.warps, **flags)
+        ibnorm_row_tiles_bwd_kernel[(tiles, programs)](
+            *args, coef, parts, *strides, m, rows_per_program, TILE=min(cfg.tile, block),
+            num_warps=cfg.tile_warps, num_stages=cfg.stages, **flags, **needs)
+    elif m > 0 and (need_dx or k):
+        ibnorm_row_bwd_kernel[(programs,)](
+            *args, parts, *strides, m, RESTANDARDIZE_FLOOR, BLOCK=block, PREFETCH=cfg.prefetch,
+            num_warps=cfg.warps, num_stages=cfg.stages, **flags, **needs)
     sums = parts.sum(0) if k else None  # one fixed-order reduction over programs: deterministic
     out, i = [dx.view(x.shape) if need_dx else None], 0
     for flag in (need_dw, need_db, need_dl):

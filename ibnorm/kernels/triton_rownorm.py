@@ -68,67 +68,79 @@ def _log2(x):
 
 @triton.jit
 def _copysign(mag, z):
-    return tl.where(z < 0, -mag, mag)
+    """|mag| with z's sign for mag ≥ 0: one bitwise op (LOP3) instead of a compare and a select."""
+    sign = z.to(tl.uint32, bitcast=True) & tl.full((), 0x80000000, tl.uint32)
+    return (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _lam_scalars(lam, OP: tl.constexpr):
-    """Per-λ quantities (scalar for a scalar λ): is-zero, a safe λ, and the op's reciprocals."""
+    """Per-λ quantities (scalar for a scalar λ): is-zero, the effective λ (power: p) and its reciprocal.
+
+    tanh and log need no λ = 0 select: u = λ|z| = 0 takes their series branches, which give c = z,
+    s' = 1 and the λ = 0 limit of ∂s/∂λ exactly; the reciprocal feeds only the closed forms."""
     lam = tl.maximum(lam, 0.0)  # effective λ; the straight-through gradient is the host's
     is_zero = lam == 0.0
-    lam_s = tl.where(is_zero, 1.0, lam)
     if OP == 2:
-        p = _div(1.0, 1.0 + lam_s)
-        return is_zero, p, 1.0 + lam_s
+        p = _div(1.0, 1.0 + lam)
+        return is_zero, p, 1.0 + lam
     else:
-        return is_zero, lam_s, _div(1.0, lam_s)
+        return is_zero, lam, _div(1.0, tl.maximum(lam, 1e-30))
+
+
+@triton.jit
+def _tanh_parts(z, lam, inv):
+    """(c, t = tanh(λ|z|), u = λ|z|): t through e = exp(−2u) ∈ (0, 1], no overflow for any u."""
+    u = lam * tl.abs(z)
+    e = tl.exp2(u * (-2.0 * _LOG2E))
+    t = _div(1.0 - e, 1.0 + e)
+    u2 = u * u
+    c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(t, z) * inv)
+    return c, t, u
+
+
+@triton.jit
+def _log_parts(z, lam, inv):
+    """(c, 1 + u, u = λ|z|)."""
+    u = lam * tl.abs(z)
+    w = 1.0 + u
+    c_small = z * (1.0 + u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0))))))
+    c = tl.where(u < _LOG_SMALL, c_small, _copysign(_log2(w) * _LN2, z) * inv)
+    return c, w, u
+
+
+@triton.jit
+def _power_parts(z, is_zero, p, inv):
+    """(c, w = (1 + |z|)^p).  ((1+a)^p − 1)/p: the absolute error of w − 1 is an ulp of 1 for every a."""
+    w = tl.exp2(p * _log2(1.0 + tl.abs(z)))
+    c = tl.where(is_zero, z, _copysign(w - 1.0, z) * inv)
+    return c, w
 
 
 @triton.jit
 def _compress_value(z, is_zero, lam_s, inv, OP: tl.constexpr):
     """c = s_λ(z).  For power ``lam_s`` is p and ``inv`` is 1/p; otherwise λ and 1/λ."""
-    a = tl.abs(z)
     if OP == 0:
-        u = lam_s * a
-        e = tl.exp2(u * (-2.0 * _LOG2E))  # ∈ (0, 1]: no overflow for any u
-        t = _div(1.0 - e, 1.0 + e)
-        u2 = u * u
-        c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(t, z) * inv)
+        c, t, u = _tanh_parts(z, lam_s, inv)
     elif OP == 1:
-        u = lam_s * a
-        lg = _log2(1.0 + u) * _LN2
-        c_small = z * (1.0 + u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0))))))
-        c = tl.where(u < _LOG_SMALL, c_small, _copysign(lg, z) * inv)
+        c, w, u = _log_parts(z, lam_s, inv)
     else:
-        # ((1+a)^p − 1)/p: the absolute error of w − 1 is an ulp of 1 for every a.
-        w = tl.exp2(lam_s * _log2(1.0 + a))
-        c = _copysign(w - 1.0, z) * inv
-    return tl.where(is_zero, z, c)
+        c, w = _power_parts(z, is_zero, lam_s, inv)
+    return c
 
 
 @triton.jit
 def _compress_grad(z, is_zero, lam_s, inv, OP: tl.constexpr):
     """c and ∂s/∂z, with the exact λ = 0 limits."""
-    a = tl.abs(z)
     if OP == 0:
-        u = lam_s * a
-        e = tl.exp2(u * (-2.0 * _LOG2E))
-        t = _div(1.0 - e, 1.0 + e)
-        u2 = u * u
-        c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(t, z) * inv)
+        c, t, u = _tanh_parts(z, lam_s, inv)
         ds = 1.0 - t * t
     elif OP == 1:
-        u = lam_s * a
-        lg = _log2(1.0 + u) * _LN2
-        c_small = z * (1.0 + u * (-0.5 + u * (1.0 / 3.0 + u * (-0.25 + u * (0.2 + u * (-1.0 / 6.0))))))
-        c = tl.where(u < _LOG_SMALL, c_small, _copysign(lg, z) * inv)
-        ds = _div(1.0, 1.0 + u)
+        c, w, u = _log_parts(z, lam_s, inv)
+        ds = _div(1.0, w)
     else:
-        w = tl.exp2(lam_s * _log2(1.0 + a))
-        c = _copysign(w - 1.0, z) * inv
-        ds = _div(w, 1.0 + a)
-    c = tl.where(is_zero, z, c)
-    ds = tl.where(is_zero, 1.0, ds)
+        c, w = _power_parts(z, is_zero, lam_s, inv)
+        ds = tl.where(is_zero, 1.0, _div(w, 1.0 + tl.abs(z)))
     return c, ds
 
 
@@ -137,7 +149,8 @@ def _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP: tl.constexpr):
     """∂s/∂λ from z, c = s(z) and s'(z), with the exact λ = 0 limit.
 
     Computed after the row reductions from values that are live anyway, so it holds no registers
-    across them.  The closed forms (z·s' − c)/λ cancel for small u = λ|z|: series there.
+    across them.  The closed forms (z·s' − c)/λ cancel for small u = λ|z|: series there (at λ = 0,
+    u = 0: 0 for tanh, −z|z|/2 for log, their λ = 0 limits).
     """
     a = tl.abs(z)
     if OP == 0:
@@ -146,14 +159,12 @@ def _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP: tl.constexpr):
         # z·|z|·F'(u), F(u) = tanh(u)/u
         dF = u * (-2.0 / 3.0 + u2 * (8.0 / 15.0 + u2 * (-102.0 / 315.0 + u2 * (496.0 / 2835.0 + u2 * (-13820.0 / 155925.0)))))
         dl = tl.where(u < _TANH_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
-        dl = tl.where(is_zero, 0.0, dl)
     elif OP == 1:
         u = lam_s * a
         # F'(u) = Σ_k (−1)^k k/(k+1) u^(k−1), k = 1…9
         dF = -0.5 + u * (2.0 / 3.0 + u * (-0.75 + u * (0.8 + u * (-5.0 / 6.0 + u * (6.0 / 7.0 + u * (
             -7.0 / 8.0 + u * (8.0 / 9.0 + u * (-0.9))))))))
         dl = tl.where(u < _LOG_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
-        dl = tl.where(is_zero, -0.5 * z * a, dl)
     else:
         # ∂s/∂λ = −sign(z)·((v − 1)e^v + 1), v = p·log1p(|z|), e^v = s'·(1 + |z|): O(v²), so small
         # |z| needs log1p to full relative precision and a series in v.
@@ -227,7 +238,6 @@ def ibnorm_row_fwd_kernel(
     # exactly: the forward reduces only c, and saves these for the backward.  A per-channel λ's
     # count of nonzero channels rides along in the first reduction (one tree, not two).
     vz = var * rstd * rstd
-    zbar = 0.0
     nonzero = tl.where(is_zero, 0.0, 1.0)
     if CENTERED:
         if LAM_PER_CHANNEL:
@@ -267,7 +277,7 @@ def ibnorm_row_fwd_kernel(
     tl.store(s + 1, rstd)
     tl.store(s + 2, mu_c)
     tl.store(s + 3, cbar)
-    tl.store(s + 4, zbar)
+    tl.store(s + 4, 0.0)  # mean z: 0 by construction (kept so the layout stays 32 bytes)
     tl.store(s + 5, vc)
     tl.store(s + 6, vz)
     tl.store(s + 7, k)
@@ -275,25 +285,26 @@ def ibnorm_row_fwd_kernel(
 
 @triton.jit
 def _row_scalars(STATS, row, delta, inv_n, CENTERED: tl.constexpr):
+    """mean, rstd, μ_c, mean c, v_z, k and ∂k/∂v_c, ∂k/∂v_z (zero where the floor δ is active) × 1/N.
+    mean z is 0 by construction (the forward's z is centred exactly in real arithmetic)."""
     s = STATS + row * 8
     mean = tl.load(s + 0)
     rstd = tl.load(s + 1)
     vc = tl.load(s + 5)
     vz = tl.load(s + 6)
     k = tl.load(s + 7)
-    # ∂k/∂v_c and ∂k/∂v_z (zero where the floor δ is active), times 2/N.
     kc = tl.where(vc > delta, -k / vc, 0.0) * inv_n
     kz = tl.where(vz > delta, k / vz, 0.0) * inv_n
     if CENTERED:
-        return mean, rstd, tl.load(s + 2), tl.load(s + 3), tl.load(s + 4), vz, k, kc, kz
+        return mean, rstd, tl.load(s + 2), tl.load(s + 3), vz, k, kc, kz
     else:
-        return mean, rstd, 0.0, 0.0, 0.0, vz, k, kc, kz
+        return mean, rstd, 0.0, 0.0, vz, k, kc, kz
 
 
 @triton.jit
-def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
+def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd,
                 CENTERED: tl.constexpr, OP: tl.constexpr, EVEN: tl.constexpr):
-    """Recomputes z (centred: z − mean z), c (centred: c − mean c), ∂s/∂z and γ·dy from x."""
+    """Recomputes z (0 where masked), c = s_λ(z) (uncentred), ∂s/∂z and γ·dy from x."""
     if CENTERED:
         d = x - mean
         if not EVEN:
@@ -302,35 +313,40 @@ def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar,
         d = x
     z = d * rstd
     c, ds = _compress_grad(z, is_zero, lam_s, inv, OP)
-    if CENTERED:
-        # Centred c and z keep every sum free of cancellation against mean(c).
-        c = c - cbar
-        z = z - zbar
-        if not EVEN:
-            c = tl.where(mask, c, 0.0)
-            z = tl.where(mask, z, 0.0)
-            ds = tl.where(mask, ds, 0.0)
     return z, c, ds, g * w
 
 
 @triton.jit
-def _row_sums(z, c, ds, gh, CENTERED: tl.constexpr):
-    """The eight (layer) or three (rms, in slots 1, 3, 7) row sums of ONE multi-operand reduction."""
+def _centred(c, ds, cbar, mask, CENTERED: tl.constexpr, EVEN: tl.constexpr):
+    """c − mean c and ∂s/∂z, 0 where masked: centred c keeps every row sum free of cancellation
+    against mean(c), which is far from 0 when one channel dominates."""
     if CENTERED:
-        return tl.reduce((gh, gh * c, gh * ds, gh * ds * z, ds, c * ds, ds * z, c * ds * z), 0, _add8)
-    else:
-        s_gc, s_gsz, s_csz = tl.reduce((gh * c, gh * ds * z, c * ds * z), 0, _add3)
-        return 0.0, s_gc, 0.0, s_gsz, 0.0, 0.0, 0.0, s_csz
+        c = c - cbar
+        if not EVEN:
+            c = tl.where(mask, c, 0.0)
+            ds = tl.where(mask, ds, 0.0)
+    return c, ds
 
 
 @triton.jit
-def _coefficients(s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
+def _row_products(z, c, ds, gh, CENTERED: tl.constexpr):
+    """The per-element terms of the row sums (c centred): eight (layer) or three (rms: slots 1, 3, 7)."""
+    if CENTERED:
+        gs = gh * ds
+        cs = c * ds
+        return gh, gh * c, gs, gs * z, ds, cs, ds * z, cs * z
+    else:
+        return gh * c, gh * ds * z, c * ds * z
+
+
+@triton.jit
+def _coefficients(s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz, mu_c, cbar, vz, k, kc, kz, inv_n,
                   CENTERED: tl.constexpr):
-    """Row scalars of the backward from the sums of ``_row_sums``.
+    """Row scalars of the backward from the sums of ``_row_products`` (c centred).
 
     The chain rule needs mean(dz) and mean(dz·z) of a dz that itself depends on Σ gh·c; both are
     expanded into sums available in the same pass.  Returns (mg, α, β, mean dz, m1) such that
-    dc = γdy·k − mg + α·c, dz = mg + β·z + dc·s', dx = rstd·(dz − mean dz − z·m1) (z, c centred).
+    dc = γdy·k − mg + α·(c − mean c), dz = mg + β·z + dc·s', dx = rstd·(dz − mean dz − z·m1).
     """
     n = 1.0 / inv_n
     if CENTERED:
@@ -339,7 +355,7 @@ def _coefficients(s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz, mu_c, cbar, zb
         alpha = sk * kc
         beta = sk * kz
         mean_dz = (n * mg + k * s_gs - mg * s_s + alpha * s_cs) * inv_n
-        m1 = (beta * n * vz + k * s_gsz - mg * s_sz + alpha * s_csz) * inv_n + zbar * mean_dz
+        m1 = (beta * n * vz + k * s_gsz - mg * s_sz + alpha * s_csz) * inv_n
     else:
         mg = 0.0
         alpha = s_gc * kc
@@ -350,29 +366,24 @@ def _coefficients(s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz, mu_c, cbar, zb
 
 
 @triton.jit
-def _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENTERED: tl.constexpr):
-    s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz = _row_sums(z, c, ds, gh, CENTERED)
-    return _coefficients(s_g, s_gc, s_gs, s_gsz, s_s, s_cs, s_sz, s_csz, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
-                         CENTERED)
+def _row_outputs(z, c, ds, gh, rstd, k, alpha, c0, e0, e1, chat0):
+    """dx (fp32), ĉ = (c − μ_c)·k and dc from the uncentred c, with the row's constants folded
+    (``_output_constants``) so each is two or three fused multiply-adds per element."""
+    dc = gh * k + (alpha * c + c0)
+    dx = (dc * ds) * rstd + (e1 * z + e0)
+    return dx, c * k + chat0, dc
 
 
 @triton.jit
-def _row_outputs(z, c, ds, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED: tl.constexpr):
-    """dx (fp32), ĉ = (c − μ_c)·k and dc."""
-    dc = gh * k - mg + alpha * c
-    dz = mg + beta * z + dc * ds
-    dx = rstd * (dz - mean_dz - z * m1)
-    if CENTERED:
-        chat = (c + (cbar - mu_c)) * k
-    else:
-        chat = c * k
-    return dx, chat, dc
+def _output_constants(rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1):
+    """(c0, e0, e1, ĉ0) of ``_row_outputs``: dc = γdy·k + α·c + c0, dx = rstd·dc·s' + e1·z + e0."""
+    return -(mg + alpha * cbar), rstd * (mg - mean_dz), rstd * (beta - m1), -mu_c * k
 
 
 @triton.jit
-def _row_two_rounds(z, c, ds, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n,
+def _row_two_rounds(z, c, ds, gh, mask, rstd, mu_c, cbar, k, kc, kz, inv_n,
                     CENTERED: tl.constexpr, EVEN: tl.constexpr):
-    """dx, ĉ and dc with the chain rule's two row reductions done as two rounds (values live)."""
+    """dx, ĉ and dc with the chain rule's two row reductions done as two rounds (values live; c centred)."""
     if CENTERED:
         s_g, s_gc = tl.reduce((gh, gh * c), 0, _add2)
         mg = k * s_g * inv_n
@@ -382,8 +393,7 @@ def _row_two_rounds(z, c, ds, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n
         if not EVEN:
             dz = tl.where(mask, dz, 0.0)
         s_dz, s_dzz = tl.reduce((dz, dz * z), 0, _add2)
-        mean_dz = s_dz * inv_n
-        dx = rstd * (dz - mean_dz - z * (s_dzz * inv_n + zbar * mean_dz))
+        dx = rstd * (dz - s_dz * inv_n - z * (s_dzz * inv_n))
         chat = (c + (cbar - mu_c)) * k
     else:
         sk = tl.sum(gh * c, axis=0)
@@ -411,12 +421,12 @@ def ibnorm_row_bwd_kernel(
     stride_x, stride_dy, stride_dx, M, delta, N: tl.constexpr,
     HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr,
-    BLOCK: tl.constexpr, RELOAD: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """RELOAD: after the row reduction, re-read x and dy (L1/L2 hits) and recompute instead of
-    keeping every per-element value live across it; wide rows need it to stay out of local memory.
-    PREFETCH: issue the loads of the program's next row before working on this one, so their
-    latency overlaps this row's arithmetic (one program per SM has no other work to hide it)."""
+    """The one-block backward (rows up to 8192 columns): a row's values stay in registers across
+    its two reductions.  PREFETCH: issue the loads of the program's next row before working on
+    this one, so their latency overlaps this row's arithmetic (one program per SM has no other
+    work to hide it)."""
     EVEN: tl.constexpr = N == BLOCK
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -446,17 +456,10 @@ def ibnorm_row_bwd_kernel(
         else:
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
-        z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
-        if RELOAD:
-            mg, alpha, beta, mean_dz, m1 = _row_coefficients(z, c, ds, gh, mu_c, cbar, zbar, vz, k, kc, kz, inv_n,
-                                                             CENTERED)
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
-            dx, chat, dc = _row_outputs(z, c, ds, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED)
-        else:
-            dx, chat, dc = _row_two_rounds(z, c, ds, gh, mask, rstd, mu_c, cbar, zbar, k, kc, kz, inv_n, CENTERED, EVEN)
+        mean, rstd, mu_c, cbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
+        z, cu, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, CENTERED, OP, EVEN)
+        c, ds = _centred(cu, ds, cbar, mask, CENTERED, EVEN)
+        dx, chat, dc = _row_two_rounds(z, c, ds, gh, mask, rstd, mu_c, cbar, k, kc, kz, inv_n, CENTERED, EVEN)
         if NEED_DX:
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
@@ -464,49 +467,9 @@ def ibnorm_row_bwd_kernel(
         if NEED_DB:
             db_acc += g
         if NEED_DLAM:
-            if CENTERED:  # ∂s/∂λ wants the uncentred z and c
-                z = z + zbar
-                c = c + cbar
-            dl_acc += dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
+            dl_acc += dc * _compress_dlam(z, cu, ds, is_zero, lam_s, inv, OP)  # ∂s/∂λ wants the uncentred c
     _store_partials(PART, pid, cols, mask, dw_acc, db_acc, dl_acc, N, NEED_DW + NEED_DB + NEED_DLAM, NEED_DW, NEED_DB,
                     NEED_DLAM)
-
-
-@triton.jit
-def _half_sums(X, DY, W, LAM, row, stride_x, stride_dy, cols, mask, is_zero, lam_s, inv, mean, rstd, cbar, zbar,
-               HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
-               EVEN: tl.constexpr):
-    if LAM_PER_CHANNEL:
-        is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
-    return _row_sums(z, c, ds, gh, CENTERED)
-
-
-@triton.jit
-def _half_outputs(X, DY, DX, W, LAM, row, stride_x, stride_dy, stride_dx, cols, mask, is_zero, lam_s, inv,
-                  mean, rstd, mu_c, cbar, zbar, k, mg, alpha, beta, mean_dz, m1,
-                  HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
-                  EVEN: tl.constexpr, NEED_DX: tl.constexpr, NEED_DLAM: tl.constexpr):
-    """Re-reads one half of the row, writes its dx, returns its dγ, dβ, dλ contributions."""
-    if LAM_PER_CHANNEL:
-        is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, cbar, zbar, CENTERED, OP, EVEN)
-    dx, chat, dc = _row_outputs(z, c, ds, gh, rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1, CENTERED)
-    if NEED_DX:
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    dl = 0.0
-    if NEED_DLAM:
-        if CENTERED:
-            z = z + zbar
-            c = c + cbar
-        dl = dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
-    return g * chat, g, dl
 
 
 @triton.jit
@@ -524,57 +487,107 @@ def _store_partials(PART, pid, cols, mask, dw, db, dl, N: tl.constexpr, K: tl.co
 
 
 @triton.jit
-def ibnorm_row_bwd_halves_kernel(
-    X, DY, DX, W, LAM, STATS, PART,
-    stride_x, stride_dy, stride_dx, M, delta, N: tl.constexpr,
+def ibnorm_row_sums_kernel(
+    X, DY, W, LAM, STATS, COEF,
+    stride_x, stride_dy, delta, N: tl.constexpr,
+    HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Split backward, pass 1 (wide rows): one program per row walks x and dy in CHUNK-column steps,
+    keeps the products of ``_row_products`` as per-thread vectors, reduces them once, and writes
+    the row's constants for pass 2 to COEF (8 fp32 per row: α, c0, e0, e1, ĉ0).  It holds no
+    per-column state across rows, so no width spills."""
+    EVEN: tl.constexpr = N % CHUNK == 0
+    row = tl.program_id(0).to(tl.int64)
+    inv_n = 1.0 / N
+    mean, rstd, mu_c, cbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
+    is_zero, lam_s, inv = _lam_scalars(tl.load(LAM), OP)  # a scalar λ's; a per-channel λ is loaded per chunk
+    cols0 = tl.arange(0, CHUNK)
+    a0 = tl.zeros((CHUNK,), dtype=tl.float32)
+    a1 = tl.zeros((CHUNK,), dtype=tl.float32)
+    a2 = tl.zeros((CHUNK,), dtype=tl.float32)
+    a3 = tl.zeros((CHUNK,), dtype=tl.float32)
+    a4 = tl.zeros((CHUNK,), dtype=tl.float32)
+    a5 = tl.zeros((CHUNK,), dtype=tl.float32)
+    a6 = tl.zeros((CHUNK,), dtype=tl.float32)
+    a7 = tl.zeros((CHUNK,), dtype=tl.float32)
+    for start in tl.range(0, N, CHUNK):
+        cols = start + cols0
+        mask = cols < N
+        if LAM_PER_CHANNEL:
+            iz, ls, iv = _lam_per_row(LAM, cols, mask, OP)
+        else:
+            iz, ls, iv = is_zero, lam_s, inv
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        z, c, ds, gh = _row_values(x, g, w, iz, ls, iv, mask, mean, rstd, CENTERED, OP, EVEN)
+        c, ds = _centred(c, ds, cbar, mask, CENTERED, EVEN)
+        if CENTERED:
+            p0, p1, p2, p3, p4, p5, p6, p7 = _row_products(z, c, ds, gh, CENTERED)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _add8(a0, a1, a2, a3, a4, a5, a6, a7, p0, p1, p2, p3, p4, p5, p6, p7)
+        else:
+            p1, p3, p7 = _row_products(z, c, ds, gh, CENTERED)
+            a1, a3, a7 = _add3(a1, a3, a7, p1, p3, p7)
+    if CENTERED:
+        s0, s1, s2, s3, s4, s5, s6, s7 = tl.reduce((a0, a1, a2, a3, a4, a5, a6, a7), 0, _add8)
+    else:
+        s1, s3, s7 = tl.reduce((a1, a3, a7), 0, _add3)
+        s0, s2, s4, s5, s6 = 0.0, 0.0, 0.0, 0.0, 0.0
+    mg, alpha, beta, mean_dz, m1 = _coefficients(s0, s1, s2, s3, s4, s5, s6, s7, mu_c, cbar, vz, k, kc, kz, inv_n,
+                                                 CENTERED)
+    c0, e0, e1, chat0 = _output_constants(rstd, mu_c, cbar, k, mg, alpha, beta, mean_dz, m1)
+    out = COEF + row * 8
+    tl.store(out + 0, alpha)
+    tl.store(out + 1, c0)
+    tl.store(out + 2, e0)
+    tl.store(out + 3, e1)
+    tl.store(out + 4, chat0)
+
+
+@triton.jit
+def ibnorm_row_tiles_bwd_kernel(
+    X, DY, DX, W, LAM, STATS, COEF, PART,
+    stride_x, stride_dy, stride_dx, M, rows_per_program, N: tl.constexpr,
     HAS_W: tl.constexpr, LAM_PER_CHANNEL: tl.constexpr, CENTERED: tl.constexpr, OP: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TILE: tl.constexpr,
 ):
-    """The RELOAD backward for wide rows, strip-mined into two halves of BLOCK/2 columns.
-
-    Triton lowers each tensor operation over all of a thread's elements before the next, so the
-    temporaries of a whole wide row are live at once; two halves halve them, while the
-    accumulators (one pair per gradient) stay in registers.  Same math as ibnorm_row_bwd_kernel.
-    """
-    HB: tl.constexpr = BLOCK // 2
-    EVEN: tl.constexpr = N == BLOCK
+    """Split backward, pass 2: program (t, r) owns columns [t·TILE, (t+1)·TILE) of the rows in block r.
+    With the row constants of pass 1 every element is independent: it writes dx and keeps dγ,
+    dβ, dλ for its TILE columns only (a few registers at any width); no reductions, no barriers.
+    γ and a per-channel λ's reciprocals are loaded once per program, not once per row."""
+    EVEN: tl.constexpr = N % TILE == 0
     K: tl.constexpr = NEED_DW + NEED_DB + NEED_DLAM
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    c0 = tl.arange(0, HB)
-    c1 = c0 + HB
-    m0 = c0 < N
-    m1_ = c1 < N
-    is_zero, lam_s, inv = _lam_scalars(tl.load(LAM), OP)  # overridden per half for per-channel λ
-    inv_n = 1.0 / N
-    dw0 = tl.zeros((HB,), dtype=tl.float32)
-    dw1 = tl.zeros((HB,), dtype=tl.float32)
-    db0 = tl.zeros((HB,), dtype=tl.float32)
-    db1 = tl.zeros((HB,), dtype=tl.float32)
-    dl0 = tl.zeros((HB,), dtype=tl.float32)
-    dl1 = tl.zeros((HB,), dtype=tl.float32)
-    first = pid.to(tl.int64)
-    for i in tl.range(0, tl.cdiv(M - pid, nprog)):
-        row = first + i * nprog
-        mean, rstd, mu_c, cbar, zbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _half_sums(X, DY, W, LAM, row, stride_x, stride_dy, c0, m0, is_zero, lam_s,
-                                                    inv, mean, rstd, cbar, zbar, HAS_W, LAM_PER_CHANNEL, CENTERED, OP, EVEN)
-        b0, b1, b2, b3, b4, b5, b6, b7 = _half_sums(X, DY, W, LAM, row, stride_x, stride_dy, c1, m1_, is_zero, lam_s,
-                                                    inv, mean, rstd, cbar, zbar, HAS_W, LAM_PER_CHANNEL, CENTERED, OP, EVEN)
-        mg, alpha, beta, mean_dz, m1 = _coefficients(a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6,
-                                                     a7 + b7, mu_c, cbar, zbar, vz, k, kc, kz, inv_n, CENTERED)
-        w_c, b_c, l_c = _half_outputs(X, DY, DX, W, LAM, row, stride_x, stride_dy, stride_dx, c0, m0, is_zero, lam_s,
-                                      inv, mean, rstd, mu_c, cbar, zbar, k, mg, alpha, beta, mean_dz, m1, HAS_W,
-                                      LAM_PER_CHANNEL, CENTERED, OP, EVEN, NEED_DX, NEED_DLAM)
-        dw0 += w_c
-        db0 += b_c
-        dl0 += l_c
-        w_c, b_c, l_c = _half_outputs(X, DY, DX, W, LAM, row, stride_x, stride_dy, stride_dx, c1, m1_, is_zero, lam_s,
-                                      inv, mean, rstd, mu_c, cbar, zbar, k, mg, alpha, beta, mean_dz, m1, HAS_W,
-                                      LAM_PER_CHANNEL, CENTERED, OP, EVEN, NEED_DX, NEED_DLAM)
-        dw1 += w_c
-        db1 += b_c
-        dl1 += l_c
-    _store_partials(PART, pid, c0, m0, dw0, db0, dl0, N, K, NEED_DW, NEED_DB, NEED_DLAM)
-    _store_partials(PART, pid, c1, m1_, dw1, db1, dl1, N, K, NEED_DW, NEED_DB, NEED_DLAM)
+    block_id = tl.program_id(1)
+    cols = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    mask = cols < N
+    if LAM_PER_CHANNEL:
+        is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
+    else:
+        is_zero, lam_s, inv = _lam_scalars(tl.load(LAM), OP)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    dw_acc = tl.zeros((TILE,), dtype=tl.float32)
+    db_acc = tl.zeros((TILE,), dtype=tl.float32)
+    dl_acc = tl.zeros((TILE,), dtype=tl.float32)
+    first = block_id.to(tl.int64) * rows_per_program
+    for i in tl.range(0, tl.minimum(rows_per_program, M - first)):
+        row = first + i
+        s = STATS + row * 8
+        co = COEF + row * 8
+        mean = tl.load(s + 0) if CENTERED else 0.0
+        rstd, k = tl.load(s + 1), tl.load(s + 7)
+        alpha, c0, e0, e1, chat0 = tl.load(co + 0), tl.load(co + 1), tl.load(co + 2), tl.load(co + 3), tl.load(co + 4)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, CENTERED, OP, EVEN)
+        dx, chat, dc = _row_outputs(z, c, ds, gh, rstd, k, alpha, c0, e0, e1, chat0)
+        if NEED_DX:
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            dw_acc += g * chat
+        if NEED_DB:
+            db_acc += g
+        if NEED_DLAM:
+            dl_acc += dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
+    _store_partials(PART, block_id, cols, mask, dw_acc, db_acc, dl_acc, N, K, NEED_DW, NEED_DB, NEED_DLAM)
