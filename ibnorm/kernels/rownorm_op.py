@@ -44,7 +44,7 @@ class BackwardConfig:
     stages: int = 3  # Triton's default for a launch
     programs_per_sm: int = 1
     prefetch: bool = False  # only the one-block kernel has it
-    chunk: int = 2048  # SPLIT: columns per step of the sums pass
+    chunk: int = 1024  # SPLIT: columns per step of the sums pass
     tile: int = 1024  # SPLIT: columns per program of the tiles pass
     tile_warps: int = 4
     tiles_per_sm: int = 4  # SPLIT: tile programs per SM (sets rows per program)
@@ -83,7 +83,7 @@ def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh
         return BackwardConfig(4 if centered or prefetch else 8, False, programs_per_sm=2, prefetch=prefetch)
     if block == 8192 and not need_dlam:
         return BackwardConfig(8 if prefetch else 16, False, prefetch=prefetch)
-    return BackwardConfig(8, True)
+    return BackwardConfig(4, True)
 
 
 def _rows(x: Tensor, n: int) -> Tensor:

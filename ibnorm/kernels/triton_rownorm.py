@@ -75,28 +75,34 @@ def _copysign(mag, z):
 
 @triton.jit
 def _lam_scalars(lam, OP: tl.constexpr):
-    """Per-λ quantities (scalar for a scalar λ): is-zero, the effective λ (power: p) and its reciprocal.
+    """Per-λ quantities (scalar for a scalar λ): is-zero (λ ≤ 0), the λ the op uses (power: p) and
+    its reciprocal.  The straight-through gradient of max(λ, 0) is the host's.
 
-    tanh and log need no λ = 0 select: u = λ|z| = 0 takes their series branches, which give c = z,
-    s' = 1 and the λ = 0 limit of ∂s/∂λ exactly; the reciprocal feeds only the closed forms."""
-    lam = tl.maximum(lam, 0.0)  # effective λ; the straight-through gradient is the host's
-    is_zero = lam == 0.0
+    tanh and log need no λ = 0 select: they use max(λ, 1e-30), and u = λ|z| ≤ 1e-30·√H takes their
+    series branches, which then give c = z and s' = 1 exactly (u² underflows; 1 − u/2 rounds to 1)
+    and log's λ = 0 limit of ∂s/∂λ; tanh's (0) is a select in ``_compress_dlam``."""
+    is_zero = lam <= 0.0
     if OP == 2:
+        lam = tl.maximum(lam, 0.0)
         p = _div(1.0, 1.0 + lam)
         return is_zero, p, 1.0 + lam
     else:
-        return is_zero, lam, _div(1.0, tl.maximum(lam, 1e-30))
+        lam = tl.maximum(lam, 1e-30)
+        return is_zero, lam, _div(1.0, lam)
 
 
 @triton.jit
-def _tanh_parts(z, lam, inv):
-    """(c, t = tanh(λ|z|), u = λ|z|): t through e = exp(−2u) ∈ (0, 1], no overflow for any u."""
+def _tanh_parts(z, lam):
+    """(c, t = tanh(λ|z|)): through e = exp(−2u) ∈ (0, 1], u = λ|z|, no overflow for any u.  One
+    reciprocal, of (1 + e)·λ, gives c = (1 − e)/((1 + e)·λ) directly (no 1/λ per element); t = ±λc
+    also on the series branch (accurate to u⁷ there; only t² is used).  λ = 0: u = 0 takes the
+    series, c = z (λ ≥ 1e-30 here: no 0/0 even where discarded)."""
     u = lam * tl.abs(z)
     e = tl.exp2(u * (-2.0 * _LOG2E))
-    t = _div(1.0 - e, 1.0 + e)
+    ca = _div(1.0 - e, e * lam + lam)
     u2 = u * u
-    c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(t, z) * inv)
-    return c, t, u
+    c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(ca, z))
+    return c, lam * c
 
 
 @triton.jit
@@ -121,7 +127,7 @@ def _power_parts(z, is_zero, p, inv):
 def _compress_value(z, is_zero, lam_s, inv, OP: tl.constexpr):
     """c = s_λ(z).  For power ``lam_s`` is p and ``inv`` is 1/p; otherwise λ and 1/λ."""
     if OP == 0:
-        c, t, u = _tanh_parts(z, lam_s, inv)
+        c, t = _tanh_parts(z, lam_s)
     elif OP == 1:
         c, w, u = _log_parts(z, lam_s, inv)
     else:
@@ -133,7 +139,7 @@ def _compress_value(z, is_zero, lam_s, inv, OP: tl.constexpr):
 def _compress_grad(z, is_zero, lam_s, inv, OP: tl.constexpr):
     """c and ∂s/∂z, with the exact λ = 0 limits."""
     if OP == 0:
-        c, t, u = _tanh_parts(z, lam_s, inv)
+        c, t = _tanh_parts(z, lam_s)
         ds = 1.0 - t * t
     elif OP == 1:
         c, w, u = _log_parts(z, lam_s, inv)
@@ -146,7 +152,7 @@ def _compress_grad(z, is_zero, lam_s, inv, OP: tl.constexpr):
 
 @triton.jit
 def _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP: tl.constexpr):
-    """∂s/∂λ from z, c = s(z) and s'(z), with the exact λ = 0 limit.
+    """∂s/∂λ from z, c = s(z) and s'(z), with the λ = 0 limit (tanh's exactly 0 once summed).
 
     Computed after the row reductions from values that are live anyway, so it holds no registers
     across them.  The closed forms (z·s' − c)/λ cancel for small u = λ|z|: series there (at λ = 0,
@@ -158,7 +164,7 @@ def _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP: tl.constexpr):
         u2 = u * u
         # z·|z|·F'(u), F(u) = tanh(u)/u
         dF = u * (-2.0 / 3.0 + u2 * (8.0 / 15.0 + u2 * (-102.0 / 315.0 + u2 * (496.0 / 2835.0 + u2 * (-13820.0 / 155925.0)))))
-        dl = tl.where(u < _TANH_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)
+        dl = tl.where(u < _TANH_DLAM_SMALL, z * a * dF, (z * ds - c) * inv)  # λ = 0: O(1e-30); see _tanh_dlam_limit
     elif OP == 1:
         u = lam_s * a
         # F'(u) = Σ_k (−1)^k k/(k+1) u^(k−1), k = 1…9
@@ -178,6 +184,15 @@ def _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP: tl.constexpr):
         dl0 = tl.where(a < 0.1, a * a * (0.5 + a * (-1.0 / 6.0 + a * (1.0 / 12.0 + a * (-0.05 + a / 30.0)))), dl0)
         dl = tl.where(is_zero, -_copysign(dl0, z), dl)
     return dl
+
+
+@triton.jit
+def _tanh_dlam_limit(dl_acc, is_zero, OP: tl.constexpr):
+    """tanh's ∂s/∂λ at λ = 0 is 0 (s = z − λ²z³/3 + …); with λ floored at 1e-30 the series leaves
+    O(1e-30) terms, so the summed dλ of a zero λ is set to 0 once per program, not per element."""
+    if OP == 0:
+        dl_acc = tl.where(is_zero, 0.0, dl_acc)
+    return dl_acc
 
 
 @triton.jit
@@ -306,12 +321,11 @@ def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd,
                 CENTERED: tl.constexpr, OP: tl.constexpr, EVEN: tl.constexpr):
     """Recomputes z (0 where masked), c = s_λ(z) (uncentred), ∂s/∂z and γ·dy from x."""
     if CENTERED:
-        d = x - mean
+        z = x * rstd - mean * rstd  # one FMA; a recomputation, so the forward's rounding need not be matched
         if not EVEN:
-            d = tl.where(mask, d, 0.0)
+            z = tl.where(mask, z, 0.0)
     else:
-        d = x
-    z = d * rstd
+        z = x * rstd
     c, ds = _compress_grad(z, is_zero, lam_s, inv, OP)
     return z, c, ds, g * w
 
@@ -468,6 +482,10 @@ def ibnorm_row_bwd_kernel(
             db_acc += g
         if NEED_DLAM:
             dl_acc += dc * _compress_dlam(z, cu, ds, is_zero, lam_s, inv, OP)  # ∂s/∂λ wants the uncentred c
+    if NEED_DLAM:
+        if LAM_PER_CHANNEL:
+            is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
+        dl_acc = _tanh_dlam_limit(dl_acc, is_zero, OP)
     _store_partials(PART, pid, cols, mask, dw_acc, db_acc, dl_acc, N, NEED_DW + NEED_DB + NEED_DLAM, NEED_DW, NEED_DB,
                     NEED_DLAM)
 
@@ -590,4 +608,5 @@ def ibnorm_row_tiles_bwd_kernel(
             db_acc += g
         if NEED_DLAM:
             dl_acc += dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
+    dl_acc = _tanh_dlam_limit(dl_acc, is_zero, OP)
     _store_partials(PART, block_id, cols, mask, dw_acc, db_acc, dl_acc, N, K, NEED_DW, NEED_DB, NEED_DLAM)
