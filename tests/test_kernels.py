@@ -330,3 +330,35 @@ def test_gpu_channel_variants_compiled_path():
             assert _rel_err(a, b.double()) < 1e-4
         for name, buf in mod.named_buffers():
             torch.testing.assert_close(buf, dict(twin.named_buffers())[name])
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("strategy", ["one-block", "split"])
+def test_compression_and_its_gradients_across_the_series_seams(monkeypatch, op, strategy):
+    # The kernels join series and closed forms at fixed arguments (u = λ|z| = 0.1, 0.25, 0.3; power's
+    # |z| = 0.1 and v = 0.25).  One row holding a fine grid of z (zero-padded), a per-channel λ (so
+    # dλ_j is one element's ∂s/∂λ times its dc) and λ = 0 on every 7th channel: y, dx, dγ and dλ
+    # elementwise against float64 on both sides of every seam, through both backward strategies.
+    ops = dispatch.triton_ops()
+    if strategy == "split":
+        cfg = ops.BackwardConfig(1, True, chunk=512, tile=256, tile_warps=1)
+        monkeypatch.setattr(ops, "backward_config", lambda *args: cfg)
+    n = 2048
+    grid = torch.linspace(-1.0, 1.0, 1601, dtype=torch.float64)
+    x = torch.cat([grid, torch.zeros(n - grid.numel(), dtype=torch.float64)])[None]
+    z_max = (n / grid.square().sum()).sqrt().item()  # z = x·√(n/Σx²): the grid, scaled to ±z_max
+    g = torch.Generator().manual_seed(5)
+    dy = torch.randn(1, n, generator=g, dtype=torch.float64)
+    w = 1.0 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    for lam_value in (0.5 / z_max, 0.9 / z_max, 1.8 / z_max):  # u up to 0.5, 0.9, 1.8
+        lam = torch.full((n,), lam_value, dtype=torch.float64)
+        lam[::7] = 0.0
+        args = [t.float().to(DEVICE) for t in (x, w, lam, dy)]
+        y, grads = _run(dispatch.row_norm, args[0], args[1], None, args[2], args[3], n, op, False)
+        y_ref, grads_ref = _run(_reference, x, w, None, lam, dy, n, op, False)
+        torch.testing.assert_close(y.double().cpu(), y_ref, rtol=2e-5, atol=2e-6)
+        for got, want, name in zip(grads, grads_ref, ("dx", "dγ", "dλ")):
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got.double().cpu(), want, rtol=2e-4, atol=2e-6 * scale, msg=f"{op} {name}")
+        if op == "tanh":  # ∂s/∂λ is 0 at λ = 0: exactly, not O(1e-30)
+            assert torch.equal(grads[2][::7].cpu(), torch.zeros_like(grads[2][::7].cpu()))

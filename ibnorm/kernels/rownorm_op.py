@@ -44,7 +44,7 @@ class BackwardConfig:
     stages: int = 3  # Triton's default for a launch
     programs_per_sm: int = 1
     prefetch: bool = False  # only the one-block kernel has it
-    chunk: int = 1024  # SPLIT: columns per step of the sums pass
+    chunk: int = 512  # SPLIT: columns per step of the sums pass
     tile: int = 1024  # SPLIT: columns per program of the tiles pass
     tile_warps: int = 4
     tiles_per_sm: int = 4  # SPLIT: tile programs per SM (sets rows per program)
@@ -83,7 +83,7 @@ def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh
         return BackwardConfig(4 if centered or prefetch else 8, False, programs_per_sm=2, prefetch=prefetch)
     if block == 8192 and not need_dlam:
         return BackwardConfig(8 if prefetch else 16, False, prefetch=prefetch)
-    return BackwardConfig(4, True)
+    return BackwardConfig(2, True)
 
 
 def _rows(x: Tensor, n: int) -> Tensor:
@@ -136,7 +136,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     cfg = backward_config(block, centered, need_dl, op)
     flags = dict(N=n, HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op])
     needs = dict(NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl)
-    args = (x2, dy2, dx if need_dx else x2, weight if weight is not None else x2, lam.contiguous(), stats)
+    args = (x2, dy2, dx if need_dx else x2, weight if weight is not None else x2, lam.contiguous())
     strides = (x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0)
     if cfg.split:
         tiles = triton.cdiv(n, cfg.tile)
@@ -155,7 +155,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
             num_warps=cfg.tile_warps, num_stages=cfg.stages, **flags, **needs)
     elif m > 0 and (need_dx or k):
         ibnorm_row_bwd_kernel[(programs,)](
-            *args, parts, *strides, m, RESTANDARDIZE_FLOOR, BLOCK=block, PREFETCH=cfg.prefetch,
+            *args, stats, parts, *strides, m, RESTANDARDIZE_FLOOR, BLOCK=block, PREFETCH=cfg.prefetch,
             num_warps=cfg.warps, num_stages=cfg.stages, **flags, **needs)
     sums = parts.sum(0) if k else None  # one fixed-order reduction over programs: deterministic
     out, i = [dx.view(x.shape) if need_dx else None], 0
