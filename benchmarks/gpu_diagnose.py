@@ -7,9 +7,9 @@
    time alone: the work replayed as one CUDA graph, so no launch cost) and the CPU time per call
    (a burst of calls without synchronisation).  Paths: the forward op, the backward op called
    directly, the backward through ``torch.autograd.grad`` (custom-op + autograd machinery).
-2. Sweep: GPU time (graph replay) of the backward per warps × (RELOAD, PREFETCH) × programs per
-   SM, and of the forward per warps, through the real launch code (``rownorm_op``) with its
-   configuration functions overridden.
+2. Sweep: GPU time (graph replay) of the backward per launch shape (one block: warps × PREFETCH ×
+   programs per SM; split: both passes' shapes), and of the forward per warps, through the real
+   launch code (``rownorm_op``) with its configuration functions overridden.
 Numbers are diagnostics for choosing ``rownorm_op.backward_config`` / ``forward_warps``; the
 benchmark of record is ``bench_kernels_gpu.py``.
 """
@@ -104,26 +104,30 @@ def overhead_rows(case: Case) -> list[list[str]]:
 
 
 def sweep_backward(case: Case, deadline: float) -> list[list[str]]:
-    """GPU time of each backward launch shape: warps × (RELOAD, PREFETCH) × programs per SM."""
-    base = R.backward_config(R._block(case.h), case.centered, False)
-    if base.halves:
-        shapes = [(w, True, True, False) for w in (16, 32)]
-    else:
+    """GPU time of each backward launch shape.  One block (rows up to 8192 columns): warps ×
+    PREFETCH × 1 or 2 programs per SM.  SPLIT (any width): sums-pass warps and chunk × tiles-pass
+    tile and warps × 4 or 8 tile programs per SM."""
+    shapes = []
+    if case.h <= 8192:
         warps = (4, 8, 16) if case.h <= 4096 else (8, 16)
-        shapes = [(w, False, False, p) for w in warps for p in (False, True)] + [(16, True, False, True)]
+        shapes += [("one block", str(w), "yes" if p else "no",
+                    [R.BackwardConfig(w, False, 3, per_sm, p) for per_sm in (1, 2)]) for w in warps for p in (False, True)]
+    for sums_warps, chunk in ((2, 512), (4, 1024)):
+        for tile, tile_warps in ((1024, 4), (2048, 8)):
+            shapes.append(("split", f"{sums_warps}+{tile_warps} ({chunk}/{tile})", "-",
+                           [R.BackwardConfig(sums_warps, True, chunk=chunk, tile=tile, tile_warps=tile_warps,
+                                             tiles_per_sm=per_sm) for per_sm in (4, 8)]))
     original = R.backward_config
     rows = []
     try:
-        for warps, reload, halves, prefetch in shapes:
+        for kernel, warps, prefetch, cfgs in shapes:
             times = []
-            for per_sm in (1, 2):
+            for cfg in cfgs:
                 if time.time() > deadline:
                     return rows
-                cfg = R.BackwardConfig(warps, reload, halves, 3, per_sm, prefetch)
                 R.backward_config = lambda *args, cfg=cfg: cfg
                 times.append(f"{gpu_us(case.bwd):.0f}")
-            kernel = "halves" if halves else ("reload" if reload else "one pass")
-            rows.append([case.label(), kernel, str(warps), "yes" if prefetch else "no"] + times)
+            rows.append([case.label(), kernel, warps, prefetch] + times)
             print(" | ".join(rows[-1]), flush=True)
     finally:
         R.backward_config = original
@@ -156,7 +160,8 @@ def render(path: str | None, overhead, bwd, fwd) -> None:
              "", "| case | path | eager | GPU | CPU |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in overhead]
     lines += ["", "## Backward GPU time (µs, graph replay) by launch shape", "",
-              "| case | kernel | warps | prefetch | 1 prog/SM | 2 prog/SM |", "|---|---|---|---|---|---|"]
+              "Columns A/B: one block, 1 or 2 programs per SM; split, 4 or 8 tile programs per SM.", "",
+              "| case | kernel | warps | prefetch | A | B |", "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in bwd]
     lines += ["", "## Forward GPU time by warps", "", "| case | kernel | warps: µs |", "|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in fwd]

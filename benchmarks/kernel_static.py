@@ -14,6 +14,13 @@ inspected with the ``ptxas`` / ``cuobjdump`` shipped in the triton wheel:
 * MUFU (special-function) instructions and CTA barriers (BAR.SYNC) per row;
 * the bandwidth ceiling those imply on an H100 SXM (model below).
 
+The SPLIT backward (``bwd split``: wide rows, and a learnable per-channel λ at 8192) is two
+kernels: a row-sums pass (one program per row, CHUNK columns per step) and a column-tiles pass
+(TILE columns × a block of rows per program).  Its row shows the larger register count, the
+spills of both, instructions and MUFU per element of both added, their barriers per row, warps
+as "sums+tiles", and a traffic that includes the second read of x and dy (the tiles pass) and
+the per-row records (statistics, coefficients) each tile program reads.
+
 Model (H100 SXM5: 132 SMs, 1.755 GHz sustained SM clock, 3.35 TB/s HBM3): per SM and clock the
 four schedulers issue 128 thread-instructions and the MUFU pipe retires 16.  Per element the
 kernel needs t_issue = max(instr/128, mufu/16) / (132 · 1.755e9) seconds of SM time and
@@ -62,7 +69,7 @@ class Stat:
     stack: int
     instr: float
     mufu: float
-    barriers: int
+    barriers: float
     warps_per_sm: int
 
 
@@ -137,9 +144,10 @@ def count(lines: list[str]) -> tuple[int, int, int]:
     return len(ins), sum("MUFU" in l for l in ins), sum(re.search(r"\bBAR\.(SYNC|RED)", l) is not None for l in ins)
 
 
-def kernel_stat(k, per_thread: float, amortise: float, warps: int) -> Stat:
+def kernel_stat(k, per_thread: float, amortise: float, warps: int, rows: float = 1.0) -> Stat:
     """``per_thread``: elements a thread handles per loop iteration (or in all, without a loop);
-    ``amortise``: loop iterations per launch of the code outside the loop."""
+    ``amortise``: loop iterations per program (the code outside the loop runs once per program);
+    ``rows``: rows one program handles (for barriers per row)."""
     regs, spill = ptxas_usage(k.asm["ptx"])
     lines = sass_lines(k.asm["cubin"])
     body, rest = loop_split(lines)
@@ -152,7 +160,8 @@ def kernel_stat(k, per_thread: float, amortise: float, warps: int) -> Stat:
     stack = int(re.search(r"STACK:(\d+)", cuobjdump_res(k.asm["cubin"])).group(1))
     threads = 32 * warps
     ctas = min(65536 // max(regs * threads, 1), 2048 // threads, 32)
-    return Stat(regs, spill, stack, instr, mufu, b_body + b_rest, ctas * warps)
+    barriers = (b_body * amortise + b_rest) / rows
+    return Stat(regs, spill, stack, instr, mufu, barriers, ctas * warps)
 
 
 def split_programs(cfg, h: int) -> tuple[int, int]:
@@ -178,14 +187,14 @@ def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype
         tiles = compile_kernel(ibnorm_row_tiles_bwd_kernel, dtype, dict(common, TILE=tile, **needs), cfg.tile_warps)
         _, blocks = split_programs(cfg, h)
         a = kernel_stat(sums, chunk / (32 * warps), h / chunk, warps)
-        b = kernel_stat(tiles, tile / (32 * cfg.tile_warps), ROWS / blocks, cfg.tile_warps)
+        b = kernel_stat(tiles, tile / (32 * cfg.tile_warps), ROWS / blocks, cfg.tile_warps, ROWS / blocks)
         # Per element both passes run, one after the other: instructions and MUFU add up.
         return Stat(max(a.regs, b.regs), a.spill + b.spill, max(a.stack, b.stack), a.instr + b.instr,
-                    a.mufu + b.mufu, a.barriers, min(a.warps_per_sm, b.warps_per_sm))
+                    a.mufu + b.mufu, a.barriers + b.barriers, min(a.warps_per_sm, b.warps_per_sm))
     prefetch = os.environ.get("IBNORM_STATIC_PREFETCH", str(int(cfg.prefetch))) == "1"
     k = compile_kernel(ibnorm_row_bwd_kernel, dtype, dict(common, BLOCK=block, PREFETCH=prefetch, **needs),
                        warps)
-    return kernel_stat(k, block / (32 * warps), ROWS / SMS, warps)
+    return kernel_stat(k, block / (32 * warps), ROWS / SMS, warps, ROWS / SMS)
 
 
 def cuobjdump_res(cubin: bytes) -> str:
@@ -237,13 +246,15 @@ def main() -> None:
                         for h in args.hidden:
                             st = analyse(kind, op, centered, per_channel, h, dtype)
                             block = R._block(h)
-                            warps = R.forward_warps(block, centered) if kind == "fwd" else R.backward_config(
-                                block, centered, per_channel, op).warps
+                            cfg = R.backward_config(block, centered, per_channel, op)
+                            warps = str(R.forward_warps(block, centered)) if kind == "fwd" else (
+                                f"{cfg.warps}+{cfg.tile_warps}" if cfg.split else str(cfg.warps))
+                            name = "bwd split" if kind == "bwd" and cfg.split else kind
                             lam = ("per-channel, learnable" if per_channel else "scalar, fixed") if kind == "bwd" else (
                                 "per-channel" if per_channel else "scalar")
-                            rows.append([kind, "layer" if centered else "rms", op, lam, dtype, str(h), str(warps),
+                            rows.append([name, "layer" if centered else "rms", op, lam, dtype, str(h), warps,
                                          str(st.regs), str(st.spill), str(st.stack), f"{st.instr:.1f}", f"{st.mufu:.2f}",
-                                         str(st.barriers), str(st.warps_per_sm),
+                                         f"{st.barriers:.0f}", str(st.warps_per_sm),
                                          f"{100 * ceiling(kind, st, h, dtype, centered, per_channel):.0f}%",
                                          meets(kind, st, ceiling(kind, st, h, dtype, centered, per_channel))])
                             print(" | ".join(rows[-1]), flush=True)

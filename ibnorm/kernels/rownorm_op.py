@@ -60,19 +60,23 @@ def forward_warps(block: int, centered: bool) -> int:
 
 
 def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh") -> BackwardConfig:
-    """Up to 8192 columns the row's values stay in registers (16 per thread).  Wider rows re-read x
-    and dy after the row reduction (only the accumulators stay live) and are strip-mined in two
-    halves (``ibnorm_row_bwd_halves_kernel``) so the temporaries of 32 elements per thread are
-    never live at once.
+    """Up to 8192 columns (4096 with a learnable per-channel λ) the one-block kernel keeps a row's
+    values in registers.  Wider rows, and 8192 with dλ, take the SPLIT backward: accumulators for
+    the whole width (dγ, dβ, dλ: K × H fp32 per program) cannot stay in registers past that (at
+    16384, K = 3 is 192 KB of a 256 KB register file), so the row sums and the per-column work are
+    two passes; the second reads x and dy again (10 instead of 6 bytes per bf16 element, a 60%
+    ceiling) but never spills (benchmarks/results/kernel_static.md).  The split shapes (2-warp
+    sums over 512-column chunks, 1024-column tiles on 4 warps, 4 tile programs per SM) are the
+    static model's choice; not yet timed on a GPU (benchmarks/gpu_diagnose.py sweeps them).
 
-    Measured on an H200 (benchmarks/results/gpu_diagnose_h200.md, GPU time by CUDA-graph replay,
-    4096 rows, bf16): a program walks its rows one after another, so with one program per SM the
-    SM idles while a row's loads are in flight.  Two co-resident programs per SM (4096 columns,
-    rms 81 → 53 µs, layer 89 → 62 µs) or loading the next row early (PREFETCH: rms 8192 columns
-    101 → 92 µs, with 2 per SM at 4096 → 48 µs) hide part of it.  Registers decide the rest: a
-    second program fits only without dλ, PREFETCH only in the rms kernel (the layer kernel spills),
-    and not for power (16 B spill, kernel_static.py).  At 16384 columns the rms kernel gains from
-    32 warps (244 → 235 µs); the layer kernel spills there.
+    Measured on an H200 (benchmarks/results/gpu_h200/diagnose_sweep.md, GPU time by CUDA-graph
+    replay, 4096 rows, bf16): a one-block program walks its rows one after another, so with one
+    program per SM the SM idles while a row's loads are in flight.  Two co-resident programs per SM
+    (4096 columns, rms 81 → 53 µs, layer 89 → 62 µs) or loading the next row early (PREFETCH: rms
+    8192 columns 101 → 92 µs, with 2 per SM at 4096 → 48 µs) hide part of it.  Registers decide the
+    rest: a second program fits only without dλ, PREFETCH only in the rms kernel (the layer kernel
+    spills), and not for power (16 B spill, kernel_static.py).  The strip-mined one-program kernel
+    this split replaces took 231 µs (rms) and 326 µs (layer) at 16384 columns.
     """
     prefetch = not centered and not need_dlam and op != "power"
     if block < 4096:

@@ -1,23 +1,30 @@
 """Fused Triton kernels for row-wise IBNorm (rms and layer groupings), forward and backward.
 
 Forward: one program per row.  The row stays on chip; it writes y and eight fp32 statistics
-per row (mean, rstd, μ_c, mean c, mean z, var c, var z, k = σ_z/σ_c) that the backward reuses,
-so the backward runs no forward reductions.  mean z (0 for layer) and var z (v/(v + ε)) are
+per row (mean, rstd, μ_c, mean c, 0, var c, var z, k = σ_z/σ_c) that the backward reuses,
+so the backward runs no forward reductions.  mean z (0: z is centred) and var z (v/(v + ε)) are
 known from the row's own statistics, so the forward reduces x twice (layer; once for rms) and c
 twice (once for rms), with a per-channel λ's nonzero count riding along in a c reduction.
 
-Backward: SM-count persistent programs, each walking a fixed strided set of rows.  Per row one
-multi-operand reduction gives every sum the gradient needs (the second reduction of the chain
-rule is expanded algebraically into sums of the first pass), then dx is written.  dγ, dβ and dλ
-are accumulated in registers, only when autograd needs them (constexpr switches), and written
-to one fp32 partial buffer (programs × K × N) that the host sums in a fixed order: deterministic,
-no atomics.
+Backward, two strategies (``rownorm_op.backward_config`` picks):
+* one block (rows up to 8192 columns): SM-count persistent programs, each walking a fixed strided
+  set of rows with the row in registers; per row the chain rule's two reductions, then dx.  dγ,
+  dβ and dλ are accumulated in registers, only when autograd needs them (constexpr switches),
+  and written to one fp32 partial buffer (programs × K × N);
+* split (wider rows; a learnable per-channel λ at 8192): a row-sums pass (one program per row,
+  fixed-size column chunks; the second reduction of the chain rule expanded algebraically into
+  sums of the first) writes each row's constants; a column-tiles pass then computes dx and the
+  column accumulators of its tile over a block of rows, with no reductions at all.
+Either way the host sums the partial buffer in a fixed order: deterministic, no atomics.
 
 Numerics (docs/math.md):
 * every transcendental is evaluated in a form that cannot overflow for any |z| (tanh through
   e = exp(−2λ|z|) ∈ (0, 1]); log and power only see log2 of 1 + λ|z| ≤ 1 + λ√H;
-* λ = 0 is a select (c = z bit for bit) and σ_z/σ_c uses round-to-nearest sqrt and division,
-  so k is exactly 1 whenever c == z: step 4 is the identity at λ = 0 on any GPU;
+* λ = 0 gives c = z bit for bit (power: a select; tanh and log: their series branch at u = 0)
+  and σ_z/σ_c uses round-to-nearest sqrt and division, so k is exactly 1 whenever c == z: step 4
+  is the identity at λ = 0 on any GPU;
+* series and closed forms meet at fixed arguments; the series are short near-minimax polynomials
+  (benchmarks/kernel_polynomials.py) with their constant terms exact;
 * a scalar λ stays a scalar: its reciprocals are computed once per program.
 
 The math is ``ibnorm.functional.ib_row_norm``'s; this file knows nothing of models.
@@ -481,20 +488,30 @@ def ibnorm_row_bwd_kernel(
         z, cu, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, CENTERED, OP, EVEN)
         c, ds = _centred(cu, ds, cbar, mask, CENTERED, EVEN)
         dx, chat, dc = _row_two_rounds(z, c, ds, gh, mask, rstd, mu_c, cbar, k, kc, kz, inv_n, CENTERED, EVEN)
-        if NEED_DX:
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        if NEED_DW:
-            dw_acc += g * chat
-        if NEED_DB:
-            db_acc += g
-        if NEED_DLAM:
-            dl_acc += dc * _compress_dlam(z, cu, ds, is_zero, lam_s, inv, OP)  # ∂s/∂λ wants the uncentred c
+        dw_acc, db_acc, dl_acc = _row_finish(DX + row * stride_dx + cols, mask, dx, g, chat, dc, z, cu, ds, is_zero,
+                                             lam_s, inv, dw_acc, db_acc, dl_acc, OP, NEED_DX, NEED_DW, NEED_DB, NEED_DLAM)
     if NEED_DLAM:
         if LAM_PER_CHANNEL:
             is_zero, lam_s, inv = _lam_per_row(LAM, cols, mask, OP)
         dl_acc = _tanh_dlam_limit(dl_acc, is_zero, OP)
     _store_partials(PART, pid, cols, mask, dw_acc, db_acc, dl_acc, N, NEED_DW + NEED_DB + NEED_DLAM, NEED_DW, NEED_DB,
                     NEED_DLAM)
+
+
+@triton.jit
+def _row_finish(dx_ptrs, mask, dx, g, chat, dc, z, c, ds, is_zero, lam_s, inv, dw_acc, db_acc, dl_acc,
+                OP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                NEED_DLAM: tl.constexpr):
+    """Writes a row's dx and adds its dγ, dβ, dλ terms (c uncentred: ∂s/∂λ wants s(z) itself)."""
+    if NEED_DX:
+        tl.store(dx_ptrs, dx.to(dx_ptrs.dtype.element_ty), mask=mask)
+    if NEED_DW:
+        dw_acc += g * chat
+    if NEED_DB:
+        db_acc += g
+    if NEED_DLAM:
+        dl_acc += dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
+    return dw_acc, db_acc, dl_acc
 
 
 @triton.jit
@@ -609,13 +626,7 @@ def ibnorm_row_tiles_bwd_kernel(
         g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         z, c, ds, gh = _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd, CENTERED, OP, EVEN)
         dx, chat, dc = _row_outputs(z, c, ds, gh, rstd, k, alpha, c0, e0, e1, chat0)
-        if NEED_DX:
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-        if NEED_DW:
-            dw_acc += g * chat
-        if NEED_DB:
-            db_acc += g
-        if NEED_DLAM:
-            dl_acc += dc * _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP)
+        dw_acc, db_acc, dl_acc = _row_finish(DX + row * stride_dx + cols, mask, dx, g, chat, dc, z, c, ds, is_zero,
+                                             lam_s, inv, dw_acc, db_acc, dl_acc, OP, NEED_DX, NEED_DW, NEED_DB, NEED_DLAM)
     dl_acc = _tanh_dlam_limit(dl_acc, is_zero, OP)
     _store_partials(PART, block_id, cols, mask, dw_acc, db_acc, dl_acc, N, K, NEED_DW, NEED_DB, NEED_DLAM)
