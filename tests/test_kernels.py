@@ -40,6 +40,16 @@ def _case(m, n, centered, per_channel, lam_value, dtype, seed=0):
     return to(x), to(w), to(b), to(lam), to(dy)
 
 
+def _force_split(monkeypatch, chunk=64, tile=32):
+    # The split backward at test sizes: several row chunks and column tiles (uneven last ones).
+    ops = dispatch.triton_ops()
+    cfg = ops.BackwardConfig(1, True, chunk=chunk, tile=tile, tile_warps=1)
+    monkeypatch.setattr(ops, "backward_config", lambda *args: cfg)
+
+
+STRATEGIES = ["one-block", "split"]
+
+
 def _run(fn, x, w, b, lam, dy, n, op, centered):
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, lam)]
     y = fn(leaves[0], (n,), leaves[1], leaves[2], leaves[3], op, 1e-5, centered)
@@ -58,7 +68,10 @@ def _reference(x, shape, w, b, lam, op, eps, centered):
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("lam_value", [0.0, 0.6])
 @pytest.mark.parametrize("m,n", [(5, 130)] if GPU else [(7, 37), (5, 130)])  # GPU: fewer compiles
-def test_kernel_matches_reference_fp32(op, centered, per_channel, lam_value, m, n):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kernel_matches_reference_fp32(monkeypatch, op, centered, per_channel, lam_value, m, n, strategy):
+    if strategy == "split":
+        _force_split(monkeypatch)
     x, w, b, lam, dy = _case(m, n, centered, per_channel, lam_value, torch.float32)
     y, grads = _run(dispatch.row_norm, x, w, b, lam, dy, n, op, centered)
     y_ref, grads_ref = _run(_reference, x, w, b, lam, dy.double(), n, op, centered)
@@ -90,7 +103,10 @@ def test_non_contiguous_and_3d_inputs():
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_backward_is_deterministic(monkeypatch, strategy):
+    if strategy == "split":
+        _force_split(monkeypatch)
     x, w, b, lam, dy = _case(12, 96, True, True, 0.5, torch.float32)  # 3 rows per program on CPU
     _, g1 = _run(dispatch.row_norm, x, w, b, lam, dy, 96, "log", True)
     _, g2 = _run(dispatch.row_norm, x, w, b, lam, dy, 96, "log", True)
@@ -150,8 +166,11 @@ def _rel_err(got, want):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("lam_value", [1.0, 10.0])
-def test_extreme_activations_match_reference(op, centered, lam_value):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_extreme_activations_match_reference(monkeypatch, op, centered, lam_value, strategy):
     # u = λ|z| reaches 10·√256 = 160 (past exp overflow of the old expm1(2u) form at 44).
+    if strategy == "split":
+        _force_split(monkeypatch)
     n = 256
     x, w, b, dy = _dominated(6, n, 2000.0)
     b = b if centered else None
@@ -209,7 +228,10 @@ def test_lambda_zero_equals_torch_norms_tightly():
 
 
 @pytest.mark.parametrize("wanted", [("x",), ("w",), ("lam",), ("b", "lam"), ("x", "w", "b")])
-def test_only_requested_gradients(wanted):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_only_requested_gradients(monkeypatch, wanted, strategy):
+    if strategy == "split":
+        _force_split(monkeypatch)
     n = 40
     x, w, b, lam, dy = _case(4, n, True, True, 0.5, torch.float32)
     names = ("x", "w", "b", "lam")
@@ -333,16 +355,14 @@ def test_gpu_channel_variants_compiled_path():
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("strategy", ["one-block", "split"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_compression_and_its_gradients_across_the_series_seams(monkeypatch, op, strategy):
     # The kernels join series and closed forms at fixed arguments (u = λ|z| = 0.1, 0.25, 0.3; power's
     # |z| = 0.1 and v = 0.25).  One row holding a fine grid of z (zero-padded), a per-channel λ (so
     # dλ_j is one element's ∂s/∂λ times its dc) and λ = 0 on every 7th channel: y, dx, dγ and dλ
     # elementwise against float64 on both sides of every seam, through both backward strategies.
-    ops = dispatch.triton_ops()
     if strategy == "split":
-        cfg = ops.BackwardConfig(1, True, chunk=512, tile=256, tile_warps=1)
-        monkeypatch.setattr(ops, "backward_config", lambda *args: cfg)
+        _force_split(monkeypatch, chunk=512, tile=256)
     n = 2048
     grid = torch.linspace(-1.0, 1.0, 1601, dtype=torch.float64)
     x = torch.cat([grid, torch.zeros(n - grid.numel(), dtype=torch.float64)])[None]
