@@ -48,6 +48,9 @@ def _force_split(monkeypatch, chunk=64, tile=32):
 
 
 STRATEGIES = ["one-block", "split"]
+# Compiled, the wide-row GPU tests (8192 with a learnable λ, 16384, 65536) take the split backward
+# at real shapes; the small forced-split copies would only add compile time to the GPU check.
+STRATEGIES_CPU = ["one-block"] if GPU else STRATEGIES
 
 
 def _run(fn, x, w, b, lam, dy, n, op, centered):
@@ -68,7 +71,7 @@ def _reference(x, shape, w, b, lam, op, eps, centered):
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("lam_value", [0.0, 0.6])
 @pytest.mark.parametrize("m,n", [(5, 130)] if GPU else [(7, 37), (5, 130)])  # GPU: fewer compiles
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES_CPU)
 def test_kernel_matches_reference_fp32(monkeypatch, op, centered, per_channel, lam_value, m, n, strategy):
     if strategy == "split":
         _force_split(monkeypatch)
@@ -103,7 +106,7 @@ def test_non_contiguous_and_3d_inputs():
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES_CPU)
 def test_backward_is_deterministic(monkeypatch, strategy):
     if strategy == "split":
         _force_split(monkeypatch)
@@ -166,7 +169,7 @@ def _rel_err(got, want):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("lam_value", [1.0, 10.0])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES_CPU)
 def test_extreme_activations_match_reference(monkeypatch, op, centered, lam_value, strategy):
     # u = λ|z| reaches 10·√256 = 160 (past exp overflow of the old expm1(2u) form at 44).
     if strategy == "split":
@@ -228,7 +231,7 @@ def test_lambda_zero_equals_torch_norms_tightly():
 
 
 @pytest.mark.parametrize("wanted", [("x",), ("w",), ("lam",), ("b", "lam"), ("x", "w", "b")])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES_CPU)
 def test_only_requested_gradients(monkeypatch, wanted, strategy):
     if strategy == "split":
         _force_split(monkeypatch)
