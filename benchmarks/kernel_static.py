@@ -178,7 +178,7 @@ def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype
         warps = int(os.environ.get("IBNORM_STATIC_FWD_WARPS", 0)) or R.forward_warps(block, centered)
         k = compile_kernel(ibnorm_row_fwd_kernel, dtype, dict(common, HAS_B=centered, BLOCK=block), warps)
         return kernel_stat(k, block / (32 * warps), 1.0, warps)
-    cfg = R.backward_config(block, centered, per_channel, op)
+    cfg = R.backward_config(block, centered, per_channel, op, DT[dtype][1])
     warps = int(os.environ.get("IBNORM_STATIC_BWD_WARPS", 0)) or cfg.warps
     needs = dict(NEED_DX=True, NEED_DW=True, NEED_DB=centered, NEED_DLAM=per_channel)
     if cfg.split:
@@ -211,7 +211,7 @@ def ceiling(kind: str, st: Stat, h: int, dtype: str, centered: bool, per_channel
     overhead = 32 / h  # per-row statistics, written by the forward, read by the backward
     if kind == "bwd":
         k = 1 + centered + per_channel
-        cfg = R.backward_config(R._block(h), centered, per_channel)
+        cfg = R.backward_config(R._block(h), centered, per_channel, "tanh", size)
         programs = split_programs(cfg, h)[1] if cfg.split else SMS
         overhead += programs * k * 4 * 2 / ROWS  # partial buffer written and read once
         if cfg.split:  # the tiles pass reads x and dy again, the row statistics and coefficients once per tile
@@ -246,7 +246,7 @@ def main() -> None:
                         for h in args.hidden:
                             st = analyse(kind, op, centered, per_channel, h, dtype)
                             block = R._block(h)
-                            cfg = R.backward_config(block, centered, per_channel, op)
+                            cfg = R.backward_config(block, centered, per_channel, op, DT[dtype][1])
                             warps = str(R.forward_warps(block, centered)) if kind == "fwd" else (
                                 f"{cfg.warps}+{cfg.tile_warps}" if cfg.split else str(cfg.warps))
                             name = "bwd split" if kind == "bwd" and cfg.split else kind

@@ -59,7 +59,7 @@ def forward_warps(block: int, centered: bool) -> int:
     return min(max(block // 1024, 1), 32)
 
 
-def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh") -> BackwardConfig:
+def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh", itemsize: int = 2) -> BackwardConfig:
     """Up to 8192 columns (4096 with a learnable per-channel λ) the one-block kernel keeps a row's
     values in registers.  Wider rows, and 8192 with dλ, take the SPLIT backward: accumulators for
     the whole width (dγ, dβ, dλ: K × H fp32 per program) cannot stay in registers past that (at
@@ -75,10 +75,10 @@ def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh
     (4096 columns, rms 81 → 53 µs, layer 89 → 62 µs) or loading the next row early (PREFETCH: rms
     8192 columns 101 → 92 µs, with 2 per SM at 4096 → 48 µs) hide part of it.  Registers decide the
     rest: a second program fits only without dλ, PREFETCH only in the rms kernel (the layer kernel
-    spills), and not for power (16 B spill, kernel_static.py).  The strip-mined one-program kernel
+    spills), and not for power or 4-byte inputs (16 B spills, kernel_static.py).  The strip-mined one-program kernel
     this split replaces took 231 µs (rms) and 326 µs (layer) at 16384 columns.
     """
-    prefetch = not centered and not need_dlam and op != "power"
+    prefetch = not centered and not need_dlam and op != "power" and itemsize <= 2
     if block < 4096:
         return BackwardConfig(max(block // 512, 1), False)
     if block == 4096:
@@ -137,7 +137,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device) if need_dx else None
     k = need_dw + need_db + need_dl
     block = _block(n)
-    cfg = backward_config(block, centered, need_dl, op)
+    cfg = backward_config(block, centered, need_dl, op, x.element_size())
     flags = dict(N=n, HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op])
     needs = dict(NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl)
     args = (x2, dy2, dx if need_dx else x2, weight if weight is not None else x2, lam.contiguous())
