@@ -125,6 +125,16 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: T
     return y.view(x.shape), stats
 
 
+def _split_grid(x2: Tensor, m: int, n: int, tile: int, tiles_per_sm: int) -> tuple[int, int, int]:
+    """(column tiles, rows per tile program, row blocks) of the split backward's second pass:
+    about ``tiles_per_sm`` tile programs per SM, every row block non-empty."""
+    tiles = triton.cdiv(n, tile)
+    if m == 0:
+        return tiles, 1, 1
+    rows = triton.cdiv(m, max(1, min(m, _programs(x2, m, tiles_per_sm) // tiles)))
+    return tiles, rows, triton.cdiv(m, rows)
+
+
 def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stats: Tensor, op: str, centered: bool,
               needs: list[bool]) -> list[Optional[Tensor]]:
     """``needs`` = [dx, dγ, dβ, dλ]; gradients not needed come back as None.  dγ, dβ, dλ are fp32
@@ -140,23 +150,21 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     cfg = backward_config(block, centered, need_dl, op, x.element_size())
     flags = dict(N=n, HAS_W=weight is not None, LAM_PER_CHANNEL=lam.dim() > 0, CENTERED=centered, OP=OP_CODES[op])
     needs = dict(NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, NEED_DLAM=need_dl)
-    args = (x2, dy2, dx if need_dx else x2, weight if weight is not None else x2, lam.contiguous())
+    w, lam = weight if weight is not None else x2, lam.contiguous()
+    args = (x2, dy2, dx if need_dx else x2, w, lam)
     strides = (x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0)
-    if cfg.split:
-        tiles = triton.cdiv(n, cfg.tile)
-        rows_per_program = triton.cdiv(m, max(1, min(m, _programs(x2, m, cfg.tiles_per_sm) // tiles))) if m else 1
-        programs = triton.cdiv(m, rows_per_program) if m else 1
-    else:
-        programs = _programs(x2, m, cfg.programs_per_sm)
+    tile = min(cfg.tile, block)
+    tiles, rows_per_program, programs = (_split_grid(x2, m, n, tile, cfg.tiles_per_sm) if cfg.split
+                                         else (0, 0, _programs(x2, m, cfg.programs_per_sm)))
     # Every program writes its whole slab (zeros when it has no rows), so only an empty batch needs zeros.
     parts = (torch.empty if m > 0 else torch.zeros)((programs, max(k, 1), n), dtype=torch.float32, device=x.device)
     if m > 0 and (need_dx or k) and cfg.split:
         coef = torch.empty((m, 8), dtype=torch.float32, device=x.device)
-        ibnorm_row_sums_kernel[(m,)](x2, dy2, args[3], args[4], stats, coef, strides[0], strides[1],
-                                     RESTANDARDIZE_FLOOR, CHUNK=min(cfg.chunk, block), num_warps=cfg.warps, **flags)
+        ibnorm_row_sums_kernel[(m,)](x2, dy2, w, lam, stats, coef, strides[0], strides[1], RESTANDARDIZE_FLOOR,
+                                     CHUNK=min(cfg.chunk, block), num_warps=cfg.warps, **flags)
         ibnorm_row_tiles_bwd_kernel[(tiles, programs)](
-            *args, coef, parts, *strides, m, rows_per_program, TILE=min(cfg.tile, block),
-            num_warps=cfg.tile_warps, num_stages=cfg.stages, **flags, **needs)
+            *args, coef, parts, *strides, m, rows_per_program, TILE=tile, num_warps=cfg.tile_warps,
+            num_stages=cfg.stages, **flags, **needs)
     elif m > 0 and (need_dx or k):
         ibnorm_row_bwd_kernel[(programs,)](
             *args, stats, parts, *strides, m, RESTANDARDIZE_FLOOR, BLOCK=block, PREFETCH=cfg.prefetch,
