@@ -15,9 +15,9 @@ import numpy as np
 
 FITS = [
     # name, f, interval, degree, pinned constant, variable of the polynomial
-    ("log1p(u)/u", lambda u: np.log1p(u) / u, (1e-6, 0.1), 4, 1.0, lambda u: u),
+    ("log1p(u)/u", lambda u: np.log1p(u) / u, (1e-6, 0.1), 3, 1.0, lambda u: u),
     ("F'(u), F = log1p(u)/u", lambda u: (u / (1 + u) - np.log1p(u)) / u**2, (1e-4, 0.25), 5, -0.5, lambda u: u),
-    ("((v-1)e^v + 1)/v^2", lambda v: ((v - 1) * np.exp(v) + 1) / v**2, (1e-4, 0.25), 4, 0.5, lambda v: v),
+    ("((v-1)e^v + 1)/v^2", lambda v: ((v - 1) * np.exp(v) + 1) / v**2, (1e-4, 0.25), 3, 0.5, lambda v: v),
     ("F'(u)/u, F = tanh(u)/u, in u^2", lambda u: (1 / np.cosh(u) ** 2 / u - np.tanh(u) / u**2) / u, (1e-3, 0.3), 3,
      -2.0 / 3.0, lambda u: u * u),
 ]

@@ -308,7 +308,8 @@ def test_backward_launch_shapes_match_reference(monkeypatch, centered, shape):
     # program's next row early (5 rows over 4 or 8 programs: programs with two rows, one row and
     # none, so the last row's prefetch is masked).  SPLIT: row sums, then column tiles;
     # "split-chunks" walks the row in 64-column steps and 32-column tiles, with uneven last ones
-    # (130 columns), over row blocks of 2, 2 and 1 rows.
+    # (130 columns; one row block: 5 tiles take the programs; uneven row blocks: the 7 × 37 cases
+    # of test_kernel_matches_reference_fp32 run blocks of 3, 3 and 1).
     ops = dispatch.triton_ops()
     split = shape.startswith("split")
     cfg = ops.BackwardConfig(1, split, programs_per_sm=2 if "2-per-SM" in shape else 1,
@@ -385,3 +386,38 @@ def test_compression_and_its_gradients_across_the_series_seams(monkeypatch, op, 
             torch.testing.assert_close(got.double().cpu(), want, rtol=2e-4, atol=2e-6 * scale, msg=f"{op} {name}")
         if op == "tanh":  # ∂s/∂λ is 0 at λ = 0: exactly, not O(1e-30)
             assert torch.equal(grads[2][::7].cpu(), torch.zeros_like(grads[2][::7].cpu()))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_lambda_below_the_floor_acts_as_zero(monkeypatch, strategy):
+    # λ < 1e-30 is 0 in the kernels (u = λ|z| is below float32 resolution); tanh's dλ there must be
+    # the reference's O(λ) value to float32 resolution, not the gradient of λ = 1e-30 (1e5× larger).
+    if strategy == "split":
+        _force_split(monkeypatch)
+    x, w, b, _, dy = _case(5, 130, True, False, 0.5, torch.float32)
+    for lam in (torch.tensor(1e-35, device=DEVICE), torch.full((130,), 1e-35, device=DEVICE)):
+        for op in OPS:
+            y, grads = _run(dispatch.row_norm, x, w, b, lam, dy, 130, op, True)
+            y_ref, grads_ref = _run(_reference, x, w, b, lam.double(), dy.double(), 130, op, True)
+            assert _rel_err(y, y_ref) < 1e-5
+            for got, want in zip(grads[:3], grads_ref[:3]):
+                assert _rel_err(got, want) < 1e-4, op
+            tol = 1e-30 if op == "tanh" else 1e-4 * grads_ref[3].abs().max().item()  # tanh: O(λ) → ~1e-33
+            assert (grads[3].double() - grads_ref[3]).abs().max().item() < tol, op
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rows_with_a_large_mean(monkeypatch, strategy):
+    # z = (x − mean)·rstd is exact by Sterbenz where x·rstd − mean·rstd would lose ulp(mean·rstd):
+    # with an offset of 1500σ that form's worst gradient error here is 1.4e-4, the exact form's 8.3e-5
+    # (the rest is the float32 mean itself).  Compiled reductions round differently: a looser bound.
+    if strategy == "split":
+        _force_split(monkeypatch)
+    x, w, b, lam, dy = _case(8, 256, True, True, 0.3, torch.float32, seed=2)
+    x = x + 3000.0
+    for op in ("tanh", "log"):
+        y, grads = _run(dispatch.row_norm, x, w, b, lam, dy, 256, op, True)
+        y_ref, grads_ref = _run(_reference, x, w, b, lam, dy.double(), 256, op, True)
+        assert _rel_err(y, y_ref) < 1e-4
+        for got, want in zip(grads, grads_ref):
+            assert _rel_err(got, want) < (3e-4 if GPU else 1.1e-4), op

@@ -60,8 +60,8 @@ def forward_warps(block: int, centered: bool) -> int:
 
 
 def backward_config(block: int, centered: bool, need_dlam: bool, op: str = "tanh", itemsize: int = 2) -> BackwardConfig:
-    """Up to 8192 columns (4096 with a learnable per-channel λ) the one-block kernel keeps a row's
-    values in registers.  Wider rows, and 8192 with dλ, take the SPLIT backward: accumulators for
+    """Up to 8192 columns (4096 when dλ is wanted) the one-block kernel keeps a row's values in
+    registers.  Wider rows, and 8192 with dλ, take the SPLIT backward: accumulators for
     the whole width (dγ, dβ, dλ: K × H fp32 per program) cannot stay in registers past that (at
     16384, K = 3 is 192 KB of a 256 KB register file), so the row sums and the per-column work are
     two passes; the second reads x and dy again (10 instead of 6 bytes per bf16 element, a 60%

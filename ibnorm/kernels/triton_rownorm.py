@@ -11,7 +11,7 @@ Backward, two strategies (``rownorm_op.backward_config`` picks):
   set of rows with the row in registers; per row the chain rule's two reductions, then dx.  dγ,
   dβ and dλ are accumulated in registers, only when autograd needs them (constexpr switches),
   and written to one fp32 partial buffer (programs × K × N);
-* split (wider rows; a learnable per-channel λ at 8192): a row-sums pass (one program per row,
+* split (wider rows; 8192 when dλ is wanted): a row-sums pass (one program per row,
   fixed-size column chunks; the second reduction of the chain rule expanded algebraically into
   sums of the first) writes each row's constants; a column-tiles pass then computes dx and the
   column accumulators of its tile over a block of rows, with no reductions at all.
@@ -19,7 +19,7 @@ Either way the host sums the partial buffer in a fixed order: deterministic, no 
 
 Numerics (docs/math.md):
 * every transcendental is evaluated in a form that cannot overflow for any |z| (tanh through
-  e = exp(−2λ|z|) ∈ (0, 1]); log and power only see log2 of 1 + λ|z| ≤ 1 + λ√H;
+  e = exp(−2λ|z|) ∈ (0, 1]); log only sees log2 of 1 + λ|z| ≤ 1 + λ√H, power log2 of 1 + |z|;
 * λ = 0 gives c = z bit for bit (power: a select; tanh and log: their series branch at u = 0)
   and σ_z/σ_c uses round-to-nearest sqrt and division, so k is exactly 1 whenever c == z: step 4
   is the identity at λ = 0 on any GPU;
@@ -52,6 +52,7 @@ _TANH_SMALL = tl.constexpr(0.1)
 _TANH_DLAM_SMALL = tl.constexpr(0.3)
 _LOG_SMALL = tl.constexpr(0.1)
 _LOG_DLAM_SMALL = tl.constexpr(0.25)
+_LAM_FLOOR = tl.constexpr(1e-30)  # a λ below it is 0 (see _lam_scalars)
 
 
 @triton.jit
@@ -63,14 +64,30 @@ def _div(a, b):
 
 
 @triton.jit
+def _mufu(x, ASM: tl.constexpr, EXP: tl.constexpr):
+    """One hardware special-function op (compiled), or torch-exact log2/exp2 (interpreter)."""
+    if _FAST_DIV:
+        return tl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    elif EXP:
+        return tl.exp2(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
 def _log2(x):
     # tl.log2 compiles to a ~30-instruction accurate log; the hardware lg2.approx (one MUFU op,
     # absolute error < 2^-22 on [0.5, 2]) is what the bandwidth budget allows.  Arguments here are
-    # 1 + λ|z| ≥ 1 or 1 + |z| ≥ 1, where the closed forms use it (series cover small arguments).
-    if _FAST_DIV:
-        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return tl.log2(x)
+    # 1 + λ|z| ≥ 1 or 1 + |z| ≥ 1, where the closed forms use it (series cover small arguments), so
+    # the .ftz form loses nothing and saves the compare and select that guard subnormal inputs.
+    return _mufu(x, "lg2.approx.ftz.f32 $0, $1;", False)
+
+
+@triton.jit
+def _exp2(x):
+    # ex2.approx with flush-to-zero: arguments here give 1 ≤ 2^x (power) or 2^x ∈ (0, 1] where a
+    # result below 2^-126 is as good as 0 (tanh's e = exp(−2u): t = 1 either way).
+    return _mufu(x, "ex2.approx.ftz.f32 $0, $1;", True)
 
 
 @triton.jit
@@ -85,25 +102,27 @@ def _lam_scalars(lam, OP: tl.constexpr):
     """Per-λ quantities (scalar for a scalar λ): is-zero (λ ≤ 0), the λ the op uses (power: p) and
     its reciprocal.  The straight-through gradient of max(λ, 0) is the host's.
 
+    A λ below _LAM_FLOOR = 1e-30 is 0 (its effect on any float32 value is nil: λ|z| < 1e-30·256).
     tanh and log need no λ = 0 select: they use max(λ, 1e-30), and u = λ|z| ≤ 1e-30·√H takes their
     series branches, which then give c = z and s' = 1 exactly (u² underflows; 1 − u/2 rounds to 1)
-    and log's λ = 0 limit of ∂s/∂λ; tanh's (0) is a select in ``_compress_dlam``."""
-    is_zero = lam <= 0.0
+    and log's λ = 0 limit of ∂s/∂λ; tanh's (0) is set on the summed dλ (``_tanh_dlam_limit``)."""
+    is_zero = lam < _LAM_FLOOR
     if OP == 2:
         lam = tl.maximum(lam, 0.0)
         p = _div(1.0, 1.0 + lam)
         return is_zero, p, 1.0 + lam
     else:
-        lam = tl.maximum(lam, 1e-30)
+        lam = tl.maximum(lam, _LAM_FLOOR)
         return is_zero, lam, _div(1.0, lam)
 
 
 @triton.jit
 def _log1p_ratio(u):
-    """log1p(u)/u on 0 ≤ u < 0.1, exactly 1 at u = 0 (relative error 3.8e-8 in float32).  This and
-    the other short polynomials here are near-minimax fits with the constant term pinned, printed
-    with their errors by ``python benchmarks/kernel_polynomials.py``."""
-    return 1.0 + u * (-0.4999990463256836 + u * (0.3332407474517822 + u * (-0.2471415251493454 + u * 0.164407417178154)))
+    """log1p(u)/u on 0 ≤ u < 0.1, exactly 1 at u = 0 (relative error 1.9e-7 in float32, below the
+    7e-7 of the lg2.approx closed form beside it).  This and the other short polynomials here are
+    near-minimax fits with the constant term pinned, printed with their errors by
+    ``python benchmarks/kernel_polynomials.py``."""
+    return 1.0 + u * (-0.49996882677078247 + u * (0.3314078450202942 + u * -0.21554484963417053))
 
 
 @triton.jit
@@ -113,7 +132,7 @@ def _tanh_parts(z, lam):
     also on the series branch (accurate to u⁷ there; only t² is used).  λ = 0: u = 0 takes the
     series, c = z (λ ≥ 1e-30 here: no 0/0 even where discarded)."""
     u = lam * tl.abs(z)
-    e = tl.exp2(u * (-2.0 * _LOG2E))
+    e = _exp2(u * (-2.0 * _LOG2E))
     ca = _div(1.0 - e, e * lam + lam)
     u2 = u * u
     c = tl.where(u < _TANH_SMALL, z * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), _copysign(ca, z))
@@ -125,14 +144,14 @@ def _log_parts(z, lam, inv):
     """(c, 1 + u, u = λ|z|)."""
     u = lam * tl.abs(z)
     w = 1.0 + u
-    c = tl.where(u < _LOG_SMALL, z * _log1p_ratio(u), _copysign(_log2(w) * _LN2, z) * inv)
+    c = tl.where(u < _LOG_SMALL, z * _log1p_ratio(u), _copysign(_log2(w), z) * (_LN2 * inv))  # ln2·inv: loop-invariant for a program's λ
     return c, w, u
 
 
 @triton.jit
 def _power_parts(z, is_zero, p, inv):
     """(c, w = (1 + |z|)^p).  ((1+a)^p − 1)/p: the absolute error of w − 1 is an ulp of 1 for every a."""
-    w = tl.exp2(p * _log2(1.0 + tl.abs(z)))
+    w = _exp2(p * _log2(1.0 + tl.abs(z)))
     c = tl.where(is_zero, z, _copysign(w - 1.0, z) * inv)
     return c, w
 
@@ -193,9 +212,8 @@ def _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP: tl.constexpr):
         v = lam_s * L
         # At λ = 0 (p = 1, s' = 1 by select) v = L and w = 1 + |z|, so this is the λ = 0 limit
         # (1 + |z|)·L − |z| with no branch of its own.
-        # ((v − 1)e^v + 1)/v² on v < 0.25 (rel. error 1.0e-7)
-        g_small = v * v * (0.5 + v * (0.3333345651626587 + v * (0.12497555464506149 + v * (
-            0.033429235219955444 + v * 0.007175726816058159))))
+        # ((v − 1)e^v + 1)/v² on v < 0.25 (rel. error 5.7e-7; the closed form past it: ~3e-6)
+        g_small = v * v * (0.5 + v * (0.33335423469543457 + v * (0.12448818236589432 + v * 0.036840517073869705)))
         dl = -_copysign(tl.where(v < 0.25, g_small, w * v - (w - 1.0)), z)
     return dl
 
@@ -203,7 +221,8 @@ def _compress_dlam(z, c, ds, is_zero, lam_s, inv, OP: tl.constexpr):
 @triton.jit
 def _tanh_dlam_limit(dl_acc, is_zero, OP: tl.constexpr):
     """tanh's ∂s/∂λ at λ = 0 is 0 (s = z − λ²z³/3 + …); with λ floored at 1e-30 the series leaves
-    O(1e-30) terms, so the summed dλ of a zero λ is set to 0 once per program, not per element."""
+    O(1e-30) terms, so the summed dλ of a zero (< 1e-30) λ is set to 0 once per program, not per
+    element."""
     if OP == 0:
         dl_acc = tl.where(is_zero, 0.0, dl_acc)
     return dl_acc
@@ -335,7 +354,7 @@ def _row_values(x, g, w, is_zero, lam_s, inv, mask, mean, rstd,
                 CENTERED: tl.constexpr, OP: tl.constexpr, EVEN: tl.constexpr):
     """Recomputes z (0 where masked), c = s_λ(z) (uncentred), ∂s/∂z and γ·dy from x."""
     if CENTERED:
-        z = x * rstd - mean * rstd  # one FMA; a recomputation, so the forward's rounding need not be matched
+        z = (x - mean) * rstd  # not x·rstd − mean·rstd: that loses ulp(mean·rstd) on rows with a large mean
         if not EVEN:
             z = tl.where(mask, z, 0.0)
     else:
