@@ -165,11 +165,9 @@ def kernel_stat(k, per_thread: float, amortise: float, warps: int, rows: float =
 
 
 def split_programs(cfg, h: int) -> tuple[int, int]:
-    """(tile programs per row block, row blocks) of the SPLIT backward for ROWS rows on SMS SMs
-    (rownorm_op._split_grid's arithmetic, without a tensor)."""
-    tiles = -(-h // min(cfg.tile, R._block(h)))
-    rows_per_program = -(-ROWS // max(1, min(ROWS, SMS * cfg.tiles_per_sm) // tiles))
-    return tiles, -(-ROWS // rows_per_program)
+    """(tile programs per row block, row blocks) of the SPLIT backward for ROWS rows on SMS SMs."""
+    tiles, _, blocks = R.split_grid(ROWS, h, min(cfg.tile, R._block(h)), cfg.tiles_per_sm, SMS)
+    return tiles, blocks
 
 
 def analyse(kind: str, op: str, centered: bool, per_channel: bool, h: int, dtype: str) -> Stat:

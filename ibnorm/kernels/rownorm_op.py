@@ -100,10 +100,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _sms(x: Tensor) -> int:
+    """SMs of x's GPU (4 off CUDA, where the interpreter runs the kernels)."""
+    if not x.is_cuda:
+        return 4
+    return _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
 def _programs(x: Tensor, m: int, per_sm: int) -> int:
     # A few persistent programs per SM: the partial buffer stays small (programs × N fp32 per gradient).
-    sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 4
-    return max(1, min(m, sms * per_sm))
+    return max(1, min(m, _sms(x) * per_sm))
 
 
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: Tensor, op: str, eps: float,
@@ -125,13 +131,13 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lam: T
     return y.view(x.shape), stats
 
 
-def _split_grid(x2: Tensor, m: int, n: int, tile: int, tiles_per_sm: int) -> tuple[int, int, int]:
-    """(column tiles, rows per tile program, row blocks) of the split backward's second pass:
-    about ``tiles_per_sm`` tile programs per SM, every row block non-empty."""
+def split_grid(m: int, n: int, tile: int, tiles_per_sm: int, sms: int) -> tuple[int, int, int]:
+    """(column tiles, rows per tile program, row blocks) of the split backward's second pass over
+    m rows: about ``tiles_per_sm`` tile programs per SM, every row block non-empty."""
     tiles = triton.cdiv(n, tile)
     if m == 0:
         return tiles, 1, 1
-    rows = triton.cdiv(m, max(1, min(m, _programs(x2, m, tiles_per_sm) // tiles)))
+    rows = triton.cdiv(m, max(1, min(m, sms * tiles_per_sm) // tiles))
     return tiles, rows, triton.cdiv(m, rows)
 
 
@@ -154,7 +160,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stat
     args = (x2, dy2, dx if need_dx else x2, w, lam)
     strides = (x2.stride(0), dy2.stride(0), dx.stride(0) if need_dx else 0)
     tile = min(cfg.tile, block)
-    tiles, rows_per_program, programs = (_split_grid(x2, m, n, tile, cfg.tiles_per_sm) if cfg.split
+    tiles, rows_per_program, programs = (split_grid(m, n, tile, cfg.tiles_per_sm, _sms(x2)) if cfg.split
                                          else (0, 0, _programs(x2, m, cfg.programs_per_sm)))
     # Every program writes its whole slab (zeros when it has no rows), so only an empty batch needs zeros.
     parts = (torch.empty if m > 0 else torch.zeros)((programs, max(k, 1), n), dtype=torch.float32, device=x.device)

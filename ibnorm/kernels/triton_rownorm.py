@@ -562,7 +562,8 @@ def ibnorm_row_sums_kernel(
     row = tl.program_id(0).to(tl.int64)
     inv_n = 1.0 / N
     mean, rstd, mu_c, cbar, vz, k, kc, kz = _row_scalars(STATS, row, delta, inv_n, CENTERED)
-    is_zero, lam_s, inv = _lam_scalars(tl.load(LAM), OP)  # a scalar λ's; a per-channel λ is loaded per chunk
+    if not LAM_PER_CHANNEL:  # a per-channel λ is loaded per chunk
+        is_zero, lam_s, inv = _lam_scalars(tl.load(LAM), OP)
     cols0 = tl.arange(0, CHUNK)
     a0 = tl.zeros((CHUNK,), dtype=tl.float32)
     a1 = tl.zeros((CHUNK,), dtype=tl.float32)
