@@ -3,6 +3,7 @@ never repeated, so an interrupted study resumes and directories from several mac
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -36,6 +37,8 @@ def make_config(p: Preset, task: dict, normalizer: str, lr: float, wd: float, se
 
 
 def run_path(out: Path, cfg: dict) -> Path:
+    if "run" in cfg:  # a run that names its own place (the pretrained comparison)
+        return out / "runs" / f"{cfg['run']}.json"
     return out / "runs" / cfg["task"]["name"] / cfg["normalizer"] / f"lam{cfg['lam']:g}_lr{cfg['lr']:g}_wd{cfg['wd']:g}_s{cfg['seed']}.json"
 
 
@@ -103,16 +106,30 @@ def plan(p: Preset, out: Path) -> tuple[list[dict], int]:
     return todo, done
 
 
+ENTRY_PACKAGE = "ibnorm.study."
+
+
+def run_config(cfg: dict, out: Path) -> dict:
+    """The record of one run: ``train.run_one`` (from scratch), or the function a config names in
+    ``entry`` (``ibnorm.study.MODULE:FUNCTION``, called with the config and the study directory)."""
+    if "entry" not in cfg:
+        from .train import run_one
+
+        return run_one(cfg)
+    module, _, name = cfg["entry"].partition(":")
+    if not module.startswith(ENTRY_PACKAGE):
+        raise StudyError(f"run entry {cfg['entry']!r} is not in {ENTRY_PACKAGE.rstrip('.')}")
+    return getattr(importlib.import_module(module), name)(cfg, out)
+
+
 def _execute(cfg: dict, out: str) -> str:
     """Pool worker: one run in this process, single-threaded as configured."""
     import torch
 
-    from .train import run_one
-
     before = torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     try:
-        return str(write_run(Path(out), run_one(cfg)))
+        return str(write_run(Path(out), run_config(cfg, Path(out))))
     finally:
         torch.set_num_threads(before)  # the inline path runs in the caller's process
 
@@ -141,11 +158,13 @@ def _launch(p: Preset, cfg: dict, out: Path) -> str:
 
 
 def run_study(p: Preset, out: Path, progress: Callable[[dict], None] | None = None, jobs: int | None = None,
-              shard: tuple[int, int] = (0, 1)) -> None:
+              shard: tuple[int, int] = (0, 1), planner: Callable[[Path], tuple[list[dict], int]] | None = None) -> None:
     """Run every pending run of ``p`` into ``out`` until nothing more can start.
 
     ``shard=(i, n)``: only runs whose position in a stable order is i mod n (job arrays); rerun
     the array after it finishes to reach the next phase (seeds follow the grid search).
+    ``planner``: what ``plan`` does for another kind of study (``p`` then needs only ``jobs``,
+    ``launcher`` and ``nproc``).
     """
     jobs = jobs or p.jobs
     notify = progress or (lambda e: None)
@@ -155,7 +174,7 @@ def run_study(p: Preset, out: Path, progress: Callable[[dict], None] | None = No
     # one job runs in this process (no interpreter start-up); several in fresh spawned ones
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) if p.launcher is None and jobs > 1 else _Inline() as pool:
         while True:
-            todo, done = plan(p, out)
+            todo, done = planner(out) if planner is not None else plan(p, out)
             todo = [c for c in todo if _in_shard(c, shard) and str(run_path(out, c)) not in started]
             notify({"event": "plan", "done": done, "pending": len(todo) + len(pending)})
             while todo and len(pending) < jobs:

@@ -10,13 +10,13 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     import torch
 
-    from .runner import write_run
-    from .train import init_distributed, run_one
+    from .runner import run_config, write_run
+    from .train import init_distributed
 
     cfg = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(cfg["threads"])
     init_distributed()
-    rec = run_one(cfg)
+    rec = run_config(cfg, Path(argv[1]))
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         write_run(Path(argv[1]), rec)
     if torch.distributed.is_initialized():
