@@ -170,16 +170,15 @@ def _pretrained_progress(event: dict) -> None:
 
 
 def _render_verdicts(result: dict) -> None:
-    """One screen, 80 columns: the verdict per arm and --train mode, then the step-0 row."""
-    final = {(r["train"], r["arm"]): r for r in result["summary"] if r["step"] != 0}
+    """One screen, 80 columns: the verdict per --train mode and arm, then the step-0 row."""
     rows = []
     for c in result["comparisons"]:
-        r = final[(c["train"], c["arm"])]
-        iv = "-" if c["interval"] is None else f"{c['interval'][0]:+.3f},{c['interval'][1]:+.3f}"
-        rows.append((c["train"], c["arm"], f"{r['test']:.4f}", f"{c['delta']:+.4f}", iv, c["p_holm"], c["verdict"]))
+        iv = "-" if c["interval"] is None else f"{c['interval'][0]:+.4f},{c['interval'][1]:+.4f}"
+        p = "-" if c["p_holm"] is None else f"{c['p_holm']:.2g}"
+        rows.append((f"{c['train']}:{c['arm']}", f"{c['delta']:+.4f}", iv, p, c["verdict"]))
     level = result["comparisons"][0]["level"] if result["comparisons"] else 0.95
-    console.print(table(f"test loss vs source, paired over seeds ({level:.0%} interval, Holm)",
-                        ("train", "arm", "test", "Δ", "interval", "p Holm", "verdict"), rows))
+    console.print(table(f"test loss, arm − source, paired over seeds ({level:.0%} interval)",
+                        ("train:arm", "Δ", "interval", "p Holm", "verdict"), rows))
     step0 = [(r["arm"], f"{r['val']:.4f}", f"{r['test']:.4f}") for r in result["summary"] if r["step"] == 0]
     console.print(table("step 0 (before fine-tuning)", ("arm", "val loss", "test loss"), step0))
 

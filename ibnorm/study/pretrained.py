@@ -127,7 +127,7 @@ def check_out(study: PretrainedStudy) -> None:
         if stored != study.protocol():
             diff = sorted(k for k in set(stored) | set(study.protocol()) if stored.get(k) != study.protocol().get(k))
             raise StudyError(f"{study.out} holds a study with different options ({', '.join(diff)}); use another --out")
-    elif study.out.exists() and any(study.out.iterdir()):
+    elif study.out.exists() and any(not p.name.startswith(".") for p in study.out.iterdir()):  # .gitignore may be there
         raise StudyError(f"--out {study.out} exists and is not a study directory")
 
 

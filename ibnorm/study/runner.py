@@ -50,9 +50,16 @@ def load_run(out: Path, cfg: dict) -> dict | None:
         rec = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise StudyError(f"{path} is not valid JSON (delete it to rerun that run)") from None
-    if rec.get("config") != cfg:
+    if _identity(rec.get("config") or {}) != _identity(cfg):
         raise StudyError(f"{path} holds a run of a different configuration; use another --out for this preset")
     return rec
+
+
+RUNTIME_KEYS = ("threads",)  # how a run executes, not what it computes: a run is resumed under other settings
+
+
+def _identity(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in RUNTIME_KEYS}
 
 
 def write_run(out: Path, rec: dict) -> Path:
