@@ -30,7 +30,8 @@ SOURCE_ARM = "source"
 DEFAULT_OP = "tanh"
 STUDY_FILE = "study.json"
 ENTRY = "ibnorm.study.pretrained:run_one"
-ARM_GRAMMAR = "source | OP[@LAMBDA][/GROUPING] (OP: tanh, log, power; LAMBDA ≥ 0: a fixed λ instead of calibrated; GROUPING: rms, layer)"
+ARM_GRAMMAR = ("source, OP, OP@LAMBDA, OP/GROUPING or OP@LAMBDA/GROUPING (OP: tanh, log, power; LAMBDA ≥ 0: a fixed λ "
+               "instead of calibrated; GROUPING: rms, layer)")
 _ARM = re.compile(r"^(?P<op>[a-z]+)(?:@(?P<lam>[^/]+))?(?:/(?P<grouping>[a-z]+))?$")
 
 
