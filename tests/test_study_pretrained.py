@@ -119,6 +119,18 @@ def test_a_deleted_or_interrupted_run_is_redone_identically(done, tmp_path, monk
     assert _figures(run_one(cfg, again)) == _figures(before[deleted])
 
 
+def test_a_run_launched_under_torchrun_records_the_same_figures(done, tmp_path):
+    src, out, _ = done
+    again = tmp_path / "launched"
+    shutil.copytree(out, again)
+    before = _records(out)
+    deleted = next(k for k in before if k.endswith("_s1.json") and "/tanh/" in k)
+    (again / deleted).unlink()
+    r = run_cli("study", "--from", str(src), *ARGS, "--out", str(again), "--launcher", "torchrun", "--json")
+    assert r.exit_code == 0, r.output
+    assert _figures(_records(again)[deleted]) == _figures(before[deleted])
+
+
 def test_shards_merge_to_the_single_process_result(done, tmp_path):
     from ibnorm.study.pretrained import run_study
     from ibnorm.study.pretrained_report import summarize

@@ -284,9 +284,17 @@ def run_one(cfg: dict, out: Path) -> dict:
     rec = {"config": cfg, **_common(cfg), "val": result.evals[-1]["loss"], "evals": result.evals, "losses": result.losses,
            **tested, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
            "diverged": not math.isfinite(result.losses[-1])}
-    shutil.rmtree(work, ignore_errors=True)  # the fine-tuned model and its checkpoints are not kept
-    shutil.rmtree(ckpt, ignore_errors=True)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        torch.distributed.barrier()  # every process has read the output before it goes
+    if not distributed or torch.distributed.get_rank() == 0:
+        shutil.rmtree(work, ignore_errors=True)  # the fine-tuned model and its checkpoints are not kept
+        shutil.rmtree(ckpt, ignore_errors=True)
     return rec
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _common(cfg: dict) -> dict:
@@ -300,7 +308,7 @@ def validation_loss(loaded, out: Path, cfg: dict) -> float:
 
     texts = read_texts(str(out / "data" / "val.jsonl"))
     ex = Examples(token_examples(loaded.tokenizer, texts, cfg["seq_len"], cfg["val_blocks"]))
-    return evaluate_loss(loaded.model, ex, cfg["batch_size"], "cpu")["loss"]
+    return evaluate_loss(loaded.model.to(_device()), ex, cfg["batch_size"], _device())["loss"]
 
 
 @torch.no_grad()
@@ -308,7 +316,7 @@ def test_losses(loaded, out: Path, cfg: dict) -> dict:
     """Mean next-token loss of each test document (its first seq_len tokens); ``test`` is their mean."""
     from ..data import read_texts
 
-    model, tok = loaded.model.eval(), loaded.tokenizer
+    model, tok = loaded.model.to(_device()).eval(), loaded.tokenizer
     ids = [tok(t, add_special_tokens=False)["input_ids"][: cfg["seq_len"]] for t in read_texts(str(out / "data" / "test.jsonl"))]
     ids = [d for d in ids if len(d) >= 2][: cfg["test_docs"]]
     if not ids:
@@ -321,10 +329,11 @@ def test_losses(loaded, out: Path, cfg: dict) -> dict:
 
 def _batch_losses(model, batch: list[list[int]]) -> list[float]:
     width = max(len(d) for d in batch)
-    x = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    device = next(model.parameters()).device
+    x = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(batch), width, dtype=torch.long, device=device)
     for j, d in enumerate(batch):
-        x[j, : len(d)] = torch.tensor(d)
+        x[j, : len(d)] = torch.tensor(d, device=device)
         mask[j, : len(d)] = 1
     logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")

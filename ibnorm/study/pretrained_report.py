@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from dataclasses import replace
 from pathlib import Path
@@ -92,7 +93,8 @@ def results_markdown(study: PretrainedStudy, result: dict, command: str, wall: f
 
     level = 1 - study.alpha
     lines = [f"# ibnorm study --from {study.source}", "", f"Command: `{command}`", "",
-             f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores visible"
+             f"{', GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}, torch {torch.__version__}, "
              f"{study.threads} thread(s) per run, device {study.device}"
              + (f"; wall time of this invocation {wall / 60:.1f} min" if wall is not None else ""), "",
              f"Protocol: {study.steps} steps, batch {study.batch_size} × {study.seq_len} tokens, warmup {study.warmup}, "
