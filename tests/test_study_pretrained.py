@@ -193,3 +193,16 @@ def test_the_english_corpus_is_split_by_document():
     assert len(train) + len(val) + len(test) == len(read_texts("builtin:english")) > 1000
     assert not (set(train) & set(test)) and not (set(val) & set(test)) and not (set(train) & set(val))
     assert 1.5e6 < sum(map(len, train + val + test)) < 3e6
+
+
+def test_the_arm_grammar():
+    from ibnorm.errors import IBNormError
+    from ibnorm.study.pretrained import Arm, parse_arm, parse_arms
+
+    assert parse_arm("source") == Arm("source")
+    assert parse_arm("log@0.25/layer") == Arm("log@0.25/layer", "log", 0.25, "layer")
+    assert parse_arm("power/rms") == Arm("power/rms", "power", None, "rms")
+    assert [a.name for a in parse_arms(["tanh", "log", "log", "source"])] == ["source", "tanh", "log"]
+    for bad in ("tanh@", "tanh@-1", "tanh/batch", "Tanh", "tanh@0.3/rms/x", ""):
+        with pytest.raises(IBNormError):
+            parse_arm(bad)
