@@ -503,7 +503,7 @@ def load_trainer_state(path: str | Path) -> dict:
 # ----------------------------------------------------------------------------- study --from
 
 
-def validate_pretrained_study(*, source: str, data: str | None, eval_data: str | None, train: str, train_modes: Iterable[str],
+def validate_pretrained_study(*, data: str | None, eval_data: str | None, train: str, train_modes: Iterable[str],
                               steps: int, seeds: int | None, lrs: Iterable[float], seq_len: int, batch_size: int, warmup: int,
                               val_blocks: int, test_docs: int, calib: str, calib_samples: int, save_every: int,
                               threads: int, jobs: int | None, launcher: str | None) -> None:

@@ -127,7 +127,7 @@ def _pretrained_study(source: str, data: Optional[str], eval_data: Optional[str]
     from ibnorm.validate import validate_pretrained_study
 
     t0 = time.perf_counter()
-    validate_pretrained_study(source=source, data=data, eval_data=eval_data, train=train, train_modes=TRAIN_MODES, steps=steps, seeds=seeds,
+    validate_pretrained_study(data=data, eval_data=eval_data, train=train, train_modes=TRAIN_MODES, steps=steps, seeds=seeds,
                               lrs=lrs, seq_len=seq_len, batch_size=batch_size, warmup=warmup, val_blocks=val_blocks,
                               test_docs=test_docs, calib=calib, calib_samples=calib_samples, save_every=save_every,
                               threads=threads, jobs=jobs, launcher=launcher)
