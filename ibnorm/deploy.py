@@ -126,7 +126,10 @@ def export_onnx(plan: ExportPlan, progress: Callable[[str, int, int], None] = la
         program.model.metadata_props.update({"ibnorm.kind": plan.kind, "ibnorm.kv_cache": "none"})
         program.save(str(tmp), external_data=False)
         progress("check", 2, 3)
-        onnx.checker.check_model(str(tmp))
+        try:
+            onnx.checker.check_model(str(tmp))
+        except Exception as e:  # noqa: BLE001  onnx's ValidationError, or a protobuf error
+            raise IBNormError(f"the exported ONNX model is invalid ({str(e).strip().splitlines()[0][:200]}); nothing written") from None
         with torch.no_grad():
             want = module(*example)
         got = run_onnx(tmp, *example)
