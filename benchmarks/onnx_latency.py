@@ -59,7 +59,7 @@ def prepare(name: str, work: Path, reuse: bool, tiny: bool) -> tuple[Path, Path,
     return conv, onnx_file, seconds
 
 
-def measure(name: str, conv: Path, onnx_file: Path, seq_lens: list[int], batch: int, reps: int) -> list[list[str]]:
+def measure(name: str, conv: Path, onnx_file: Path, seq_lens: list[int], batch: int, reps: int, label: str) -> list[list[str]]:
     import onnxruntime as ort
 
     import ibnorm
@@ -85,7 +85,7 @@ def measure(name: str, conv: Path, onnx_file: Path, seq_lens: list[int], batch: 
             what = "encode"
         else:
             want, what = out.logits, "prefill"
-        rows.append([name, what, f"{batch}×{seq}", f"{torch_ms:.1f}", f"{ort_ms:.1f}", f"{torch_ms / ort_ms:.2f}×",
+        rows.append([label, what, f"{batch}×{seq}", f"{torch_ms:.1f}", f"{ort_ms:.1f}", f"{torch_ms / ort_ms:.2f}×",
                      f"{relative_error(got, want):.1e}"])
     return rows
 
@@ -108,7 +108,7 @@ def main() -> None:
     for name in args.models.split(","):
         conv, onnx_file, seconds = prepare(name, work, args.reuse, args.tiny)
         exports.append(f"{name} {seconds:.0f} s")
-        rows += measure(name, conv, onnx_file, seq_lens, args.batch, args.reps)
+        rows += measure(name, conv, onnx_file, seq_lens, args.batch, args.reps, "tiny-llama" if args.tiny and name == "smollm2" else name)
     title = (f"onnxruntime vs ibnorm.load on CPU, float32, median of {args.reps} (ms); export: {', '.join(exports)}"
              + (" [--tiny: not a measurement]" if args.tiny else ""))
     print_and_save(args.out, title, ["model", "work", "batch×seq", "ibnorm.load ms", "onnxruntime ms", "speedup", "max rel diff"], rows,

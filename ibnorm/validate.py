@@ -569,8 +569,7 @@ def check_export(directory: str | Path, fmt: str, out: str | Path | None, force:
         grouping = layer.get("grouping", layer.get("variant"))
         if grouping not in ONNX_GROUPINGS:
             raise SourceError(f"ONNX export supports {'/'.join(ONNX_GROUPINGS)} IBNorm layers; {layer['name']} is {grouping}")
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    if not str(config.get("model_type", "")).startswith("ibnorm_"):
+    if not str(getattr(read_config(path), "model_type", "")).startswith("ibnorm_"):
         raise SourceError(f"{path} is in the first converted format (no shipped code); run `ibnorm upgrade {path}` first")
     if manifest["task"] == "causal-lm":
         kind = "causal-lm"

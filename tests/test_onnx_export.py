@@ -178,7 +178,7 @@ def test_output_checks(llama, tmp_path):
         check_export(llama["dir"], "onnx", existing)
     assert check_export(llama["dir"], "onnx", existing, force=True).out == existing
     for out, fragment in ((tmp_path, "is a directory"), (tmp_path / "no" / "x.onnx", "does not exist"),
-                          (llama["dir"] / "x.onnx", "inside the converted directory")):
+                          (llama["dir"] / "x.onnx", "inside the converted directory"), (Path("/dev/null"), "not a regular file")):
         with pytest.raises(OutputError, match=fragment):
             check_export(llama["dir"], "onnx", out)
     for fmt, fragment in (("tflite", "not supported"), ("GGUF", "cannot carry IBNorm")):
@@ -202,3 +202,8 @@ def test_a_failed_check_writes_nothing(llama, tmp_path, monkeypatch):
     with pytest.raises(IBNormError, match="invalid"):
         export_onnx(check_export(llama["dir"], "onnx", existing, force=True))
     assert existing.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_corrupt_config_is_one_error(llama, tmp_path):
+    d = _variant(llama, tmp_path, lambda d: (d / "config.json").write_text("{not json"))
+    assert_one_line_error(ibnorm_cli("export", str(d), "--format", "onnx", "--out", str(tmp_path / "x.onnx")), "corrupt")
