@@ -49,16 +49,20 @@ def _set_ops(directory: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> dict:
+def converted(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("onnx_llama")
     src, conv = root / "src", root / "conv"
     tiny_hf("llama").save_pretrained(src)
     ibnorm.convert_checkpoint(str(src), conv, ibnorm.ConvertOptions(lam=0.3, op="tanh"))
     randomize_lambda(conv, seed=5)
     _set_ops(conv)
-    out = root / "llama.onnx"
-    result = export_onnx(check_export(conv, "onnx", out))
-    return {"root": root, "src": src, "dir": conv, "onnx": out, "result": result}
+    return {"root": root, "src": src, "dir": conv}
+
+
+@pytest.fixture(scope="module")
+def llama(converted) -> dict:
+    out = converted["root"] / "llama.onnx"
+    return {**converted, "onnx": out, "result": export_onnx(check_export(converted["dir"], "onnx", out))}
 
 
 def _ids(shape: tuple[int, int], seed: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,24 +127,24 @@ def test_minilm_sentence_embeddings_through_the_cli(tmp_path):
 # --- refusals and bad input: one error line, nothing written ---------------------------------------
 
 
-def test_gguf_is_refused_with_why_and_instead(llama):
-    out = llama["root"] / "model.gguf"
-    proc = ibnorm_cli("export", str(llama["dir"]), "--format", "gguf", "--out", str(out))
+def test_gguf_is_refused_with_why_and_instead(converted):
+    out = converted["root"] / "model.gguf"
+    proc = ibnorm_cli("export", str(converted["dir"]), "--format", "gguf", "--out", str(out))
     assert_one_line_error(proc, "cannot carry IBNorm")
     assert "drop λ" in proc.stderr and "onnx" in proc.stderr and "trust_remote_code" in proc.stderr
     assert not out.exists()
 
 
-def test_bad_directories_are_refused_by_the_cli(llama, tmp_path):
+def test_bad_directories_are_refused_by_the_cli(converted, tmp_path):
     for path, fragment in ((tmp_path / "missing", "does not exist"), (Path("/dev/null"), "is not a directory"),
-                           (llama["src"], "no ibnorm_manifest.json")):
+                           (converted["src"], "no ibnorm_manifest.json")):
         assert_one_line_error(ibnorm_cli("export", str(path), "--format", "onnx", "--out", str(tmp_path / "x.onnx")), fragment)
     assert list(tmp_path.iterdir()) == []
 
 
-def _variant(llama: dict, tmp_path: Path, edit) -> Path:
+def _variant(converted: dict, tmp_path: Path, edit) -> Path:
     d = tmp_path / "variant"
-    shutil.copytree(llama["dir"], d)
+    shutil.copytree(converted["dir"], d)
     edit(d)
     return d
 
@@ -159,9 +163,9 @@ def _edit_json(name: str, change):
     (_edit_json("ibnorm_manifest.json", lambda m: m.update(task="encoder")), SourceError, "without modules.json"),
     (_edit_json("config.json", lambda c: c.update(model_type="llama")), SourceError, "ibnorm upgrade"),
 ])
-def test_unsupported_models_are_refused(llama, tmp_path, edit, error, fragment):
+def test_unsupported_models_are_refused(converted, tmp_path, edit, error, fragment):
     with pytest.raises(error, match=fragment):
-        check_export(_variant(llama, tmp_path, edit), "onnx", tmp_path / "x.onnx")
+        check_export(_variant(converted, tmp_path, edit), "onnx", tmp_path / "x.onnx")
 
 
 def test_timm_models_are_refused(tmp_path):
@@ -171,23 +175,23 @@ def test_timm_models_are_refused(tmp_path):
         check_export(conv, "onnx", tmp_path / "x.onnx")
 
 
-def test_output_checks(llama, tmp_path):
+def test_output_checks(converted, tmp_path):
     existing = tmp_path / "old.onnx"
     existing.write_bytes(b"old")
     with pytest.raises(OutputExistsError, match="--force"):
-        check_export(llama["dir"], "onnx", existing)
-    assert check_export(llama["dir"], "onnx", existing, force=True).out == existing
+        check_export(converted["dir"], "onnx", existing)
+    assert check_export(converted["dir"], "onnx", existing, force=True).out == existing
     for out, fragment in ((tmp_path, "is a directory"), (tmp_path / "no" / "x.onnx", "does not exist"),
-                          (llama["dir"] / "x.onnx", "inside the converted directory"), (Path("/dev/null"), "not a regular file")):
+                          (converted["dir"] / "x.onnx", "inside the converted directory"), (Path("/dev/null"), "not a regular file")):
         with pytest.raises(OutputError, match=fragment):
-            check_export(llama["dir"], "onnx", out)
+            check_export(converted["dir"], "onnx", out)
     for fmt, fragment in (("tflite", "not supported"), ("GGUF", "cannot carry IBNorm")):
         with pytest.raises(OptionError, match=fragment):
-            check_export(llama["dir"], fmt, tmp_path / "x")
+            check_export(converted["dir"], fmt, tmp_path / "x")
     assert existing.read_bytes() == b"old"
 
 
-def test_a_failed_check_writes_nothing(llama, tmp_path, monkeypatch):
+def test_a_failed_check_writes_nothing(converted, tmp_path, monkeypatch):
     import ibnorm.deploy as deploy
 
     class Broken:  # an exporter result whose file is not ONNX
@@ -200,10 +204,10 @@ def test_a_failed_check_writes_nothing(llama, tmp_path, monkeypatch):
     existing = tmp_path / "model.onnx"
     existing.write_bytes(b"old")
     with pytest.raises(IBNormError, match="invalid"):
-        export_onnx(check_export(llama["dir"], "onnx", existing, force=True))
+        export_onnx(check_export(converted["dir"], "onnx", existing, force=True))
     assert existing.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
-def test_corrupt_config_is_one_error(llama, tmp_path):
-    d = _variant(llama, tmp_path, lambda d: (d / "config.json").write_text("{not json"))
+def test_corrupt_config_is_one_error(converted, tmp_path):
+    d = _variant(converted, tmp_path, lambda d: (d / "config.json").write_text("{not json"))
     assert_one_line_error(ibnorm_cli("export", str(d), "--format", "onnx", "--out", str(tmp_path / "x.onnx")), "corrupt")
