@@ -186,3 +186,18 @@ def test_fx_trace_sees_one_opaque_call():
     graph = torch.fx.symbolic_trace(_shipped_layers()[0]).graph
     calls = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     assert [getattr(n.target, "__name__", n.target) for n in calls] == ["ib_norm"]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_lambda_gets_no_gradient(dirs, monkeypatch, traced):
+    """λ is fixed in the shipped code although transformers' loading leaves every parameter requiring grad."""
+    import transformers
+
+    import ibnorm.hf.modeling_ibnorm as shipped
+
+    monkeypatch.setattr(shipped, "_traced", lambda: traced)  # True: the exact form compile and export run
+    model = transformers.AutoModelForCausalLM.from_pretrained(dirs["llama"])
+    ids = torch.tensor(IDS)
+    model(input_ids=ids, labels=ids).loss.backward()
+    norms = [m for m in model.modules() if isinstance(m, shipped.IBNorm)]
+    assert norms and all(m.lam.grad is None and m.weight.grad is not None for m in norms)

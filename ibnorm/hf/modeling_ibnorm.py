@@ -148,7 +148,7 @@ def ib_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, lam: Tensor, 
         dims = tuple(range(-len(normalized_shape), 0))
         d = xf - xf.mean(dims, keepdim=True) if centered else xf
         z = d * torch.rsqrt(d.square().mean(dims, keepdim=True) + eps)
-        c = _compress(z, lam.to(ct), op)
+        c = _compress(z, lam.detach().to(ct), op)  # λ is fixed whatever its requires_grad (loading resets it)
         y = _affine(_restandardize(z, c, dims, centered), weight, bias, ct).to(x.dtype)
     return y if channel_dim == -1 else y.movedim(-1, 1)
 
@@ -173,7 +173,7 @@ def _group(x: Tensor, weight: Tensor | None, bias: Tensor | None, lam: Tensor, o
     g = x.to(ct).reshape(n, num_groups, -1)
     d = g - g.mean(-1, keepdim=True)
     z = (d * torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
-    lam = lam.to(ct)
+    lam = lam.detach().to(ct)
     c = _compress(z, lam.reshape(view) if lam.dim() == 1 else lam, op)
     y = _restandardize(z.reshape(n, num_groups, -1), c.reshape(n, num_groups, -1), (-1,), True)
     return _affine(y.reshape(x.shape), weight, bias, ct, view).to(x.dtype)
