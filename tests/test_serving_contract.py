@@ -10,7 +10,9 @@ Requirements, with their sources:
 1. ``config.json`` has ``auto_map`` entries for ``AutoConfig`` and ``AutoModel`` (and
    ``AutoModelForCausalLM``) — vLLM, docs/models/supported_models.md, "Transformers" / "Custom models":
    "config.json must contain auto_map.AutoModel"; SGLang, docs/supported_models/transformers_fallback.md
-   ("Remote code"), resolves the class from ``auto_map["AutoModel"]`` / ``["AutoModelForCausalLM"]``.
+   ("Remote code": any model usable with ``trust_remote_code=True`` that implements attention as below), and
+   its python/sglang/srt/models/transformers.py resolves the class from ``auto_map["AutoModel"]`` or
+   ``["AutoModelForCausalLM"]`` to read ``_supports_attention_backend``.
 2. Customisation is in the base model — vLLM, same page, "Writing custom models": "Customisation should
    be done in the base model (e.g. in MyModel, not MyModelForCausalLM)". Both engines build
    ``AutoModel.from_config(config, trust_remote_code=True)`` (the base model, on the meta device, params
