@@ -107,7 +107,7 @@ def main() -> None:
     rows, exports = [], []
     for name in args.models.split(","):
         conv, onnx_file, seconds = prepare(name, work, args.reuse, args.tiny)
-        exports.append(f"{name} {seconds:.0f} s")
+        exports.append(f"{name} {seconds:.0f} s" if seconds == seconds else f"{name} reused")
         rows += measure(name, conv, onnx_file, seq_lens, args.batch, args.reps, "tiny-llama" if args.tiny and name == "smollm2" else name)
     title = (f"onnxruntime vs ibnorm.load on CPU, float32, median of {args.reps} (ms); export: {', '.join(exports)}"
              + (" [--tiny: not a measurement]" if args.tiny else ""))
