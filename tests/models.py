@@ -85,3 +85,18 @@ def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kin
     model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     fast.save_pretrained(directory)
     return directory
+
+
+def randomize_lambda(directory: Path, seed: int) -> None:
+    """Per-channel λ in [0, 0.8) with every third channel at exactly 0 (the λ = 0 branch)."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    path = directory / "model.safetensors"
+    state = load_file(path)
+    for k, v in state.items():
+        if k.endswith(".lam"):
+            lam = torch.rand(v.shape, generator=g) * 0.8
+            lam.view(-1)[::3] = 0.0
+            state[k] = lam.to(v.dtype)
+    save_file(state, path, metadata={"format": "pt"})
