@@ -30,6 +30,7 @@ from ..validate import check_seq_len
 from .layout import CachedCall, catch_block_inputs, last_called, recorded_calls, run_block, run_tail, stop_after
 from .options import ConvertOptions, Progress
 from .plan import Plan
+from .stores import ModelStore
 
 DATA_FREE_ASSUMPTION = (
     "data-free: standardized deviations z assumed N(0,1) in every channel; one λ per layer; "
@@ -75,12 +76,13 @@ def build(fitted: Fitted, opts: ConvertOptions, lam: Tensor | None = None) -> IB
     return m
 
 
-def install(model: nn.Module, modules: dict[str, nn.Module], device: torch.device | None = None) -> None:
-    """Put ``modules`` in place by name (a module shared by several names stays shared)."""
+def install(model: nn.Module, modules: dict[str, nn.Module], store: ModelStore | None = None) -> None:
+    """Put ``modules`` in place by name (a module shared by several names stays shared), placed by
+    ``store`` (its device; a streamed store also rounds γ, β to the dtype they are written in)."""
     if not modules:
         return
     current = [NormSite(name, model.get_submodule(name), None) for name in modules]
-    replace_norms(model, current, lambda s: modules[s.name].to(device) if device is not None else modules[s.name])
+    replace_norms(model, current, lambda s: store.place(modules[s.name], s.name) if store is not None else modules[s.name])
 
 
 def calibrate_data_free(plan: Plan, opts: ConvertOptions, progress: Progress) -> Calibrated:
@@ -128,7 +130,7 @@ class _Sequential:
         for s in sites:
             self.fits[s.name] = _fit(self.plan, s, inputs.get(s.name), self.opts)
             built[s.name] = build(self.fits[s.name], self.opts)
-        install(self.model, built, self.store.device)
+        install(self.model, built, self.store)
 
     # --- the stages of the pass ---------------------------------------------------------------
     def whole_model(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -149,6 +151,7 @@ class _Sequential:
         if pre_sites:  # e.g. an embedding LayerNorm: convert it, then catch the block inputs again
             self.fit_and_install(pre_sites, pre)
             calls = catch_block_inputs(blocks, self.run, self.batches)
+        self.store.release_outside()
         for i in range(len(blocks)):
             self.progress("calibrating blocks", i, len(blocks))
             calls, reference_calls = self.block(i, calls, reference_calls)
@@ -187,6 +190,7 @@ class _Sequential:
     def tail(self, post: list[NormSite], calls, reference_calls) -> tuple[list[Tensor], list[Tensor]]:
         """Norms after the blocks, fed by the last block's outputs; then the check outputs of both models."""
         blocks, outputs = self.blocks, self.family.outputs
+        self.store.prepare(blocks)
         reference = run_tail(blocks, lambda b: outputs(self.model, b), self.check_batches, [c[0] for c in reference_calls])
         if post:
             last = [c[0] for c in calls]
