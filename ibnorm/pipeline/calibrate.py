@@ -36,7 +36,8 @@ DATA_FREE_ASSUMPTION = (
     "data-free: standardized deviations z assumed N(0,1) in every channel; one λ per layer; "
     "outlier channels cannot be seen without data (use --calib for language models)"
 )
-# Captured inputs kept for the back-off refits, over all layers (rows are subsampled above it).
+# Captured inputs kept for the back-off refits, over all layers: each norm keeps an equal share, its
+# rows evenly thinned to it as soon as it is fitted (so the cache never holds more).
 REFIT_CACHE_BYTES = 1 << 30
 
 
@@ -102,7 +103,16 @@ def _fit(plan: Plan, site: NormSite, x: Tensor | None, opts: ConvertOptions) -> 
         fit = fit_layer_data_free(real.spec, opts.op, opts.tolerance, opts.lam)
     else:
         fit = fit_layer(real.spec, real.module, x, opts.op, opts.tolerance, opts.lam)
+        x = _thinned(x, REFIT_CACHE_BYTES // len(plan.sites))
     return Fitted(real, fit, x)
+
+
+def _thinned(x: Tensor, budget: int) -> Tensor:
+    """``x`` (float32) kept for refits within ``budget`` bytes: evenly spaced rows."""
+    if x.numel() * 4 <= budget or x.shape[0] <= 1:
+        return x
+    n = max(1, budget // (x[0].numel() * 4))
+    return x[torch.linspace(0, x.shape[0] - 1, n).long()].clone()
 
 
 class _Sequential:
@@ -223,20 +233,7 @@ def calibrate_with_data(plan: Plan, opts: ConvertOptions, progress: Progress) ->
     else:
         record["order"] = f"block by block ({plan.blocks.path}): each block sees the outputs of converted earlier blocks"
         reference, outputs = run.blockwise()
-    _thin_refit_inputs(run.fits)
     return Calibrated(run.fits, record, reference, outputs, run.check_batches)
-
-
-def _thin_refit_inputs(fits: dict[str, Fitted]) -> None:
-    """Keep the back-off refit cache within REFIT_CACHE_BYTES (evenly spaced rows)."""
-    total = sum(f.inputs.numel() * 4 for f in fits.values() if f.inputs is not None)
-    if total <= REFIT_CACHE_BYTES:
-        return
-    keep = REFIT_CACHE_BYTES / total
-    for f in fits.values():
-        if f.inputs is not None and f.inputs.shape[0] > 1:
-            n = max(1, int(f.inputs.shape[0] * keep))
-            f.inputs = f.inputs[torch.linspace(0, f.inputs.shape[0] - 1, n).long()].clone()
 
 
 def calibrate(plan: Plan, opts: ConvertOptions, progress: Progress) -> Calibrated:
