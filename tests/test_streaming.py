@@ -1,6 +1,7 @@
 """Streaming (block-by-block, from the shards) conversion equals whole-model conversion."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -265,7 +266,7 @@ def test_streamed_bf16_conversion_equals_in_memory_float32_conversion(bf16_llama
 
 def test_refit_cache_is_thinned_as_each_norm_is_fitted(bf16_llama, monkeypatch):
     # The back-off refit cache keeps, per norm, an equal share of REFIT_CACHE_BYTES, thinned when the
-    # norm is fitted (the cache never outgrows its budget during the pass).  Every norm of a decoder sees
+    # norm is fitted (the cache never outgrows its budget during the pass); streamed, it is kept on disk.  Every norm of a decoder sees
     # the same number of equally wide rows, so this keeps what thinning the whole cache at the end of the
     # pass kept (the rule before): int(rows × budget / total) evenly spaced rows of each capture.
     from ibnorm.pipeline import calibrate
@@ -283,12 +284,16 @@ def test_refit_cache_is_thinned_as_each_norm_is_fitted(bf16_llama, monkeypatch):
     budget = 100 * 1024
     monkeypatch.setattr(calibrate, "REFIT_CACHE_BYTES", budget)
     opts = ibnorm.ConvertOptions(**CALIBRATED)
-    cal = calibrate.calibrate(plan_streamed(bf16_llama, opts), opts, no_progress)
+    plan = plan_streamed(bf16_llama, opts)
+    cal = calibrate.calibrate(plan, opts, no_progress)
     full = [captured[i] for i in range(len(captured))]
     assert len(full) == len(cal.fits) == 5 and len({x.shape for x in full}) == 1
     total = sum(x.numel() * 4 for x in full)
     assert total > 2 * budget  # the budget binds
     kept = int(full[0].shape[0] * (budget / total))
     for x, f in zip(full, cal.fits.values()):
-        assert torch.equal(f.inputs, x[torch.linspace(0, x.shape[0] - 1, kept).long()])
-    assert sum(f.inputs.numel() * 4 for f in cal.fits.values()) <= budget
+        assert torch.equal(f.inputs(), x[torch.linspace(0, x.shape[0] - 1, kept).long()])
+    kept_bytes = sum(f.inputs().numel() * 4 for f in cal.fits.values())
+    assert kept_bytes <= budget
+    # streamed, the cache is not in memory: it is in an unlinked temporary file, all of it
+    assert os.fstat(plan.store.spill.file.fileno()).st_size == kept_bytes

@@ -19,6 +19,7 @@ so the end-to-end check (stage 3) needs no second copy of the model — in memor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,7 @@ REFIT_CACHE_BYTES = 1 << 30
 class Fitted:
     site: NormSite  # the source norm, with real weights
     fit: LayerFit
-    inputs: Tensor | None = None  # captured inputs, kept for back-off refits
+    inputs: Callable[[], Tensor] | None = None  # gives back the captured inputs kept for back-off refits (store.keep)
 
 
 @dataclass
@@ -103,8 +104,8 @@ def _fit(plan: Plan, site: NormSite, x: Tensor | None, opts: ConvertOptions) -> 
         fit = fit_layer_data_free(real.spec, opts.op, opts.tolerance, opts.lam)
     else:
         fit = fit_layer(real.spec, real.module, x, opts.op, opts.tolerance, opts.lam)
-        x = _thinned(x, REFIT_CACHE_BYTES // len(plan.sites))
-    return Fitted(real, fit, x)
+        return Fitted(real, fit, plan.store.keep(_thinned(x, REFIT_CACHE_BYTES // len(plan.sites))))
+    return Fitted(real, fit)
 
 
 def _thinned(x: Tensor, budget: int) -> Tensor:

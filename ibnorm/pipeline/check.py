@@ -45,7 +45,7 @@ def _scaled(f: Fitted, calibrated: LayerFit, factor: float, op: str) -> LayerFit
     lam = calibrated.lam * factor
     if f.inputs is None:  # never called on the data: nothing to refit
         return LayerFit(lam, calibrated.weight, calibrated.bias, calibrated.error, calibrated.running)
-    return refit_for_lambda(f.site.spec, f.site.module, f.inputs, op, lam)
+    return refit_for_lambda(f.site.spec, f.site.module, f.inputs(), op, lam)
 
 
 def check(plan: Plan, cal: Calibrated, opts: ConvertOptions, progress: Progress) -> dict:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import IBNormError
 from ..io.safetensors_index import DTYPES, TensorIndex
+from ..io.spill import TensorSpill
 from ..io.stream_writer import DTYPE_NAMES, PlannedTensor, ShardedWriter, parse_size
 from ..recognize import recognize
 from ..surgery import NormSite
@@ -58,6 +60,10 @@ class ModelStore:
         """A built norm, ready to be put in place of norm ``name``."""
         return module.to(self.device)
 
+    def keep(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Hold captured inputs for the back-off refits; the returned call gives them back."""
+        return lambda: x
+
     def source_norm(self, site: NormSite) -> NormSite:
         """The site with real source weights (in memory: as found)."""
         return site
@@ -76,6 +82,7 @@ class ShardStore(ModelStore):
         self.writer: ShardedWriter | None = None
         self.copied: set[int] = set()
         self.outside: list[nn.Parameter] = []  # what ``prepare`` read (held, so their ids stay theirs)
+        self.spill: TensorSpill | None = None
 
     def check_complete(self, tied: set[str]) -> None:
         expected = {n for n, _ in self.model.named_parameters()}
@@ -139,6 +146,18 @@ class ShardStore(ModelStore):
             if isinstance(p, torch.Tensor) and p.is_floating_point() and info is not None:
                 p.data = p.data.to(DTYPES[info.dtype]).to(COMPUTE_DTYPE)
         return module.to(self.device)
+
+    def keep(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The refit cache goes to an unlinked file beside the output (≤ REFIT_CACHE_BYTES, counted in the
+        disk check), not memory: a 7B model's is 1 GiB, read back only if λ must back off."""
+        if self.spill is None:
+            self.spill = TensorSpill(self.writer.dir if self.writer is not None else None)
+        return self.spill.put(x)
+
+    def close_spill(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
     def source_norm(self, site: NormSite) -> NormSite:
         """A CPU float32 copy of the source norm, read from the shards (the skeleton's may be meta or freed)."""
