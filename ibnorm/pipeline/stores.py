@@ -164,10 +164,6 @@ class ShardStore(ModelStore):
         module = self._materialize(copy.deepcopy(site.module).to("meta"), f"{site.name}.", torch.device("cpu"))
         return NormSite(site.name, module, recognize(module) or site.spec)
 
-    def source_dtype(self, site_name: str) -> torch.dtype:
-        info = self.index.tensors.get(f"{site_name}.weight")
-        return DTYPES[info.dtype] if info else torch.float32
-
     # --- writing ------------------------------------------------------------------------------
     def plan(self) -> list[PlannedTensor]:
         """Every output tensor, in source order; a converted norm adds its λ (float32, one per channel)."""
