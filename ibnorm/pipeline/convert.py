@@ -19,7 +19,7 @@ from ..validate import check_finite, ensure_disk_space, estimate_output_bytes, v
 from ..io.atomic import atomic_directory
 from ..io.sources import LoadedModel, load_source, refuse_converted, resolve_short_name
 from ..layers import IBNormBase
-from .calibrate import Calibrated, build, calibrate, install
+from .calibrate import REFIT_CACHE_BYTES, Calibrated, build, calibrate, install
 from .check import check
 from .manifest import build_manifest
 from .options import ConversionResult, ConvertOptions, Progress, layer_record, no_progress
@@ -114,7 +114,9 @@ def convert_checkpoint(
         loaded = load_source(source, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained, dtype=dtype)
         progress("loading source", 1, 1)
         plan = plan_in_memory(loaded, opts)
-    ensure_disk_space(out.parent, estimate_output_bytes(_tensor_bytes(plan), sum(math.prod(s.spec.shape) for s in plan.sites)))
+    spilled = REFIT_CACHE_BYTES if plan.store.streaming and opts.calib is not None else 0  # the refit cache, on disk
+    ensure_disk_space(out.parent, estimate_output_bytes(_tensor_bytes(plan), sum(math.prod(s.spec.shape) for s in plan.sites),
+                                                        spilled))
     with atomic_directory(out, force, source=_source_path(resolved, plan)) as tmp:
         if plan.store.streaming:
             plan.store.open_writer(tmp, shard_size)
