@@ -27,7 +27,7 @@ def _parse_shard(shard: str) -> tuple[int, int]:
 
 @app.command()
 def study(
-    preset: str = typer.Option(..., "--preset", help="micro | smoke | cpu | gpu-llama60m | gpu-llama130m | gpu-vision."),
+    preset: str = typer.Option(..., "--preset", help="micro | smoke | cpu | confirm | gpu-llama60m | gpu-llama130m | gpu-check | gpu-vision."),
     out: str = typer.Option(..., "--out", "-o", help="Study directory (runs are resumed from it; directories merge)."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Normalizer(s) to run (the baseline always runs)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per setting (default: the preset's)."),
@@ -64,7 +64,7 @@ def study(
         command = "ibnorm study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         result = write_report(p, outp, command)
     if json_out:
-        print_json({"runs": result["runs"], "summary": result["summary"], "lambda_curve": result["lambda_curve"]})
+        print_json({k: result[k] for k in ("protocol", "runs", "summary", "lambda_curve", "warnings")})
         return
     _render_study(result)
     console.print(f"written {outp / 'results.md'}, results.json, {', '.join(result['charts'])}")
@@ -83,11 +83,15 @@ def _study_progress(event: dict) -> None:
 def _render_study(result: dict) -> None:
     rows = []
     for r in result["summary"]:
-        diff = "" if r.get("diff") is None else f"{r['diff']:+.4g} ± {r['diff_std']:.2g}"
-        rows.append((r["task"], r["normalizer"], r["metric"], f"{r['mean']:.4g} ± {r['std']:.2g}", r["n"], f"{r['lr']:g}/{r['wd']:g}",
-                     diff, r.get("p_value"), r.get("verdict", "reference"), f"{r['s_per_step'] * 1000:.1f}"))
-    console.print(table("study: test metric at each normalizer's best lr/wd (mean ± std over seeds)",
-                        ("task", "normalizer", "metric", "mean ± std", "n", "lr/wd", "Δ vs baseline", "p (paired t)", "verdict", "ms/step"), rows))
+        iv = r.get("interval")
+        diff = "" if r.get("delta") is None else f"{r['delta']:+.3g}" + ("" if iv is None else f" [{iv[0]:+.2g}, {iv[1]:+.2g}]")
+        rows.append((r["task"], r["normalizer"], f"{r['mean']:.4g} ± {r['std']:.2g}", r["n"], f"{r['lr']:g}/{r['wd']:g}",
+                     diff, r.get("p_holm"), r.get("verdict", "reference")))
+    console.print(table("study: test metric at each normalizer's selected lr/wd (mean ± std over seeds); Δ: test loss "
+                        "(LLaMA) or accuracy vs the baseline, paired, Holm-corrected p",
+                        ("task", "normalizer", "mean ± std", "n", "lr/wd", "Δ [95%]", "p Holm", "verdict"), rows))
+    for w in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
 
 @app.command()

@@ -27,11 +27,20 @@ def micro(tmp_path_factory) -> Path:
 
 def test_micro_runs_every_planned_run(micro):
     runs = _runs(micro)
-    # baseline and ibnorm-t on seeds 0, 1, plus ibnorm-t at the λ-curve value 1.0 on seeds 0, 1
-    assert len(runs) == 6
-    assert {(r["normalizer"], r["lam"], r["seed"]) for r in runs.values()} == {
-        ("baseline", 0.0, 0), ("baseline", 0.0, 1), ("ibnorm-t", 0.3, 0), ("ibnorm-t", 0.3, 1), ("ibnorm-t", 1.0, 0), ("ibnorm-t", 1.0, 1)}
+    # tuning seed 0: baseline at the grid's lr and one extra lr (the equal budget), ibnorm-t at λ 0.3 and 1.0;
+    # seed 1: the baseline's choice and each λ point at its own lr
+    base_lrs = sorted(r["lr"] for r in runs.values() if r["normalizer"] == "baseline" and r["seed"] == 0)
+    assert len(base_lrs) == 2 and 3e-3 in base_lrs
+    assert len(runs) == 7
+    assert {(r["normalizer"], r["lam"], r["seed"]) for r in runs.values() if r["normalizer"] == "ibnorm-t"} == {
+        ("ibnorm-t", 0.3, 0), ("ibnorm-t", 0.3, 1), ("ibnorm-t", 1.0, 0), ("ibnorm-t", 1.0, 1)}
     assert all(len(r["losses"]) == 5 and not r["diverged"] for r in runs.values())
+    # the test split per image, compactly: 360 losses and a 0/1 string that reproduces the accuracy
+    ex = runs["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]["test_examples"]
+    assert len(ex["loss"]) == len(ex["correct"]) == 360
+    rec = runs["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]
+    assert ex["correct"].count("1") / 360 == pytest.approx(rec["value"])
+    assert sum(ex["loss"]) / 360 == pytest.approx(rec["test_loss"], abs=1e-5)
 
 
 def test_runs_are_bit_identical_when_repeated(micro, tmp_path):
@@ -42,7 +51,7 @@ def test_runs_are_bit_identical_when_repeated(micro, tmp_path):
     for k in a:
         assert a[k]["losses"] == b[k]["losses"] and a[k]["value"] == b[k]["value"] and a[k]["evals"] == b[k]["evals"]
     # different seeds give different runs (the seed reaches initialisation and data order)
-    assert a["runs/resnet-digits/baseline/lam0_lr0.003_wd0.01_s0.json"]["losses"] != a["runs/resnet-digits/baseline/lam0_lr0.003_wd0.01_s1.json"]["losses"]
+    assert a["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s0.json"]["losses"] != a["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]["losses"]
 
 
 def test_interrupted_study_resumes(micro, tmp_path):
@@ -63,7 +72,13 @@ def test_report_pairs_by_seed(micro):
     rows = {r["normalizer"]: r for r in res["summary"]}
     runs = {(r["normalizer"], r["seed"]): r["value"] for r in res["runs"]}
     diff = [runs[("ibnorm-t", s)] - runs[("baseline", s)] for s in (0, 1)]
-    assert rows["ibnorm-t"]["diff"] == pytest.approx(sum(diff) / 2)
+    assert rows["ibnorm-t"]["delta"] == pytest.approx(sum(diff) / 2)
+    assert rows["ibnorm-t"]["p_holm"] is not None and rows["ibnorm-t"]["interval_kind"] == "bootstrap over seeds and documents"
+    # equal tuning budget, recorded per normalizer
+    assert rows["baseline"]["budget"] == rows["ibnorm-t"]["budget"] == rows["baseline"]["tuned"] == 2
+    # a one-point grid brackets nothing: the warning says so
+    assert any("baseline: selected lr" in w and "edge" in w for w in res["warnings"])
+    assert all(r["val_loss_fall_last10"] is not None for r in rows.values())
     assert rows["baseline"]["n"] == 2 and rows["baseline"]["mean"] == pytest.approx((runs[("baseline", 0)] + runs[("baseline", 1)]) / 2)
     assert [p["lam"] for p in res["lambda_curve"][0]["points"]] == [0.3, 1.0]
     assert (micro / "results.md").exists() and (micro / "lambda_resnet-digits.png").read_bytes()[:4] == b"\x89PNG"
@@ -131,3 +146,98 @@ def test_a_changed_configuration_is_refused(micro, tmp_path):
     path.write_text(json.dumps(rec))
     r = _cli("study", "--preset", "micro", "--out", str(out))
     assert r.exit_code == 2 and "different configuration" in r.output
+
+
+# --- the selection protocol on simulated studies (records with a known validation loss, no training) ---
+
+
+def _simulate(preset, out: Path, val_loss) -> int:
+    """Complete a study by writing a record for every planned run, ``val_loss(cfg)`` as its validation loss."""
+    from ibnorm.study.runner import plan, write_run
+
+    written = 0
+    while True:
+        todo, _ = plan(preset, out)
+        if not todo:
+            return written
+        for cfg in todo:
+            write_run(out, {"config": cfg, "lr": cfg["lr"], "wd": cfg["wd"], "lam": cfg["lam"], "seed": cfg["seed"],
+                            "normalizer": cfg["normalizer"], "diverged": False, "val_loss": val_loss(cfg), "evals": []})
+            written += 1
+
+
+def _cpu_llama(**kw):
+    p = get_preset("cpu", **kw)
+    p.tasks = [t for t in p.tasks if t["kind"] == "lm"]
+    return p
+
+
+def test_selection_picks_the_lowest_validation_loss_and_gives_every_normalizer_the_same_budget(tmp_path):
+    import math
+
+    from ibnorm.study.runner import tuning
+
+    p = _cpu_llama()
+    # a bowl in log lr with its minimum inside the grid, different per normalizer and λ
+    best = {("baseline", 0.0): 8e-4, ("ibnorm-t", 0.3): 2e-3, ("ibnorm-t", 1.0): 5e-4}
+    def loss(c):
+        opt = best.get((c["normalizer"], c["lam"]), 1e-3)
+        return 1.0 + (math.log(c["lr"]) - math.log(opt)) ** 2 + (0.01 if c["wd"] == 0.1 else 0.0) + 0.1 * c["lam"]
+    _simulate(p, tmp_path, loss)
+    task = p.tasks[0]
+    budgets = set()
+    for norm in p.normalizers:
+        t = tuning(p, tmp_path, task, norm)
+        runs = [r for r in t.grid_runs + t.extra_runs]
+        assert t.complete and len(runs) == t.budget
+        budgets.add(t.budget)
+        assert t.chosen.run["val_loss"] == min(r["val_loss"] for r in runs)  # the lowest, whatever its lr
+        assert t.chosen.run["wd"] == 0.0 and not t.chosen.on_edge
+    # the grid's 3 lr × 2 wd plus IBNorm-T's four further λ × 3 lr, for every normalizer alike
+    assert budgets == {6 + 4 * 3}
+    t = tuning(p, tmp_path, task, "ibnorm-t")
+    assert {lam: s.run["lr"] for lam, s in t.per_lambda.items()}[1.0] != t.per_lambda[0.3].run["lr"]  # own lr per λ
+    base = tuning(p, tmp_path, task, "baseline")
+    assert 3e-4 < base.chosen.run["lr"] < 3e-3 and base.chosen.run["lr"] not in task["lrs"]  # a dense extra lr won
+
+
+def test_selection_ties_are_broken_by_the_documented_rule_not_toward_the_smallest_lr():
+    import zlib
+
+    from ibnorm.study.selection import select
+
+    def rec(lr, tail):
+        cfg = {"lr": lr, "wd": 0.1}
+        return {"config": cfg, "lr": lr, "wd": 0.1, "lam": 0.0, "diverged": False, "val_loss": 1.25,
+                "evals": [{"loss": tail}, {"loss": tail}, {"loss": 1.25}]}
+    runs = [rec(1e-3, 1.40), rec(3e-3, 1.30), rec(1e-2, 1.35)]
+    s = select(runs)
+    assert s.run["lr"] == 3e-3  # the lower end-of-curve loss, not the smallest lr
+    assert {t["lr"] for t in s.tied_with} == {1e-3, 1e-2}
+    # equal tail too: the configuration's CRC-32 decides, whatever the order given
+    flat = [rec(lr, 1.3) for lr in (1e-3, 3e-3, 1e-2)]
+    want = min(flat, key=lambda r: zlib.crc32(json.dumps(r["config"], sort_keys=True).encode()))
+    assert select(flat).run is want and select(flat[::-1]).run is want
+    # a diverged run never wins
+    assert select([{**rec(1e-3, 1.0), "diverged": True, "val_loss": None}, rec(3e-3, 2.0)]).run["lr"] == 3e-3
+
+
+def test_a_selected_lr_on_the_grid_edge_is_flagged(tmp_path):
+    p = _cpu_llama()
+    _simulate(p, tmp_path, lambda c: 1.0 + c["lr"])  # always the smallest lr: the optimum may lie below the grid
+    from ibnorm.study.runner import tuning
+
+    t = tuning(p, tmp_path, p.tasks[0], "baseline")
+    assert t.chosen.run["lr"] == 3e-4 and t.chosen.on_edge
+
+
+def test_learnable_lambda_trains_at_its_own_learning_rate():
+    from ibnorm.study.train import _param_groups
+
+    model = apply_normalizer(TinyResNet(1, 10, (4, 8)), "ibnorm-t-learn", 0.3)
+    groups = _param_groups(model, 0.1, 10.0)
+    lam_group = [g for g in groups if g["lr_mult"] == 10.0]
+    assert len(lam_group) == 1 and lam_group[0]["weight_decay"] == 0.0
+    n_lam = sum(1 for m in model.modules() if getattr(m, "lam_is_learnable", False))
+    assert len(lam_group[0]["params"]) == n_lam > 0
+    assert sum(len(g["params"]) for g in groups) == len([q for q in model.parameters() if q.requires_grad])

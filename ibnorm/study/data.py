@@ -1,4 +1,4 @@
-"""Offline data for the study: scikit-learn's digits (images) and CPython's reference manual (bytes)."""
+"""Offline data for the study: scikit-learn's digits (images) and text as bytes (CPython's reference manual by default)."""
 
 from __future__ import annotations
 
@@ -39,27 +39,37 @@ class ByteSplits:
 
 
 def text_bytes(source: str = "builtin:pydoc") -> ByteSplits:
-    """Byte-level text.  ``builtin:pydoc``: train on the train split, validation and test are the
-    two halves of the eval split (documents never shared).  Any other source: ``ibnorm.data``'s
-    reader, split 90/5/5 by bytes."""
+    """Byte-level text split into train, validation and test, never sharing a document.
+
+    ``builtin:pydoc``: train on its train split; the eval split's documents alternate between validation
+    and test (so each spans the whole manual, not one section).  Any other source (``ibnorm.data``'s
+    reader): units are its documents when there are at least 40, else 4 KB blocks of the joined text;
+    of every 20 units, the 19th goes to validation, the 20th to test, the rest to training.
+    """
     from ..data import read_texts
 
     def encode(docs: list[str]) -> Tensor:
         return torch.frombuffer(bytearray("\n\n".join(docs).encode("utf-8")), dtype=torch.uint8).long()
 
     if source == "builtin:pydoc":
-        train, held = encode(read_texts("builtin:pydoc:train")), encode(read_texts("builtin:pydoc:eval"))
-        half = len(held) // 2
-        return ByteSplits(train, held[:half], held[half:])
-    allb = encode(read_texts(source))
-    a, b = int(0.9 * len(allb)), int(0.95 * len(allb))
-    return ByteSplits(allb[:a], allb[a:b], allb[b:])
+        held = read_texts("builtin:pydoc:eval")
+        return ByteSplits(encode(read_texts("builtin:pydoc:train")), encode(held[0::2]), encode(held[1::2]))
+    docs = read_texts(source)
+    if len(docs) < 40:
+        joined = "\n\n".join(docs)
+        docs = [joined[i:i + 4096] for i in range(0, len(joined), 4096)]
+    return ByteSplits(encode([d for i, d in enumerate(docs) if i % 20 < 18]), encode(docs[18::20]), encode(docs[19::20]))
 
 
-def eval_windows(ids: Tensor, seq_len: int, max_windows: int) -> Tensor:
-    """Non-overlapping windows of ``seq_len + 1`` bytes (inputs and next-byte targets)."""
-    n = min(max_windows, (len(ids) - 1) // seq_len)
-    return torch.stack([ids[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
+def eval_windows(ids: Tensor, seq_len: int, max_windows: int | None = None) -> Tensor:
+    """Non-overlapping windows of ``seq_len + 1`` bytes (inputs and next-byte targets) covering ``ids``;
+    when there are more than ``max_windows``, a fixed random sample of that many (the same for every run)."""
+    n = (len(ids) - 1) // seq_len
+    starts = torch.arange(n) * seq_len
+    if max_windows is not None and n > max_windows:
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))[:max_windows]
+        starts = starts[pick.sort().values]
+    return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
 
 
 def train_windows(ids: Tensor, seq_len: int, batch: int, g: torch.Generator) -> Tensor:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Callable
 
 from ..errors import IBNormError
 from .presets import Preset
-from .train import LOWER_IS_BETTER
+from .selection import Selection, dense_lrs, select, select_best  # noqa: F401  (select_best: public, re-exported)
 
 FIXED_LAMBDA = ("ibnorm-s", "ibnorm-l", "ibnorm-t", "ibnorm-s-learn", "ibnorm-l-learn", "ibnorm-t-learn")
 LAMBDA_CURVE_NORMALIZER = "ibnorm-t"
@@ -62,18 +63,60 @@ def write_run(out: Path, rec: dict) -> Path:
     return path
 
 
-def select_best(runs: list[dict]) -> dict | None:
-    """The seed-0 run with the best validation metric (diverged runs rank last)."""
-    if not runs:
-        return None
-    lower = runs[0]["metric"] in LOWER_IS_BETTER
+@dataclass
+class Tuning:
+    """The tuning-seed runs of one normalizer on one task and what they select (None until complete)."""
 
-    def key(r: dict) -> float:
-        if r["diverged"] or r["val"] is None:
-            return float("inf")
-        return r["val"] if lower else -r["val"]
+    grid: list[dict]  # configurations of the lr × wd grid (at the preset's λ)
+    grid_runs: list[dict | None]
+    extra: list[dict] = field(default_factory=list)  # the extra configurations at the grid's chosen wd
+    extra_runs: list[dict | None] = field(default_factory=list)
+    budget: int = 0  # configurations this normalizer is given (equal for every normalizer of a task)
+    chosen: Selection | None = None  # over grid and extra
+    per_lambda: dict[float, Selection] = field(default_factory=dict)  # the λ-curve normalizer: each λ's own lr
 
-    return min(runs, key=lambda r: (key(r), r["lr"], r["wd"]))
+    @property
+    def complete(self) -> bool:
+        return self.chosen is not None
+
+
+def extra_count(p: Preset, task: dict) -> int:
+    """Extra tuning configurations: the λ-curve normalizer's λ search (each further λ × every lr)."""
+    if LAMBDA_CURVE_NORMALIZER not in p.normalizers:
+        return 0
+    return len(lambda_points(p)[1:]) * len(task["lrs"])
+
+
+def lambda_points(p: Preset) -> list[float]:
+    """The preset's λ first, then the other λ-curve values."""
+    return [p.lam] + sorted(lam for lam in set(p.lam_curve) if lam != p.lam)
+
+
+def tuning(p: Preset, out: Path, task: dict, norm: str) -> Tuning:
+    seed = p.first_seed
+    grid = [make_config(p, task, norm, lr, wd, seed) for lr in task["lrs"] for wd in task["wds"]]
+    t = Tuning(grid, [load_run(out, c) for c in grid], budget=len(grid) + extra_count(p, task))
+    if any(r is None for r in t.grid_runs):
+        return t
+    wd = select(t.grid_runs).run["wd"]
+    if norm == LAMBDA_CURVE_NORMALIZER:
+        t.extra = [make_config(p, task, norm, lr, wd, seed, lam) for lam in lambda_points(p)[1:] for lr in task["lrs"]]
+    else:
+        t.extra = [make_config(p, task, norm, lr, wd, seed) for lr in dense_lrs(task["lrs"], extra_count(p, task))]
+    t.extra_runs = [load_run(out, c) for c in t.extra]
+    if any(r is None for r in t.extra_runs):
+        return t
+    runs = t.grid_runs + t.extra_runs
+    t.chosen = select(runs)
+    if norm == LAMBDA_CURVE_NORMALIZER:
+        t.per_lambda = {lam: select([r for r in runs if r["lam"] == lam]) for lam in lambda_points(p)}
+    return t
+
+
+def seed_configs(p: Preset, run: dict) -> list[dict]:
+    """The chosen run's configuration on every evaluation seed."""
+    c = run["config"]
+    return [make_config(p, c["task"], c["normalizer"], c["lr"], c["wd"], s, c["lam"]) for s in p.seed_numbers()]
 
 
 def plan(p: Preset, out: Path) -> tuple[list[dict], int]:
@@ -81,21 +124,20 @@ def plan(p: Preset, out: Path) -> tuple[list[dict], int]:
     todo: list[dict] = []
     done = 0
     for task in p.tasks:
-        grids = {}
-        for norm in p.normalizers:
-            grid = [make_config(p, task, norm, lr, wd, 0) for lr in task["lrs"] for wd in task["wds"]]
-            recs = [load_run(out, c) for c in grid]
-            done += sum(r is not None for r in recs)
-            todo += [c for c, r in zip(grid, recs) if r is None]
-            grids[norm] = select_best(recs) if all(r is not None for r in recs) else None
-        for norm, best in grids.items():
-            if best is None:
+        tunings = {norm: tuning(p, out, task, norm) for norm in p.normalizers}
+        for t in tunings.values():
+            for cfgs, recs in ((t.grid, t.grid_runs), (t.extra, t.extra_runs)):
+                done += sum(r is not None for r in recs)
+                todo += [c for c, r in zip(cfgs, recs) if r is None]
+        for t in tunings.values():
+            if not t.complete:
                 continue
-            cfgs = [make_config(p, task, norm, best["lr"], best["wd"], s) for s in range(1, p.seeds)]
-            if norm == LAMBDA_CURVE_NORMALIZER:
-                cfgs += [make_config(p, task, norm, best["lr"], best["wd"], s, lam)
-                         for lam in p.lam_curve if lam != p.lam for s in range(p.seeds)]
-            for c in cfgs:
+            tuned = {json.dumps(c, sort_keys=True) for c in t.grid + t.extra}
+            chosen = [t.chosen.run] + [s.run for s in t.per_lambda.values()]
+            cfgs = {json.dumps(c, sort_keys=True): c for run in chosen for c in seed_configs(p, run)}
+            for key, c in cfgs.items():
+                if key in tuned:
+                    continue  # the tuning seed's run, counted above
                 if load_run(out, c) is None:
                     todo.append(c)
                 else:

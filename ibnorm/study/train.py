@@ -23,11 +23,18 @@ def metric_of(task: dict) -> str:
     return "ppl" if task["kind"] == "lm" else "accuracy"
 
 
-def _param_groups(model: nn.Module, wd: float) -> list[dict]:
-    # the usual recipe: decay matrices and kernels only; norm γ/β/λ, DyT α and biases are not decayed
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}]
+def _param_groups(model: nn.Module, wd: float, lam_lr_mult: float = 1.0) -> list[dict]:
+    """The usual recipe: decay matrices and kernels only; norm γ/β, DyT α and biases are not decayed.
+
+    Learnable λ is its own group at ``lam_lr_mult`` × the base learning rate (presets.py says why).
+    """
+    lams = {id(m.lam) for m in model.modules() if isinstance(m, IBNormBase) and m.lam_is_learnable}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in lams]
+    rest = [p for p in params if p.dim() < 2 and id(p) not in lams]
+    groups = [{"params": decay, "weight_decay": wd, "lr_mult": 1.0}, {"params": rest, "weight_decay": 0.0, "lr_mult": 1.0}]
+    lam = [p for p in params if id(p) in lams]
+    return groups + ([{"params": lam, "weight_decay": 0.0, "lr_mult": lam_lr_mult}] if lam else [])
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -47,12 +54,15 @@ class _Task:
         if task["kind"] == "lm":
             splits = text_bytes(task.get("data", "builtin:pydoc"))
             self.train_ids = splits.train
-            n = task.get("eval_windows", 32)
-            self.val = eval_windows(splits.val, task["seq_len"], n)
-            self.test = eval_windows(splits.test, task["seq_len"], n)
+            n, seq = task.get("eval_windows"), task["seq_len"]
+            self.val, self.test = eval_windows(splits.val, seq, n), eval_windows(splits.test, seq, n)
+            # the curve (every eval_every steps) on a fixed sample of validation windows; the final
+            # validation and test evaluations on all of ``eval_windows``
+            self.curve = eval_windows(splits.val, seq, task.get("curve_windows", 64))
         else:
             s = digits()
             self.train_xy, self.val, self.test = s.train, s.val, s.test
+            self.curve = self.val
 
     def batch(self, size: int) -> tuple[Tensor, Tensor]:
         if self.task["kind"] == "lm":
@@ -68,18 +78,34 @@ class _Task:
         return F.cross_entropy(model(x).float(), y)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str) -> dict:
+    def per_example(self, model: nn.Module, data) -> tuple[Tensor, Tensor | None]:
+        """Loss per example (a window's mean token loss, an image's loss) and, for images, correctness."""
         model.eval()
-        data = self.val if split == "val" else self.test
         try:
             if self.task["kind"] == "lm":
-                nll = float(self.loss(model, data[:, :-1].to(self.device), data[:, 1:].to(self.device)))
-                return {"loss": nll, "ppl": math.exp(min(nll, 50.0))}
-            x, y = data[0].to(self.device), data[1].to(self.device)
-            logits = model(x).float()
-            return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(-1) == y).float().mean())}
+                out = []
+                for w in data.split(64):
+                    logits = model(input_ids=w[:, :-1].to(self.device)).logits.float()
+                    tok = F.cross_entropy(logits.transpose(1, 2), w[:, 1:].to(self.device), reduction="none")
+                    out.append(tok.mean(1).cpu())
+                return torch.cat(out).double(), None
+            logits = model(data[0].to(self.device)).float()
+            y = data[1].to(self.device)
+            return F.cross_entropy(logits, y, reduction="none").cpu().double(), (logits.argmax(-1) == y).cpu()
         finally:
             model.train()
+
+    def evaluate(self, model: nn.Module, split: str, examples: bool = False) -> dict:
+        """Mean loss and the task metric on ``split`` (val, test, or curve: the fixed validation sample);
+        ``examples``: also each example's loss (5 decimals) and, for images, correctness as a 0/1 string."""
+        losses, correct = self.per_example(model, {"val": self.val, "test": self.test, "curve": self.curve}[split])
+        nll = float(losses.mean())
+        out = {"loss": nll, "ppl": math.exp(min(nll, 50.0))} if correct is None else {"loss": nll, "accuracy": float(correct.double().mean())}
+        if examples:
+            out["examples"] = {"loss": [round(float(v), 5) for v in losses]}
+            if correct is not None:
+                out["examples"]["correct"] = "".join("1" if c else "0" for c in correct.tolist())
+        return out
 
 
 def _saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
@@ -113,7 +139,7 @@ def run_one(cfg: dict, device: str | None = None) -> dict:
     data = _Task(task, seed, dev)
     steps, warmup = task["steps"], max(1, int(task.get("warmup_frac", 0.1) * task["steps"]))
     betas = (0.9, 0.95) if task["kind"] == "lm" else (0.9, 0.999)
-    opt = torch.optim.AdamW(_param_groups(model, cfg["wd"]), lr=cfg["lr"], betas=betas)
+    opt = torch.optim.AdamW(_param_groups(model, cfg["wd"], task.get("lam_lr_mult", 1.0)), lr=cfg["lr"], betas=betas)
     losses, evals, train_s, act_bytes, diverged = [], [], 0.0, 0, False
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -121,7 +147,7 @@ def run_one(cfg: dict, device: str | None = None) -> dict:
         x, y = data.batch(task["batch_size"])
         x, y = x[rank::world], y[rank::world]  # each process takes its share of one global batch
         for group in opt.param_groups:
-            group["lr"] = cfg["lr"] * lr_factor(step, steps, warmup)
+            group["lr"] = cfg["lr"] * group["lr_mult"] * lr_factor(step, steps, warmup)
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on GPU, fp32 on CPU
             if step == 0:
@@ -141,15 +167,16 @@ def run_one(cfg: dict, device: str | None = None) -> dict:
         train_s += time.perf_counter() - t0 if step > 0 else 0.0  # step 0 includes one-off warm-up costs
         losses.append(float(loss.detach()))
         if (step + 1) % task["eval_every"] == 0 or step + 1 == steps:
-            evals.append({"step": step + 1, **data.evaluate(model, "val")})
+            evals.append({"step": step + 1, **data.evaluate(model, "curve")})
     metric = metric_of(task)
     final_val = data.evaluate(model, "val") if not diverged else None
-    final_test = data.evaluate(model, "test") if not diverged else None
+    final_test = data.evaluate(model, "test", examples=True) if not diverged else None
     return {
         "config": cfg, "task": task["name"], "normalizer": cfg["normalizer"], "lam": cfg["lam"], "lr": cfg["lr"],
         "wd": cfg["wd"], "seed": seed, "metric": metric, "diverged": diverged,
         "val": None if diverged else final_val[metric], "value": None if diverged else final_test[metric],
         "val_loss": None if diverged else final_val["loss"], "test_loss": None if diverged else final_test["loss"],
+        "test_examples": None if diverged else final_test.pop("examples"),
         "losses": losses, "evals": evals, "mean_lambda": _mean_lambda(model),
         "params": sum(p.numel() for p in model.parameters()),
         "s_per_step": train_s / max(1, len(losses) - 1), "activation_mib": act_bytes / 2**20,
