@@ -106,7 +106,8 @@ def mi(
     noise: float = typer.Option(0.5, help="σ of the noise added to T for I(X;T) (relative to unit-variance components)."),
     labels: int = typer.Option(31, help="Next-token classes kept for I(T;Y) (the rest pooled)."),
     estimator: str = typer.Option("ksg-bc", help="ksg-bc | ksg | renyi."),
-    reps: int = typer.Option(3, help="Half-samples for the error bars (0: none)."),
+    reps: int = typer.Option(8, help="Half-samples for the error bars (0: none); the bars state n."),
+    projection: str = typer.Option("shared", help="I(X;T): shared (T on X's principal axes) | own (each side on its own)."),
     plot: str = typer.Option("information_plane.png", "--plot", help="Where to write the information-plane PNG."),
     trajectory: Optional[str] = typer.Option(None, "--trajectory", help="Plot a metrics.jsonl of `finetune --mi-every` instead."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet."),
@@ -125,6 +126,8 @@ def mi(
 
         if estimator not in ESTIMATORS:
             raise IBNormError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if projection not in ("shared", "own"):
+            raise IBNormError(f"--projection must be shared or own, got {projection!r}")
         if dims < 1 or noise <= 0 or tokens < 100 or reps < 0 or labels < 1:
             raise IBNormError("--dims ≥ 1, --noise > 0, --tokens ≥ 100, --labels ≥ 1 and --reps ≥ 0 are required")
         quiet_libraries()
@@ -132,7 +135,7 @@ def mi(
         from ibnorm.charts import render
 
         opts = mi_mod.MIOptions(data=data, tokens=tokens, seq_len=seq_len, images=images, dims=dims, noise=noise, labels=labels,
-                                reps=reps, estimator=estimator, text_field=text_field)
+                                reps=reps, estimator=estimator, text_field=text_field, projection=projection)
         cache: dict = {}
         show = not json_out and err_console.is_terminal
         results = []
@@ -166,8 +169,8 @@ def _render_mi(results: list[dict], desc: dict) -> None:
             for k in ("I_XT", "I_TY"):
                 row.append("-" if lay is None else f"{lay[k]:.3f} ± {lay.get(k + '_err', 0.0):.3f}")
         rows.append(row)
-    console.print(table(f"information plane per norm layer, nats ({desc['estimator']}; X: {desc['X']}; T: {desc['T']}; "
-                        f"Y: {desc['Y']}; I(X;T) ≤ {desc['I_XT_bound']:.2f})", head, rows))
+    console.print(table(f"information plane per norm layer, nats ± error bar ({desc['error_bars']}; {desc['estimator']}; "
+                        f"X: {desc['X']}; T: {desc['T']}; Y: {desc['Y']}; I(X;T) ≤ {desc['I_XT_bound']:.2f})", head, rows))
 
 
 def _mi_trajectory(path: str, plot: str, json_out: bool) -> None:

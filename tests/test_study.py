@@ -241,3 +241,27 @@ def test_learnable_lambda_trains_at_its_own_learning_rate():
     n_lam = sum(1 for m in model.modules() if getattr(m, "lam_is_learnable", False))
     assert len(lam_group[0]["params"]) == n_lam > 0
     assert sum(len(g["params"]) for g in groups) == len([q for q in model.parameters() if q.requires_grad])
+
+
+def test_validation_and_test_alternate_documents_and_cover_their_halves():
+    from ibnorm.data import read_texts
+    from ibnorm.study.data import eval_windows, text_bytes
+
+    held = read_texts("builtin:pydoc:eval")
+    s = text_bytes("builtin:pydoc")
+    val, test = bytes(s.val.to(torch.uint8).tolist()).decode(), bytes(s.test.to(torch.uint8).tolist()).decode()
+    assert held[0] in val and held[1] in test and held[-2] in (val if len(held) % 2 == 0 else test)
+    assert held[1] not in val and held[0] not in test  # no document in both
+    w = eval_windows(s.test, 128)
+    assert len(w) == (len(s.test) - 1) // 128 and torch.equal(w[-1], s.test[(len(w) - 1) * 128:len(w) * 128 + 1])
+    sample = eval_windows(s.test, 128, 50)
+    assert len(sample) == 50 and torch.equal(sample, eval_windows(s.test, 128, 50))  # fixed, the same for every run
+    assert len({tuple(r.tolist()) for r in sample}) == 50
+
+
+def test_convergence_is_the_relative_fall_over_the_last_tenth():
+    from ibnorm.study.report import convergence
+
+    evals = [{"step": s, "loss": 2.0 - s / 1000} for s in range(50, 1001, 50)]
+    assert convergence({"evals": evals}) == pytest.approx((1.1 - 1.0) / 1.0)
+    assert convergence({"evals": evals, "diverged": True}) is None

@@ -85,7 +85,7 @@ PRESETS: dict[str, Preset] = {
         "(≈ CONFIRM_HOURS hours on 2 idle cores, estimated from measured per-step times)",
         [_cnn(500, widths=(16, 32), name="resnet-digits"), _cnn(500, widths=(32, 64), name="resnet-digits-w2"),
          _lm("llama-bytes", 1000, 128, 4, 4, 344, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT),
-         _lm("llama-bytes-w2", 1000, 256, 4, 4, 688, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT)],
+         _lm("llama-bytes-w64", 1000, 64, 4, 4, 172, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT)],
         seeds=10, first_seed=100, lam_curve=(0.3, 1.0), normalizers=("baseline", "ibnorm-t"), jobs=2),
 }
 
