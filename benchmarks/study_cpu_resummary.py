@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ibnorm.study import stats  # noqa: E402
+from ibnorm.study.report import convergence  # noqa: E402
 from ibnorm.study.selection import select  # noqa: E402
 
 NORMS = ("baseline", "ibnorm-s", "ibnorm-l", "ibnorm-t", "ibnorm-s-learn", "ibnorm-l-learn", "ibnorm-t-learn", "dyt")
@@ -71,7 +72,8 @@ def task_table(task: str, runs: dict, old: dict) -> dict:
                       "seed0_at_new_choice": compared(n.run),
                       "new_choice": {"lr": n.run["lr"], "wd": n.run["wd"], "val_loss": n.run["val_loss"],
                                      "lr_on_edge": n.on_edge, "seeds_run": sorted(new_seeds)},
-                      "grid_lrs": lrs, "old": old.get(norm)}
+                      "grid_lrs": lrs, "old": old.get(norm),
+                      "val_loss_fall_last10": float(sum(convergence(r) for r in old_seeds.values()) / len(old_seeds))}
     lower = runs[(task, "baseline")][0]["metric"] == "ppl"  # test loss for LLaMA: lower is better
     base0 = rows["baseline"]["seed0_at_new_choice"]
     for r in rows.values():
@@ -110,17 +112,17 @@ def markdown(res: dict) -> str:
              "(accuracy as a fraction; loss in nats). The seed-0 Δ at the validation-loss choice is one seed: no test.", ""]
     for task, rows in res["tasks"].items():
         lines += [f"## {task}", "", "| normalizer | old lr/wd → val-loss choice | old p | old verdict | Δ (old choice) | p | p Holm | "
-                  "new verdict | new choice on 3 seeds? | seed-0 Δ at new choice |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "new verdict | new choice on 3 seeds? | seed-0 Δ at new choice | val-loss fall, last 10% |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for norm, r in rows.items():
             if norm == "baseline":
                 lines.append(f"| baseline | {r['old_choice']['lr']:g}/{r['old_choice']['wd']:g} → {r['new_choice']['lr']:g}/"
-                             f"{r['new_choice']['wd']:g} | | reference | | | | | {len(r['new_choice']['seeds_run'])} seeds | |")
+                             f"{r['new_choice']['wd']:g} | | reference | | | | | {len(r['new_choice']['seeds_run'])} seeds | | {r['val_loss_fall_last10']:+.1%} |")
                 continue
             n, old = r.get("new_stats_old_choice", {}), r["old"] or {}
             nc = r.get("new_stats_new_choice")
             lines.append(f"| {norm} | {r['old_choice']['lr']:g}/{r['old_choice']['wd']:g} → {r['new_choice']['lr']:g}/{r['new_choice']['wd']:g} | "
                          f"{_g(old.get('p_value'))} | {old.get('verdict', '–')} | {_g(n.get('delta'))} | {_g(n.get('p'))} | {_g(n.get('p_holm'))} | "
-                         f"{n.get('verdict', '–')} | {'yes: ' + nc['verdict'] if nc else 'no (not run)'} | {_g(r['seed0_delta_at_new_choice'])} |")
+                         f"{n.get('verdict', '–')} | {'yes: ' + nc['verdict'] if nc else 'no (not run)'} | {_g(r['seed0_delta_at_new_choice'])} | {r['val_loss_fall_last10']:+.1%} |")
         lines.append("")
     for task, pts in res["lambda_curves"].items():
         lines += [f"### λ curve {task} (IBNorm-T, all λ at lr {pts[0]['lr']:g})", "", "| λ | Δ | old p | old verdict | p | p Holm | new verdict |",
