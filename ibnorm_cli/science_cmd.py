@@ -57,6 +57,10 @@ def study(
         if outp.exists() and not outp.is_dir():
             raise IBNormError(f"--out {out} exists and is not a directory")
         if not report_only:
+            from ibnorm.data import check_text_data
+
+            for source in sorted({t["data"] for t in p.tasks if t["kind"] == "lm"}):
+                check_text_data(source)  # before any run: e.g. confirm's builtin:english must exist
             outp.mkdir(parents=True, exist_ok=True)
             run_study(p, outp, None if json_out else _study_progress, jobs, shard_ij)
         elif not outp.is_dir():

@@ -131,7 +131,8 @@ def test_study_command_json(micro, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["--preset", "nope"], "unknown preset"), (["--preset", "micro", "--only", "xnorm"], "unknown normalizer"),
-                                           (["--preset", "micro", "--seeds", "0"], "--seeds"), (["--preset", "micro", "--shard", "3/2"], "--shard")])
+                                           (["--preset", "micro", "--seeds", "0"], "--seeds"), (["--preset", "micro", "--shard", "3/2"], "--shard"),
+                                           (["--preset", "smoke", "--data", "builtin:nope"], "unknown builtin data")])
 def test_study_command_errors(tmp_path, args, message):
     r = _cli("study", "--out", str(tmp_path / "e"), *args)
     assert r.exit_code == 2 and "error:" in r.output and message in r.output and "Traceback" not in r.output, r.output
