@@ -35,6 +35,7 @@ def study(
     shard: str = typer.Option("0/1", "--shard", help="I/N: this job takes every N-th run (job arrays)."),
     data: Optional[str] = typer.Option(None, "--data", help="Text for the language-model tasks (default: builtin:pydoc)."),
     report_only: bool = typer.Option(False, "--report-only", help="Only aggregate the runs already in OUT."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds: then running runs checkpoint and stop; rerun to resume."),
     json_out: bool = typer.Option(False, "--json", help="Print runs and summary as JSON."),
 ) -> None:
     """Train small models from scratch with each normalizer under one recipe; report mean ± std and paired tests."""
@@ -48,6 +49,8 @@ def study(
             raise IBNormError(f"unknown normalizer {bad[0]!r}; choose from {', '.join(NORMALIZERS)}")
         if seeds is not None and seeds < 1:
             raise IBNormError("--seeds must be at least 1")
+        if time_limit is not None and not time_limit > 0:
+            raise IBNormError("--time-limit must be a positive number of seconds")
         try:
             p = get_preset(preset, seeds, tuple(only or ()), data)
         except KeyError:
@@ -62,7 +65,9 @@ def study(
             for source in sorted({t["data"] for t in p.tasks if t["kind"] == "lm"}):
                 check_text_data(source)  # before any run: e.g. confirm's builtin:english must exist
             outp.mkdir(parents=True, exist_ok=True)
-            run_study(p, outp, None if json_out else _study_progress, jobs, shard_ij)
+            complete = run_study(p, outp, None if json_out else _study_progress, jobs, shard_ij, time_limit)
+            if not complete and not json_out:
+                err_console.print("time limit reached: unfinished runs saved checkpoints; run the same command again to resume")
         elif not outp.is_dir():
             raise IBNormError(f"study directory not found: {out}")
         command = "ibnorm study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
@@ -80,6 +85,9 @@ def _study_progress(event: dict) -> None:
         value = "diverged" if r["diverged"] else f"{r['metric']} {r['value']:.4g} (val {r['val']:.4g})"
         err_console.print(f"{r['task']:<14} {r['normalizer']:<15} λ={r['lam']:<5g} lr={r['lr']:<7g} wd={r['wd']:<5g} "
                           f"seed {r['seed']}: {value}  {r['s_per_step'] * 1000:.1f} ms/step", highlight=False)
+    elif event["event"] == "paused":
+        c = event["config"]
+        err_console.print(f"{c['task']['name']:<14} {c['normalizer']:<15} seed {c['seed']}: checkpointed at the time limit", highlight=False)
     elif event["event"] == "plan" and event["pending"]:
         err_console.print(f"[dim]{event['done']} runs finished, {event['pending']} to go now[/dim]", highlight=False)
 

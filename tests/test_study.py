@@ -74,6 +74,8 @@ def test_report_pairs_by_seed(micro):
     diff = [runs[("ibnorm-t", s)] - runs[("baseline", s)] for s in (0, 1)]
     assert rows["ibnorm-t"]["delta"] == pytest.approx(sum(diff) / 2)
     assert rows["ibnorm-t"]["p_holm"] is not None and rows["ibnorm-t"]["interval_kind"] == "bootstrap over seeds and documents"
+    lo, hi = rows["ibnorm-t"]["interval"]
+    assert -1.0 <= lo <= hi <= 1.0  # accuracy differences, as fractions
     # equal tuning budget, recorded per normalizer
     assert rows["baseline"]["budget"] == rows["ibnorm-t"]["budget"] == rows["baseline"]["tuned"] == 2
     # a one-point grid brackets nothing: the warning says so
@@ -266,3 +268,58 @@ def test_convergence_is_the_relative_fall_over_the_last_tenth():
     evals = [{"step": s, "loss": 2.0 - s / 1000} for s in range(50, 1001, 50)]
     assert convergence({"evals": evals}) == pytest.approx((1.1 - 1.0) / 1.0)
     assert convergence({"evals": evals, "diverged": True}) is None
+
+
+# --- mid-run checkpoints: a run stopped at a deadline and resumed equals the uninterrupted run ---
+
+
+def _stop_after(monkeypatch, calls: int) -> None:
+    import ibnorm.study.train as train
+
+    count = {"n": 0}
+
+    def past(deadline, world, dev):
+        count["n"] += 1
+        return deadline is not None and count["n"] > calls
+
+    monkeypatch.setattr(train, "_past", past)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "lm"])
+def test_a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(kind, tmp_path, monkeypatch):
+    import copy
+    import time
+
+    from ibnorm.study.presets import _lm
+    from ibnorm.study.runner import make_config
+    from ibnorm.study.train import run_one
+
+    p = get_preset("micro")
+    task = copy.deepcopy(p.tasks[0]) if kind == "cnn" else _lm("lm", 6, 16, 1, 2, 32, 16, 4, (3e-3,), (0.1,), eval_windows=8)
+    task.update(steps=6, eval_every=2, checkpoint_every=2)
+    cfg = make_config(p, task, "ibnorm-t-learn", 3e-3, 0.1, 1)  # learnable λ, BatchNorm buffers / tied embeddings
+    full = run_one(cfg)
+    ck = tmp_path / "ck"
+    _stop_after(monkeypatch, 3)  # the deadline "passes" before step 3
+    assert run_one(cfg, checkpoint=ck, deadline=time.time() + 1e6) is None
+    assert json.loads((ck / "progress.json").read_text())["step"] == 3
+    monkeypatch.undo()
+    resumed = run_one(cfg, checkpoint=ck)
+    assert resumed["losses"] == full["losses"] and resumed["evals"] == full["evals"]
+    assert resumed["value"] == full["value"] and resumed["test_examples"] == full["test_examples"]
+    assert resumed["mean_lambda"] == full["mean_lambda"] and not ck.exists()
+
+
+def test_a_time_limited_study_checkpoints_and_the_next_invocation_completes_it(micro, tmp_path, monkeypatch):
+    out = tmp_path / "g"
+    shutil.copytree(micro, out)
+    victim = out / "runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"
+    victim.unlink()
+    _stop_after(monkeypatch, 2)
+    events = []
+    assert run_study(get_preset("micro"), out, events.append, time_limit=1e6) is False
+    assert [e["event"] for e in events if e["event"] != "plan"] == ["paused"] and not victim.exists()
+    assert (out / "checkpoints/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1/progress.json").exists()
+    monkeypatch.undo()
+    assert run_study(get_preset("micro"), out) is True
+    assert json.loads(victim.read_text())["losses"] == _runs(micro)["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]["losses"]

@@ -62,7 +62,8 @@ def _compared(task: dict, run: dict) -> tuple[float | None, np.ndarray | None]:
     ex = run.get("test_examples")
     if task["kind"] == "lm":
         return run.get("test_loss"), None if not ex else np.asarray(ex["loss"], dtype=np.float64)
-    return run.get("value"), None if not ex else np.frombuffer(ex["correct"].encode(), dtype=np.uint8) - ord("0")
+    # correctness as float (uint8 differences would wrap around)
+    return run.get("value"), None if not ex else (np.frombuffer(ex["correct"].encode(), dtype=np.uint8) - ord("0")).astype(np.float64)
 
 
 def _comparison(task: dict, arms: dict[str, list[dict]], reference: str) -> dict[str, dict]:

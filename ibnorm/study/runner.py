@@ -145,8 +145,13 @@ def plan(p: Preset, out: Path) -> tuple[list[dict], int]:
     return todo, done
 
 
-def _execute(cfg: dict, out: str) -> str:
-    """Pool worker: one run in this process, single-threaded as configured."""
+def checkpoint_path(out: Path, cfg: dict) -> Path:
+    """Where a run's mid-run checkpoint lives (removed when the run finishes)."""
+    return out / "checkpoints" / run_path(out, cfg).relative_to(out / "runs").with_suffix("")
+
+
+def _execute(cfg: dict, out: str, deadline: float | None = None) -> str | None:
+    """Pool worker: one run in this process, single-threaded as configured; None when stopped at the deadline."""
     import torch
 
     from .train import run_one
@@ -154,12 +159,13 @@ def _execute(cfg: dict, out: str) -> str:
     before = torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     try:
-        return str(write_run(Path(out), run_one(cfg)))
+        rec = run_one(cfg, checkpoint=checkpoint_path(Path(out), cfg), deadline=deadline)
+        return None if rec is None else str(write_run(Path(out), rec))
     finally:
         torch.set_num_threads(before)  # the inline path runs in the caller's process
 
 
-def _launch(p: Preset, cfg: dict, out: Path) -> str:
+def _launch(p: Preset, cfg: dict, out: Path, deadline: float | None = None) -> str | None:
     """One run as its own torchrun / accelerate job (all local GPUs unless the preset says)."""
     import torch
 
@@ -173,26 +179,33 @@ def _launch(p: Preset, cfg: dict, out: Path) -> str:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "ibnorm.study.worker", cfg_path, str(out)]
+    cmd += [] if deadline is None else [repr(deadline)]
     try:
         subprocess.run(cmd, check=True)
     except subprocess.CalledProcessError as e:
         raise StudyError(f"launched run failed with exit code {e.returncode}: {' '.join(cmd)}") from None
     finally:
         os.unlink(cfg_path)
-    return str(run_path(out, cfg))
+    return str(run_path(out, cfg)) if run_path(out, cfg).exists() else None
 
 
 def run_study(p: Preset, out: Path, progress: Callable[[dict], None] | None = None, jobs: int | None = None,
-              shard: tuple[int, int] = (0, 1)) -> None:
-    """Run every pending run of ``p`` into ``out`` until nothing more can start.
+              shard: tuple[int, int] = (0, 1), time_limit: float | None = None) -> bool:
+    """Run every pending run of ``p`` into ``out`` until nothing more can start; True when complete.
 
     ``shard=(i, n)``: only runs whose position in a stable order is i mod n (job arrays); rerun
     the array after it finishes to reach the next phase (seeds follow the grid search).
+    ``time_limit`` (seconds): no run starts after it, and running ones save a mid-run checkpoint and stop
+    (the next invocation resumes them), so a fixed machine slot advances a long study.
     """
+    import time
+
+    deadline = None if time_limit is None else time.time() + time_limit
     jobs = jobs or p.jobs
     notify = progress or (lambda e: None)
     pending: dict[Future, dict] = {}
     started: set[str] = set()
+    paused = False
     ctx = get_context("spawn")  # fresh interpreters: no inherited thread pools or RNG state
     # one job runs in this process (no interpreter start-up); several in fresh spawned ones
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) if p.launcher is None and jobs > 1 else _Inline() as pool:
@@ -200,17 +213,20 @@ def run_study(p: Preset, out: Path, progress: Callable[[dict], None] | None = No
             todo, done = plan(p, out)
             todo = [c for c in todo if _in_shard(c, shard) and str(run_path(out, c)) not in started]
             notify({"event": "plan", "done": done, "pending": len(todo) + len(pending)})
-            while todo and len(pending) < jobs:
+            while todo and len(pending) < jobs and not (deadline and time.time() >= deadline):
                 cfg = todo.pop(0)
                 started.add(str(run_path(out, cfg)))
-                fut = pool.submit(_execute, cfg, str(out)) if p.launcher is None else pool.submit(_launch, p, cfg, out)
+                fut = pool.submit(_execute, cfg, str(out), deadline) if p.launcher is None else pool.submit(_launch, p, cfg, out, deadline)
                 pending[fut] = cfg
             if not pending:
-                return
+                return not todo and not paused
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 cfg = pending.pop(fut)
-                fut.result()  # re-raise a failed run here
+                if fut.result() is None:  # re-raises a failed run here; None: stopped at the deadline
+                    paused = True
+                    notify({"event": "paused", "config": cfg})
+                    continue
                 notify({"event": "run", "config": cfg, "record": load_run(out, cfg)})
 
 

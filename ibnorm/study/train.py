@@ -1,10 +1,12 @@
-"""One study run: build, train and evaluate a model.  A pure function of its configuration."""
+"""One study run: build, train and evaluate a model.  A pure function of its configuration (resumable
+from a mid-run checkpoint with the same result)."""
 
 from __future__ import annotations
 
 import math
 import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import IBNormBase, project_lambdas
+from . import checkpoint as ckpt
 from .data import digits, eval_windows, text_bytes, train_windows
 from .models import build_model
 from .normalizers import apply_normalizer
@@ -127,8 +130,12 @@ def _mean_lambda(model: nn.Module) -> float | None:
     return sum(lams) / len(lams) if lams else None
 
 
-def run_one(cfg: dict, device: str | None = None) -> dict:
-    """Train ``cfg['task']`` with ``cfg['normalizer']`` at (lr, wd, λ, seed); return the run record."""
+def run_one(cfg: dict, device: str | None = None, checkpoint: Path | None = None, deadline: float | None = None) -> dict | None:
+    """Train ``cfg['task']`` with ``cfg['normalizer']`` at (lr, wd, λ, seed); return the run record.
+
+    ``checkpoint``: a directory to resume from and to save to every ``task['checkpoint_every']`` steps;
+    ``deadline`` (``time.time()``): stop there, save the checkpoint and return None.
+    """
     task, seed = cfg["task"], cfg["seed"]
     dev = torch.device(device or cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
@@ -140,46 +147,81 @@ def run_one(cfg: dict, device: str | None = None) -> dict:
     steps, warmup = task["steps"], max(1, int(task.get("warmup_frac", 0.1) * task["steps"]))
     betas = (0.9, 0.95) if task["kind"] == "lm" else (0.9, 0.999)
     opt = torch.optim.AdamW(_param_groups(model, cfg["wd"], task.get("lam_lr_mult", 1.0)), lr=cfg["lr"], betas=betas)
-    losses, evals, train_s, act_bytes, diverged = [], [], 0.0, 0, False
+    prog = (checkpoint and ckpt.restore(checkpoint, cfg, model, opt, data.g)) or ckpt.Progress()
+    diverged, every, start = False, task.get("checkpoint_every", 0), prog.step
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for step in range(steps):
-        x, y = data.batch(task["batch_size"])
-        x, y = x[rank::world], y[rank::world]  # each process takes its share of one global batch
-        for group in opt.param_groups:
-            group["lr"] = cfg["lr"] * group["lr_mult"] * lr_factor(step, steps, warmup)
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on GPU, fp32 on CPU
-            if step == 0:
-                loss, act_bytes = _saved_bytes(lambda: data.loss(net, x, y))
-            else:
-                loss = data.loss(net, x, y)
-        if not torch.isfinite(loss):
+    for step in range(start, steps):
+        if checkpoint is not None:
+            stop = _past(deadline, world, dev)
+            if stop or (every and step % every == 0 and step != start):
+                if rank == 0:
+                    ckpt.save(checkpoint, cfg, model, opt, data.g, prog)
+                if stop:
+                    return None
+        if not _train_step(cfg, task, net, model, opt, data, step, steps, warmup, prog, (world, rank), dev):
             diverged = True
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), task.get("clip", 1.0))
-        opt.step()
-        project_lambdas(model)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        train_s += time.perf_counter() - t0 if step > 0 else 0.0  # step 0 includes one-off warm-up costs
-        losses.append(float(loss.detach()))
         if (step + 1) % task["eval_every"] == 0 or step + 1 == steps:
-            evals.append({"step": step + 1, **data.evaluate(model, "curve")})
-    metric = metric_of(task)
+            prog.evals.append({"step": step + 1, **data.evaluate(model, "curve")})
+    if checkpoint is not None and rank == 0:
+        ckpt.remove(checkpoint)
+    return _record(cfg, model, data, prog, diverged, dev, world)
+
+
+def _past(deadline: float | None, world: int, dev: torch.device) -> bool:
+    """Whether the deadline has passed — agreed by every process (they must stop at the same step)."""
+    if deadline is None:
+        return False
+    flag = torch.tensor([float(time.time() >= deadline)], device=dev if world > 1 else "cpu")
+    if world > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _train_step(cfg: dict, task: dict, net: nn.Module, model: nn.Module, opt, data: "_Task", step: int, steps: int,
+                warmup: int, prog: ckpt.Progress, dist: tuple[int, int], dev: torch.device) -> bool:
+    """One optimizer step; False when the loss is not finite (diverged)."""
+    world, rank = dist
+    x, y = data.batch(task["batch_size"])
+    x, y = x[rank::world], y[rank::world]  # each process takes its share of one global batch
+    for group in opt.param_groups:
+        group["lr"] = cfg["lr"] * group["lr_mult"] * lr_factor(step, steps, warmup)
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):  # bf16 on GPU, fp32 on CPU
+        if step == 0:
+            loss, prog.act_bytes = _saved_bytes(lambda: data.loss(net, x, y))
+        else:
+            loss = data.loss(net, x, y)
+    if not torch.isfinite(loss):
+        return False
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), task.get("clip", 1.0))
+    opt.step()
+    project_lambdas(model)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    prog.train_s += time.perf_counter() - t0 if step > 0 else 0.0  # step 0 includes one-off warm-up costs
+    prog.losses.append(float(loss.detach()))
+    prog.step = step + 1
+    return True
+
+
+def _record(cfg: dict, model: nn.Module, data: "_Task", prog: ckpt.Progress, diverged: bool, dev: torch.device,
+            world: int) -> dict:
+    task, metric = cfg["task"], metric_of(cfg["task"])
     final_val = data.evaluate(model, "val") if not diverged else None
     final_test = data.evaluate(model, "test", examples=True) if not diverged else None
     return {
         "config": cfg, "task": task["name"], "normalizer": cfg["normalizer"], "lam": cfg["lam"], "lr": cfg["lr"],
-        "wd": cfg["wd"], "seed": seed, "metric": metric, "diverged": diverged,
+        "wd": cfg["wd"], "seed": cfg["seed"], "metric": metric, "diverged": diverged,
         "val": None if diverged else final_val[metric], "value": None if diverged else final_test[metric],
         "val_loss": None if diverged else final_val["loss"], "test_loss": None if diverged else final_test["loss"],
         "test_examples": None if diverged else final_test.pop("examples"),
-        "losses": losses, "evals": evals, "mean_lambda": _mean_lambda(model),
+        "losses": prog.losses, "evals": prog.evals, "mean_lambda": _mean_lambda(model),
         "params": sum(p.numel() for p in model.parameters()),
-        "s_per_step": train_s / max(1, len(losses) - 1), "activation_mib": act_bytes / 2**20,
+        "s_per_step": prog.train_s / max(1, len(prog.losses) - 1), "activation_mib": prog.act_bytes / 2**20,
         "peak_mem_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         "device": str(dev), "processes": world, "threads": torch.get_num_threads(),
     }
