@@ -33,7 +33,8 @@ def study(
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per setting (default: the preset's)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Runs in parallel on this machine (default: the preset's)."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: this job takes every N-th run (job arrays)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Text for the language-model tasks (default: builtin:pydoc)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Text for the language-model tasks (default: the preset's)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="LM tasks: bytes | smollm2-135m | minilm-l6 | a tokenizer dir / .gguf."),
     report_only: bool = typer.Option(False, "--report-only", help="Only aggregate the runs already in OUT."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds: then running runs checkpoint and stop; rerun to resume."),
     json_out: bool = typer.Option(False, "--json", help="Print runs and summary as JSON."),
@@ -52,7 +53,7 @@ def study(
         if time_limit is not None and not time_limit > 0:
             raise IBNormError("--time-limit must be a positive number of seconds")
         try:
-            p = get_preset(preset, seeds, tuple(only or ()), data)
+            p = get_preset(preset, seeds, tuple(only or ()), data, tokenizer)
         except KeyError:
             raise IBNormError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}") from None
         shard_ij = _parse_shard(shard)
@@ -60,10 +61,7 @@ def study(
         if outp.exists() and not outp.is_dir():
             raise IBNormError(f"--out {out} exists and is not a directory")
         if not report_only:
-            from ibnorm.data import check_text_data
-
-            for source in sorted({t["data"] for t in p.tasks if t["kind"] == "lm"}):
-                check_text_data(source)  # before any run: e.g. confirm's builtin:english must exist
+            _check_lm_inputs(p)
             outp.mkdir(parents=True, exist_ok=True)
             complete = run_study(p, outp, None if json_out else _study_progress, jobs, shard_ij, time_limit)
             if not complete and not json_out:
@@ -77,6 +75,21 @@ def study(
         return
     _render_study(result)
     console.print(f"written {outp / 'results.md'}, results.json, {', '.join(result['charts'])}")
+
+
+def _check_lm_inputs(p) -> None:
+    """Before any run: the LM tasks' text exists (e.g. confirm's builtin:english) and their tokenizer loads."""
+    from ibnorm.data import check_text_data
+    from ibnorm.errors import IBNormError
+    from ibnorm.study.data import load_tokenizer
+
+    lm = [t for t in p.tasks if t["kind"] == "lm"]
+    if any(t["data"] is None for t in lm):
+        raise IBNormError(f"preset {p.name} needs --data: a local text corpus (docs/information.md, building a local corpus)")
+    for source in sorted({t["data"] for t in lm}):
+        check_text_data(source)
+    for name in sorted({t.get("tokenizer") for t in lm} - {None, "bytes"}):
+        load_tokenizer(name)
 
 
 def _study_progress(event: dict) -> None:

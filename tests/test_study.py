@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -323,3 +324,32 @@ def test_a_time_limited_study_checkpoints_and_the_next_invocation_completes_it(m
     monkeypatch.undo()
     assert run_study(get_preset("micro"), out) is True
     assert json.loads(victim.read_text())["losses"] == _runs(micro)["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]["losses"]
+
+
+def test_a_subword_tokenizer_sets_the_vocabulary_and_the_splits(tmp_path):
+    import copy
+
+    from models import tiny_lm_with_tokenizer
+
+    from ibnorm.study.data import load_tokenizer, split_documents, text_splits
+    from ibnorm.study.presets import _lm
+    from ibnorm.study.runner import make_config
+    from ibnorm.study.train import run_one
+
+    tok_dir = str(tiny_lm_with_tokenizer(tmp_path / "tok"))
+    tok = load_tokenizer(tok_dir)
+    s = text_splits("builtin:pydoc", tok_dir)
+    _, val_docs, _ = split_documents("builtin:pydoc")
+    first = tok(val_docs[0], add_special_tokens=False)["input_ids"]
+    assert s.val[: len(first)].tolist() == first and s.val[len(first)] == tok.eos_token_id  # documents end with EOS
+    task = _lm("lm", 3, 16, 1, 2, 32, 16, 4, (3e-3,), (0.1,), eval_windows=8, tokenizer=tok_dir)
+    rec = run_one(make_config(get_preset("micro"), copy.deepcopy(task), "baseline", 3e-3, 0.1, 0))
+    assert len(rec["losses"]) == 3 and rec["test_loss"] < 2 * math.log(len(tok))
+    assert rec["params"] == pytest.approx(len(tok) * 16 + sum(p for p in (16 * 16 * 4, 3 * 16 * 32, 16 * 3)), rel=0.01)
+
+
+def test_gpu_presets_need_data_and_a_loadable_tokenizer(tmp_path):
+    r = _cli("study", "--preset", "gpu-llama60m", "--out", str(tmp_path / "h"))
+    assert r.exit_code == 2 and "needs --data" in r.output and "Traceback" not in r.output, r.output
+    r = _cli("study", "--preset", "smoke", "--tokenizer", str(tmp_path / "nope"), "--out", str(tmp_path / "h"))
+    assert r.exit_code == 2 and "tokenizer not found" in r.output, r.output

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -32,14 +34,17 @@ def digits() -> ImageSplits:
 
 
 @dataclass
-class ByteSplits:
-    train: Tensor  # 1-D uint8 → long byte ids
+class TextSplits:
+    train: Tensor  # 1-D token ids (bytes: 0…255)
     val: Tensor
     test: Tensor
 
 
-def text_bytes(source: str = "builtin:pydoc") -> ByteSplits:
-    """Byte-level text split into train, validation and test, never sharing a document.
+ByteSplits = TextSplits  # the name before tokenizers
+
+
+def split_documents(source: str) -> tuple[list[str], list[str], list[str]]:
+    """Train, validation and test documents, never sharing one.
 
     ``builtin:pydoc``: train on its train split; the eval split's documents alternate between validation
     and test (so each spans the whole manual, not one section).  Any other source (``ibnorm.data``'s
@@ -48,17 +53,62 @@ def text_bytes(source: str = "builtin:pydoc") -> ByteSplits:
     """
     from ..data import read_texts
 
-    def encode(docs: list[str]) -> Tensor:
-        return torch.frombuffer(bytearray("\n\n".join(docs).encode("utf-8")), dtype=torch.uint8).long()
-
     if source == "builtin:pydoc":
         held = read_texts("builtin:pydoc:eval")
-        return ByteSplits(encode(read_texts("builtin:pydoc:train")), encode(held[0::2]), encode(held[1::2]))
+        return read_texts("builtin:pydoc:train"), held[0::2], held[1::2]
     docs = read_texts(source)
     if len(docs) < 40:
         joined = "\n\n".join(docs)
         docs = [joined[i:i + 4096] for i in range(0, len(joined), 4096)]
-    return ByteSplits(encode([d for i, d in enumerate(docs) if i % 20 < 18]), encode(docs[18::20]), encode(docs[19::20]))
+    return [d for i, d in enumerate(docs) if i % 20 < 18], docs[18::20], docs[19::20]
+
+
+def text_bytes(source: str = "builtin:pydoc") -> TextSplits:
+    """The splits of :func:`split_documents` as UTF-8 bytes (documents joined by a blank line)."""
+    def encode(docs: list[str]) -> Tensor:
+        return torch.frombuffer(bytearray("\n\n".join(docs).encode("utf-8")), dtype=torch.uint8).long()
+
+    return TextSplits(*(encode(d) for d in split_documents(source)))
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str):
+    """A subword tokenizer, offline: an installed short name (``smollm2-135m``: SmolLM2's 49,152-token BPE
+    from its GGUF; ``minilm-l6``: MiniLM's 30,522-token WordPiece), a local Hugging Face directory or a
+    ``.gguf`` file."""
+    import transformers
+
+    from ..data import DataError
+    from ..io.sources import resolve_short_name
+
+    path = Path(resolve_short_name(name))
+    if not path.exists():
+        raise DataError(f"tokenizer not found: {name} (an installed short name, a local directory or a .gguf file)")
+    try:
+        if path.suffix == ".gguf":
+            return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; the user gets one line
+        raise DataError(f"cannot load a tokenizer from {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def vocab_size(tokenizer: str | None) -> int:
+    return 256 if tokenizer in (None, "bytes") else len(load_tokenizer(tokenizer))
+
+
+@lru_cache(maxsize=2)
+def text_splits(source: str, tokenizer: str | None = None) -> TextSplits:
+    """Bytes (``tokenizer`` None or "bytes") or subword ids of every split; documents end with EOS."""
+    if tokenizer in (None, "bytes"):
+        return text_bytes(source)
+    tok = load_tokenizer(tokenizer)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
+    def encode(docs: list[str]) -> Tensor:
+        ids = tok(docs, add_special_tokens=False, verbose=False)["input_ids"] if docs else []
+        return torch.tensor([t for d in ids for t in (*d, *(() if eos is None else (eos,)))], dtype=torch.long)
+
+    return TextSplits(*(encode(d) for d in split_documents(source)))
 
 
 def eval_windows(ids: Tensor, seq_len: int, max_windows: int | None = None) -> Tensor:

@@ -104,5 +104,7 @@ def build_model(task: dict) -> nn.Module:
     if kind == "vit":
         return TinyViT(8, m["patch"], 1, 10, m["dim"], m["depth"], m["heads"], m["mlp"])
     if kind == "lm":
-        return tiny_llama(256, m["dim"], m["layers"], m["heads"], m["ffn"], task["seq_len"])
+        from .data import vocab_size
+
+        return tiny_llama(vocab_size(task.get("tokenizer")), m["dim"], m["layers"], m["heads"], m["ffn"], task["seq_len"])
     raise ValueError(f"unknown task kind {kind!r}")

@@ -54,12 +54,17 @@ def _vit(steps: int, dim=64, depth=4, lrs=DIGITS_LRS, wds=(0.01, 0.1), batch=64)
 
 
 def _lm(name: str, steps: int, dim: int, layers: int, heads: int, ffn: int, seq: int, batch: int, lrs, wds,
-        eval_windows: int | None = None, data: str = "builtin:pydoc", curve_windows: int = 64) -> dict:
+        eval_windows: int | None = None, data: str | None = "builtin:pydoc", curve_windows: int = 64,
+        tokenizer: str | None = None, checkpoint_every: int = 0) -> dict:
     """``eval_windows``: the final validation / test evaluation uses every window of each half, or a fixed
-    random sample of this many when a half has more; ``curve_windows``: a fixed sample for the curve."""
-    return {"name": name, "kind": "lm", "model": {"dim": dim, "layers": layers, "heads": heads, "ffn": ffn}, "seq_len": seq,
+    random sample of this many when a half has more; ``curve_windows``: a fixed sample for the curve;
+    ``tokenizer``: None for bytes, else a subword tokenizer (study.data.load_tokenizer); ``data`` None: the
+    preset needs ``--data``; ``checkpoint_every``: steps between mid-run checkpoints (0: only at a time limit)."""
+    task = {"name": name, "kind": "lm", "model": {"dim": dim, "layers": layers, "heads": heads, "ffn": ffn}, "seq_len": seq,
             "steps": steps, "batch_size": batch, "eval_every": max(1, steps // 20), "lrs": list(lrs), "wds": list(wds),
             "eval_windows": eval_windows, "curve_windows": curve_windows, "data": data, "lam_lr_mult": LAM_LR_MULT}
+    task.update({k: v for k, v in (("tokenizer", tokenizer), ("checkpoint_every", checkpoint_every)) if v})
+    return task
 
 
 # The confirm preset's text: English prose that is not pydoc alone.  ``builtin:english`` comes with
@@ -89,12 +94,16 @@ PRESETS: dict[str, Preset] = {
         seeds=10, first_seed=100, lam_curve=(0.3, 1.0), normalizers=("baseline", "ibnorm-t"), jobs=2),
 }
 
-# The paper's LLaMA scales (GaLore-style configs), byte-level vocabulary on the built-in text
-# unless --data names a larger corpus.  Each run is launched with torchrun over all local GPUs.
+# The paper's LLaMA scales (GaLore-style configs) with a subword vocabulary (SmolLM2's 49,152-token BPE,
+# offline from its GGUF), on a corpus given with --data (docs/information.md: building a local corpus);
+# each run launched with torchrun over all local GPUs, checkpointed every 500 steps (--time-limit resumes).
 for _name, (_dim, _layers, _heads, _ffn) in {"gpu-llama60m": (512, 8, 8, 1376), "gpu-llama130m": (768, 12, 12, 2048)}.items():
-    PRESETS[_name] = Preset(_name, f"LLaMA-{_name[9:]} shapes on text, 10k steps × 256 sequences × 256 tokens, torchrun per run",
-                            [_lm(_name[4:], 10_000, _dim, _layers, _heads, _ffn, 256, 256, LLAMA_LRS, (0.0, 0.1), 2048)],
-                            launcher="torchrun", nproc=0, device=None)
+    PRESETS[_name] = Preset(
+        _name, f"LLaMA-{_name[9:]} shapes, SmolLM2 tokenizer, 10k steps × 256 sequences × 256 tokens on --data; "
+        "baseline vs IBNorm-T (λ 0.3, 1; own lr each) and learnable λ, 3 seeds, torchrun per run, resumable",
+        [_lm(_name[4:], 10_000, _dim, _layers, _heads, _ffn, 256, 256, LLAMA_LRS, (0.0, 0.1), 2048, data=None,
+             tokenizer="smollm2-135m", checkpoint_every=500)],
+        lam_curve=(0.3, 1.0), normalizers=("baseline", "ibnorm-t", "ibnorm-t-learn"), launcher="torchrun", nproc=0, device=None)
 PRESETS["gpu-check"] = Preset("gpu-check", "a 5-minute GPU check of the launched path: LLaMA-60M shape, baseline vs IBNorm-T/DyT, "
                               "200 steps × 64 × 256 tokens, one seed",
                               [_lm("llama60m", 200, 512, 8, 8, 1376, 256, 64, (3e-3,), (0.1,), 256)], seeds=1, lam_curve=(),
@@ -104,7 +113,8 @@ PRESETS["gpu-vision"] = Preset("gpu-vision", "wider ResNet and ViT on digits, lo
                                launcher="torchrun", nproc=0, device=None)
 
 
-def get_preset(name: str, seeds: int | None = None, only: tuple[str, ...] = (), data: str | None = None) -> Preset:
+def get_preset(name: str, seeds: int | None = None, only: tuple[str, ...] = (), data: str | None = None,
+               tokenizer: str | None = None) -> Preset:
     if name not in PRESETS:
         raise KeyError(name)
     p = copy.deepcopy(PRESETS[name])
@@ -113,8 +123,9 @@ def get_preset(name: str, seeds: int | None = None, only: tuple[str, ...] = (), 
     if only:
         # the baseline stays: every comparison is paired against it
         p.normalizers = tuple(n for n in NORMALIZERS if n in only or n == "baseline")
-    if data is not None:
-        for t in p.tasks:
-            if t["kind"] == "lm":
-                t["data"] = data
+    for t in p.tasks:
+        if t["kind"] == "lm" and data is not None:
+            t["data"] = data
+        if t["kind"] == "lm" and tokenizer is not None:
+            t["tokenizer"] = tokenizer
     return p

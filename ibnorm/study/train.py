@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..layers import IBNormBase, project_lambdas
 from . import checkpoint as ckpt
-from .data import digits, eval_windows, text_bytes, train_windows
+from .data import digits, eval_windows, text_splits, train_windows
 from .models import build_model
 from .normalizers import apply_normalizer
 
@@ -55,7 +55,7 @@ class _Task:
         self.task, self.device = task, device
         self.g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
         if task["kind"] == "lm":
-            splits = text_bytes(task.get("data", "builtin:pydoc"))
+            splits = text_splits(task.get("data", "builtin:pydoc"), task.get("tokenizer"))
             self.train_ids = splits.train
             n, seq = task.get("eval_windows"), task["seq_len"]
             self.val, self.test = eval_windows(splits.val, seq, n), eval_windows(splits.test, seq, n)
