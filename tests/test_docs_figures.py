@@ -176,3 +176,18 @@ UNTRACED = ["5·10⁵", "1.4·10⁴", "13.554", "13.616", "12.6 to"]
 def test_figures_without_a_committed_file_are_not_quoted(figure):
     for doc in (FINDINGS, INFORMATION):
         assert figure not in _doc(doc), f"{doc} quotes {figure}, which no committed results file holds"
+
+
+def _gpu_cost(preset: str) -> dict:
+    return next(p for p in _json("benchmarks/results/study_gpu_cost.json")["presets"] if p["preset"] == preset)
+
+
+GPU_FIGURES = [
+    (INFORMATION, "35 runs, ≈ 35 GPU-hours on an H200", lambda: f"{_gpu_cost('gpu-llama60m')['runs']} runs, ≈ {_gpu_cost('gpu-llama60m')['gpu_hours']:.0f} GPU-hours on an H200"),
+    (INFORMATION, "35 runs, ≈ 84 GPU-hours", lambda: f"{_gpu_cost('gpu-llama130m')['runs']} runs, ≈ {_gpu_cost('gpu-llama130m')['gpu_hours']:.0f} GPU-hours"),
+]
+
+
+@pytest.mark.parametrize("doc, quoted, compute", GPU_FIGURES, ids=[q[:30] for _, q, _ in GPU_FIGURES])
+def test_the_gpu_cost_table_is_what_the_cost_file_says(doc, quoted, compute):
+    assert quoted in _doc(doc) and compute() == quoted

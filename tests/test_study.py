@@ -353,3 +353,26 @@ def test_gpu_presets_need_data_and_a_loadable_tokenizer(tmp_path):
     assert r.exit_code == 2 and "needs --data" in r.output and "Traceback" not in r.output, r.output
     r = _cli("study", "--preset", "smoke", "--tokenizer", str(tmp_path / "nope"), "--out", str(tmp_path / "h"))
     assert r.exit_code == 2 and "tokenizer not found" in r.output, r.output
+
+
+def test_subword_ids_of_a_corpus_on_disk_are_cached(tmp_path, monkeypatch):
+    from models import tiny_lm_with_tokenizer
+
+    import ibnorm.study.data as sd
+
+    monkeypatch.setenv("IBNORM_CACHE", str(tmp_path / "cache"))
+    tok_dir = str(tiny_lm_with_tokenizer(tmp_path / "tok"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(45):
+        (corpus / f"d{i:02d}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i + 1))
+    first = sd._tokenize(str(corpus), tok_dir)
+    got = sd.text_splits(str(corpus), tok_dir)
+    assert [len(list((tmp_path / "cache/study-tokens").glob("*.pt")))] == [1]
+    sd.text_splits.cache_clear()
+    monkeypatch.setattr(sd, "_tokenize", lambda *a: pytest.fail("tokenized again instead of reading the cache"))
+    again = sd.text_splits(str(corpus), tok_dir)
+    for a, b, c in zip((first.train, first.val, first.test), (got.train, got.val, got.test), (again.train, again.val, again.test)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert len(first.val) > 0 and len(first.test) > 0  # the 19th and 20th of every 20 documents
+    sd.text_splits.cache_clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -98,9 +100,38 @@ def vocab_size(tokenizer: str | None) -> int:
 
 @lru_cache(maxsize=2)
 def text_splits(source: str, tokenizer: str | None = None) -> TextSplits:
-    """Bytes (``tokenizer`` None or "bytes") or subword ids of every split; documents end with EOS."""
+    """Bytes (``tokenizer`` None or "bytes") or subword ids of every split; documents end with EOS.
+
+    Subword ids of a corpus on disk are cached (``$IBNORM_CACHE`` or ``~/.cache/ibnorm``, keyed by the
+    corpus's paths, sizes and times and the tokenizer), so each launched run does not re-tokenize gigabytes.
+    """
     if tokenizer in (None, "bytes"):
         return text_bytes(source)
+    cache = _token_cache(source, tokenizer)
+    if cache is not None and cache.exists():
+        return TextSplits(*(t.long() for t in torch.load(cache, weights_only=True)))
+    splits = _tokenize(source, tokenizer)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save([t.int() for t in (splits.train, splits.val, splits.test)], tmp)
+        os.replace(tmp, cache)
+    return splits
+
+
+def _token_cache(source: str, tokenizer: str) -> Path | None:
+    import hashlib
+
+    path = Path(source)
+    if not path.exists():
+        return None  # builtin text: small, tokenized in a moment
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = json.dumps([tokenizer, str(path.resolve()), [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    root = Path(os.environ.get("IBNORM_CACHE", Path.home() / ".cache" / "ibnorm"))
+    return root / "study-tokens" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt")
+
+
+def _tokenize(source: str, tokenizer: str) -> TextSplits:
     tok = load_tokenizer(tokenizer)
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
 
