@@ -376,3 +376,21 @@ def test_subword_ids_of_a_corpus_on_disk_are_cached(tmp_path, monkeypatch):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert len(first.val) > 0 and len(first.test) > 0  # the 19th and 20th of every 20 documents
     sd.text_splits.cache_clear()
+
+
+def test_a_trained_llama_records_its_information_plane(tmp_path):
+    import copy
+
+    from ibnorm.study.presets import _lm
+    from ibnorm.study.report import _describe
+    from ibnorm.study.runner import make_config
+    from ibnorm.study.train import run_one
+
+    task = _lm("lm", 3, 16, 2, 2, 32, 32, 4, (3e-3,), (0.1,), eval_windows=8, information=8)
+    rec = run_one(make_config(get_preset("micro"), copy.deepcopy(task), "ibnorm-t", 3e-3, 0.1, 0))
+    plane = rec["information"]
+    assert len(plane) == 2 * 2 + 1  # two norms per block and the final norm
+    bound = 4 / 2 * math.log(1 + 1 / 0.5 ** 2)
+    assert all(0 <= v["I_XT"] <= bound + 0.3 and 0 <= v["I_TY"] <= math.log(32) + 0.3 for v in plane.values())
+    d = _describe([rec])["information"]
+    assert d["seeds"] == 1 and d["I_TY_layer_mean"] == pytest.approx(sum(v["I_TY"] for v in plane.values()) / 5)

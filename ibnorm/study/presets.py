@@ -55,15 +55,18 @@ def _vit(steps: int, dim=64, depth=4, lrs=DIGITS_LRS, wds=(0.01, 0.1), batch=64)
 
 def _lm(name: str, steps: int, dim: int, layers: int, heads: int, ffn: int, seq: int, batch: int, lrs, wds,
         eval_windows: int | None = None, data: str | None = "builtin:pydoc", curve_windows: int = 64,
-        tokenizer: str | None = None, checkpoint_every: int = 0) -> dict:
+        tokenizer: str | None = None, checkpoint_every: int = 0, information: int = 0) -> dict:
     """``eval_windows``: the final validation / test evaluation uses every window of each half, or a fixed
     random sample of this many when a half has more; ``curve_windows``: a fixed sample for the curve;
     ``tokenizer``: None for bytes, else a subword tokenizer (study.data.load_tokenizer); ``data`` None: the
-    preset needs ``--data``; ``checkpoint_every``: steps between mid-run checkpoints (0: only at a time limit)."""
+    preset needs ``--data``; ``checkpoint_every``: steps between mid-run checkpoints (0: only at a time limit);
+    ``information``: record the trained model's information plane on this many validation windows (0: no)."""
     task = {"name": name, "kind": "lm", "model": {"dim": dim, "layers": layers, "heads": heads, "ffn": ffn}, "seq_len": seq,
             "steps": steps, "batch_size": batch, "eval_every": max(1, steps // 20), "lrs": list(lrs), "wds": list(wds),
             "eval_windows": eval_windows, "curve_windows": curve_windows, "data": data, "lam_lr_mult": LAM_LR_MULT}
     task.update({k: v for k, v in (("tokenizer", tokenizer), ("checkpoint_every", checkpoint_every)) if v})
+    if information:
+        task["information"] = {"windows": information}
     return task
 
 
@@ -86,11 +89,13 @@ PRESETS: dict[str, Preset] = {
     "confirm": Preset(
         "confirm", "the two conclusions re-tested: ResNet IBNorm-T vs BatchNorm and LLaMA IBNorm-T vs RMSNorm, "
         "at two widths each, 10 new seeds (100–109), LLaMA 1,000 steps on English text (builtin:english); "
-        "IBNorm-T's λ ∈ {0.3, 1} each with its own lr, the baseline the same budget in extra lrs "
+        "IBNorm-T's λ ∈ {0.3, 1} each with its own lr, the baseline the same budget in extra lrs; the trained LLaMAs' "
+        "information planes recorded "
         "(204 runs, ≈ 2.3 hours on 2 idle cores: benchmarks/study_estimate.py, benchmarks/results/study_confirm/estimate.json)",
         [_cnn(500, widths=(16, 32), name="resnet-digits"), _cnn(500, widths=(32, 64), name="resnet-digits-w2"),
-         _lm("llama-bytes", 1000, 128, 4, 4, 344, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT),
-         _lm("llama-bytes-w64", 1000, 64, 4, 4, 172, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT)],
+         _lm("llama-bytes", 1000, 128, 4, 4, 344, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT, information=16),
+         _lm("llama-bytes-w64", 1000, 64, 4, 4, 172, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT,
+             information=16)],
         seeds=10, first_seed=100, lam_curve=(0.3, 1.0), normalizers=("baseline", "ibnorm-t"), jobs=2),
 }
 

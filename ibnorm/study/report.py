@@ -91,7 +91,10 @@ def _describe(runs: list[dict]) -> dict:
     conv = [c for c in (convergence(r) for r in runs) if c is not None]
     mean, std = _stats(vals)
     conv_mean = _stats(conv)[0]
-    return {"mean": mean, "std": std, "n": len(vals), "diverged": sum(r["diverged"] for r in runs),
+    info = [r["information"] for r in runs if r.get("information")]
+    plane = None if not info else {"seeds": len(info), **{f"{k}_layer_mean": float(np.mean([np.mean([v[k] for v in i.values()]) for i in info]))
+                                                          for k in ("I_XT", "I_TY")}}
+    return {"mean": mean, "std": std, "n": len(vals), "diverged": sum(r["diverged"] for r in runs), "information": plane,
             "val_loss_mean": _stats([r["val_loss"] for r in runs if r.get("val_loss") is not None])[0],
             "test_loss_mean": _stats([r["test_loss"] for r in runs if r.get("test_loss") is not None])[0],
             "val_loss_fall_last10": conv_mean, "converged": None if conv_mean is None else conv_mean <= CONVERGED_RTOL}
@@ -226,6 +229,14 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
                          f"{pt['n']} | {_delta(pt, lm)} | {_fmt(pt.get('p'), 2)} | {_fmt(pt.get('p_holm'), 2)} | {pt.get('verdict', '–')} | "
                          f"{_fmt(pt['val_loss_mean'])} | {_conv(pt)} |")
         lines.append("")
+    planes = [r for r in result["summary"] if r.get("information")]
+    if planes:
+        lines += ["## Information plane of the trained models (descriptive: no test)", "",
+                  "Mean over norm layers and seeds of I(X;T) (T read along X's axes, noise σ 0.5) and I(T;Y), nats "
+                  "(ibnorm.mi.information_snapshot on a fixed validation batch; docs/information.md says what they can show).", "",
+                  "| task | normalizer | seeds | I(X;T) | I(T;Y) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['normalizer']} | {r['information']['seeds']} | {r['information']['I_XT_layer_mean']:.3f} | "
+                  f"{r['information']['I_TY_layer_mean']:.3f} |" for r in planes] + [""]
     if result["warnings"]:
         lines += ["## Warnings", ""] + [f"* {w}" for w in result["warnings"]] + [""]
     return "\n".join(lines)

@@ -224,7 +224,21 @@ def _record(cfg: dict, model: nn.Module, data: "_Task", prog: ckpt.Progress, div
         "s_per_step": prog.train_s / max(1, len(prog.losses) - 1), "activation_mib": prog.act_bytes / 2**20,
         "peak_mem_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         "device": str(dev), "processes": world, "threads": torch.get_num_threads(),
+        "information": None if diverged else _information(task, model, data),
     }
+
+
+def _information(task: dict, model: nn.Module, data: "_Task") -> dict | None:
+    """The trained model's information plane (``ibnorm.mi.information_snapshot``: I(X;T), I(T;Y) per norm
+    layer) on the first ``task['information']['windows']`` validation-sample windows; LLaMA tasks only."""
+    spec = task.get("information")
+    if not spec or task["kind"] != "lm":
+        return None
+    from ..mi import information_snapshot
+
+    ids = data.curve[: spec.get("windows", 16)].to(next(model.parameters()).device)
+    snap = information_snapshot(model, ids, dims=spec.get("dims", 4))
+    return {name: {k: round(float(v), 5) for k, v in vals.items()} for name, vals in snap.items()}
 
 
 def _dist_info() -> tuple[int, int]:
