@@ -34,6 +34,7 @@ def study(
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Runs in parallel on this machine (default: the preset's)."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: this job takes every N-th run (job arrays)."),
     data: Optional[str] = typer.Option(None, "--data", help="Text for the language-model tasks (default: the preset's)."),
+    image_data: Optional[str] = typer.Option(None, "--image-data", help="Images for the vision tasks: a folder with one subfolder per class (default: digits)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="LM tasks: bytes | smollm2-135m | minilm-l6 | a tokenizer dir / .gguf."),
     report_only: bool = typer.Option(False, "--report-only", help="Only aggregate the runs already in OUT."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds: then running runs checkpoint and stop; rerun to resume."),
@@ -53,7 +54,7 @@ def study(
         if time_limit is not None and not time_limit > 0:
             raise IBNormError("--time-limit must be a positive number of seconds")
         try:
-            p = get_preset(preset, seeds, tuple(only or ()), data, tokenizer)
+            p = get_preset(preset, seeds, tuple(only or ()), data, tokenizer, image_data)
         except KeyError:
             raise IBNormError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}") from None
         shard_ij = _parse_shard(shard)
@@ -90,6 +91,11 @@ def _check_lm_inputs(p) -> None:
         check_text_data(source)
     for name in sorted({t.get("tokenizer") for t in lm} - {None, "bytes"}):
         load_tokenizer(name)
+    from ibnorm.study.data import image_shape
+
+    for t in p.tasks:
+        if t["kind"] != "lm" and image_shape(t)[1] < 2:
+            raise IBNormError(f"{t['data']}: an image task needs one subdirectory per class (at least two)")
 
 
 def _study_progress(event: dict) -> None:

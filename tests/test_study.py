@@ -394,3 +394,27 @@ def test_a_trained_llama_records_its_information_plane(tmp_path):
     assert all(0 <= v["I_XT"] <= bound + 0.3 and 0 <= v["I_TY"] <= math.log(32) + 0.3 for v in plane.values())
     d = _describe([rec])["information"]
     assert d["seeds"] == 1 and d["I_TY_layer_mean"] == pytest.approx(sum(v["I_TY"] for v in plane.values()) / 5)
+
+
+def test_vision_tasks_train_on_an_image_folder(tmp_path):
+    import copy
+
+    from PIL import Image
+
+    from ibnorm.study.runner import make_config
+    from ibnorm.study.train import run_one
+
+    rng = torch.Generator().manual_seed(0)
+    for c, colour in enumerate(((220, 30, 30), (30, 220, 30), (30, 30, 220))):
+        (tmp_path / "img" / f"class{c}").mkdir(parents=True)
+        for i in range(20):
+            noise = torch.randint(0, 30, (12, 12, 3), generator=rng).numpy()
+            Image.fromarray((noise + torch.tensor(colour).numpy()).clip(0, 255).astype("uint8")).save(tmp_path / "img" / f"class{c}" / f"{i}.png")
+    p = get_preset("micro", image_data=str(tmp_path / "img"))
+    task = copy.deepcopy(p.tasks[0])
+    task["image_size"] = 8
+    rec = run_one(make_config(p, task, "ibnorm-t", 3e-3, 0.01, 0))
+    assert len(rec["test_examples"]["correct"]) == 12  # 20% of 60 images
+    assert rec["params"] == sum(q.numel() for q in TinyResNet(3, 3, (4, 8)).parameters())  # RGB in, three classes out
+    r = _cli("study", "--preset", "micro", "--image-data", str(tmp_path / "img" / "class0"), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "subdirectory per class" in r.output, r.output

@@ -35,6 +35,40 @@ def digits() -> ImageSplits:
     return ImageSplits((x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:]))
 
 
+DIGITS = "builtin:digits"
+
+
+@lru_cache(maxsize=2)
+def images(source: str = DIGITS, size: int = 8) -> ImageSplits:
+    """Labelled images: scikit-learn's digits (``builtin:digits``) or an image folder (one subdirectory per
+    class) resized to ``size``×``size`` RGB in [0, 1]; 60% train, 20% validation, 20% test (a fixed shuffle)."""
+    if source == DIGITS:
+        return digits()
+    import numpy as np
+
+    from ..data import DataError, image_folder, load_images
+
+    folder = image_folder(source)
+    if len(folder.classes) < 2:
+        raise DataError(f"{source}: an image task needs one subdirectory per class (at least two)")
+    x, y = load_images(folder, lambda im: torch.from_numpy(np.asarray(im.resize((size, size)), dtype=np.float32)).permute(2, 0, 1) / 255.0)
+    y = y.long()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    x, y = x[perm], y[perm]
+    a, b = int(0.6 * len(x)), int(0.8 * len(x))
+    return ImageSplits((x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:]))
+
+
+def image_shape(task: dict) -> tuple[int, int, int]:
+    """(channels, classes, side) of a vision task's images."""
+    source = task.get("data", DIGITS)
+    if source == DIGITS:
+        return 1, 10, 8
+    from ..data import image_folder
+
+    return 3, len(image_folder(source).classes), task.get("image_size", 32)
+
+
 @dataclass
 class TextSplits:
     train: Tensor  # 1-D token ids (bytes: 0…255)

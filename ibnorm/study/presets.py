@@ -119,7 +119,7 @@ PRESETS["gpu-vision"] = Preset("gpu-vision", "wider ResNet and ViT on digits, lo
 
 
 def get_preset(name: str, seeds: int | None = None, only: tuple[str, ...] = (), data: str | None = None,
-               tokenizer: str | None = None) -> Preset:
+               tokenizer: str | None = None, image_data: str | None = None) -> Preset:
     if name not in PRESETS:
         raise KeyError(name)
     p = copy.deepcopy(PRESETS[name])
@@ -133,4 +133,6 @@ def get_preset(name: str, seeds: int | None = None, only: tuple[str, ...] = (), 
             t["data"] = data
         if t["kind"] == "lm" and tokenizer is not None:
             t["tokenizer"] = tokenizer
+        if t["kind"] != "lm" and image_data is not None:
+            t["data"], t["image_size"] = image_data, t.get("image_size", 32)
     return p

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..layers import IBNormBase, project_lambdas
 from . import checkpoint as ckpt
-from .data import digits, eval_windows, text_splits, train_windows
+from .data import DIGITS, eval_windows, images, text_splits, train_windows
 from .models import build_model
 from .normalizers import apply_normalizer
 
@@ -63,7 +63,7 @@ class _Task:
             # validation and test evaluations on all of ``eval_windows``
             self.curve = eval_windows(splits.val, seq, task.get("curve_windows", 64))
         else:
-            s = digits()
+            s = images(task.get("data", DIGITS), task.get("image_size", 32))
             self.train_xy, self.val, self.test = s.train, s.val, s.test
             self.curve = self.val
 
