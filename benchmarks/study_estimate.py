@@ -6,8 +6,9 @@ The number of runs comes from the planner itself (a simulated study in a scratch
 equal tuning budget, the λ points and the seeds are counted as the study would run them); each run costs
 steps × s/step measured here (single-threaded, fp32 CPU), plus one final validation and test evaluation,
 measured too. Wall time = total single-core time / cores (one run per core). ``--calibrate RUN.json``
-times a committed run's configuration too and scales every time by (its recorded s/step) / (measured
-now), so a loaded machine can still estimate an idle one of the recording machine's speed. ``--data`` replaces the LLaMA
+times a committed run's configuration right before each measured row and scales that row by (its
+recorded s/step) / (measured now), so a machine whose load changes can still estimate an idle one of
+the recording machine's speed. ``--data`` replaces the LLaMA
 tasks' text for the measurement only (byte vocabularies: the step time does not depend on the text).
 Prints a table and writes JSON with ``--json PATH``.
 """
@@ -75,26 +76,28 @@ def main() -> None:
     a = ap.parse_args()
     p = get_preset(a.preset)
     runs = count_runs(p)
-    scale = 1.0
-    if a.calibrate:
-        ref = json.loads(Path(a.calibrate).read_text())
+    ref = json.loads(Path(a.calibrate).read_text()) if a.calibrate else None
+
+    def scale() -> float:
+        if ref is None:
+            return 1.0
         t = copy.deepcopy(ref["config"]["task"])
         t["steps"], t["eval_every"] = a.steps, 10 ** 9
         torch.set_num_threads(1)
-        scale = ref["s_per_step"] / run_one({**ref["config"], "task": t}, "cpu")["s_per_step"]
-        print(f"calibration: {a.calibrate} recorded {ref['s_per_step'] * 1000:.1f} ms/step; times scaled by {scale:.3f}")
+        return ref["s_per_step"] / run_one({**ref["config"], "task": t}, "cpu")["s_per_step"]
     rows, total = [], 0.0
     for task in p.tasks:
         for norm in p.normalizers:
-            s_step, s_fixed = (v * scale for v in time_steps(p, task, norm, a.steps, a.data))
+            k = scale()
+            s_step, s_fixed = (v * k for v in time_steps(p, task, norm, a.steps, a.data))
             n = runs[(task["name"], norm)]
             single = n * (task["steps"] * s_step + s_fixed)
             total += single
-            rows.append({"task": task["name"], "normalizer": norm, "runs": n, "steps": task["steps"], "s_per_step": s_step,
+            rows.append({"task": task["name"], "normalizer": norm, "runs": n, "steps": task["steps"], "s_per_step": s_step, "scale": k,
                          "s_fixed_per_run": s_fixed, "single_core_hours": single / 3600})
-            print(f"{task['name']:<16} {norm:<10} runs {n:>4}  {s_step * 1000:7.1f} ms/step  +{s_fixed:5.1f} s/run  "
+            print(f"{task['name']:<16} {norm:<10} runs {n:>4}  {s_step * 1000:7.1f} ms/step  +{s_fixed:5.1f} s/run  ×{k:.3f}  "
                   f"{single / 3600:6.2f} core-h", flush=True)
-    res = {"preset": p.name, "cores": a.cores, "measured_steps": a.steps, "calibration": a.calibrate, "scale": scale, "rows": rows, "runs": sum(runs.values()),
+    res = {"preset": p.name, "cores": a.cores, "measured_steps": a.steps, "calibration": a.calibrate, "rows": rows, "runs": sum(runs.values()),
            "single_core_hours": total / 3600, "wall_hours": total / 3600 / a.cores}
     print(f"{p.name}: {res['runs']} runs, {res['single_core_hours']:.1f} single-core hours, "
           f"≈ {res['wall_hours']:.1f} h wall on {a.cores} idle cores")

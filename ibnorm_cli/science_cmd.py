@@ -116,7 +116,8 @@ def _render_study(result: dict) -> None:
     for r in result["summary"]:
         iv = r.get("interval")
         diff = "" if r.get("delta") is None else f"{r['delta']:+.3g}" + ("" if iv is None else f" [{iv[0]:+.2g}, {iv[1]:+.2g}]")
-        rows.append((r["task"], r["normalizer"], f"{r['mean']:.4g} ± {r['std']:.2g}", r["n"], f"{r['lr']:g}/{r['wd']:g}",
+        value = "diverged" if r["mean"] is None else f"{r['mean']:.4g} ± {r['std']:.2g}"
+        rows.append((r["task"], r["normalizer"], value, r["n"], f"{r['lr']:g}/{r['wd']:g}",
                      diff, r.get("p_holm"), r.get("verdict", "reference")))
     console.print(table("study: test metric at each normalizer's selected lr/wd (mean ± std over seeds); Δ: test loss "
                         "(LLaMA) or accuracy vs the baseline, paired, Holm-corrected p",

@@ -225,7 +225,7 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
                   "| λ | lr | test mean ± std | n | Δ vs baseline [95% interval] | p | p Holm | verdict | val loss | val-loss fall |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for pt in c["points"]:
-            lines.append(f"| {pt['lam']:g} | {pt['lr']:g}{' (edge)' if pt['lr_on_edge'] else ''} | {pt['mean']:.4g} ± {_fmt(pt['std'], 2)} | "
+            lines.append(f"| {pt['lam']:g} | {pt['lr']:g}{' (edge)' if pt['lr_on_edge'] else ''} | {_fmt(pt['mean'])} ± {_fmt(pt['std'], 2)} | "
                          f"{pt['n']} | {_delta(pt, lm)} | {_fmt(pt.get('p'), 2)} | {_fmt(pt.get('p_holm'), 2)} | {pt.get('verdict', '–')} | "
                          f"{_fmt(pt['val_loss_mean'])} | {_conv(pt)} |")
         lines.append("")
@@ -280,7 +280,9 @@ def _lambda_chart(out: Path, task: dict, result: dict) -> list[str]:
     curve = next((c for c in result["lambda_curve"] if c["task"] == task["name"]), None)
     if not curve:
         return []
-    pts = curve["points"]
+    pts = [q for q in curve["points"] if q["mean"] is not None]
+    if not pts:
+        return []
     s = Series(f"{curve['normalizer']} (test, own lr per λ)", [q["lam"] for q in pts], [q["mean"] for q in pts],
                [q["mean"] - (q["std"] or 0.0) for q in pts], [q["mean"] + (q["std"] or 0.0) for q in pts])
     base = next((r for r in result["summary"] if r["task"] == task["name"] and r["normalizer"] == "baseline"), None)

@@ -1,5 +1,10 @@
 """Plan, run and resume a study.  Each run is one JSON file under ``OUT/runs``; a finished run is
-never repeated, so an interrupted study resumes and directories from several machines merge."""
+never repeated, so an interrupted study resumes and directories from several machines merge.
+
+Phases per task and normalizer (selection.py says how a configuration is chosen): the lr × wd grid on the
+tuning seed; then, at the grid's chosen wd, the extra configurations of the equal budget (IBNorm-T: its
+other λ values × every lr; the others: extra learning rates); then the choice — and each λ point at its own
+lr — on every seed.  A run interrupted by ``time_limit`` resumes from its mid-run checkpoint."""
 
 from __future__ import annotations
 
