@@ -91,7 +91,7 @@ PRESETS: dict[str, Preset] = {
         "at two widths each, 10 new seeds (100–109), LLaMA 1,000 steps on English text (builtin:english); "
         "IBNorm-T's λ ∈ {0.3, 1} each with its own lr, the baseline the same budget in extra lrs; the trained LLaMAs' "
         "information planes recorded "
-        "(204 runs, ≈ 2.3 hours on 2 idle cores: benchmarks/study_estimate.py, benchmarks/results/study_confirm/estimate.json)",
+        "(204 runs, ≈ 2–3 hours on 2 idle cores: benchmarks/study_estimate.py, benchmarks/results/study_confirm/estimate.json)",
         [_cnn(500, widths=(16, 32), name="resnet-digits"), _cnn(500, widths=(32, 64), name="resnet-digits-w2"),
          _lm("llama-bytes", 1000, 128, 4, 4, 344, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT, information=16),
          _lm("llama-bytes-w64", 1000, 64, 4, 4, 172, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT,
