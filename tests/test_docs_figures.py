@@ -104,6 +104,18 @@ def _gpu(norm: str, key: str) -> float:
     return next(r for r in _json("benchmarks/results/gpu_check/results.json")["summary"] if r["normalizer"] == norm)[key]
 
 
+def _planned_runs(preset: str) -> int:
+    """Runs the planner schedules for a preset (a simulated study, benchmarks/study_estimate.py)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from study_estimate import count_runs
+
+    from ibnorm.study import get_preset
+
+    return sum(count_runs(get_preset(preset)).values())
+
+
 def _estimate() -> dict:
     return _json("benchmarks/results/study_confirm/estimate.json")
 
@@ -141,6 +153,7 @@ FIGURES = [
         next(r["runs"] for r in _estimate()["rows"] if r["task"] == "llama-bytes" and r["normalizer"] == "ibnorm-t"),
         next(r["runs"] for r in _estimate()["rows"] if r["task"] == "llama-bytes" and r["normalizer"] == "ibnorm-t") * 1000 * _row("llama-bytes", "ibnorm-t")["s_per_step"] / 3600)),
     (INFORMATION, "204 runs, ≈ 1.8 h on 2 idle cores", lambda: f"{_estimate()['runs']} runs, ≈ {_estimate()['wall_hours']:.1f} h on 2 idle cores"),
+    (INFORMATION, "| 696 runs under the corrected protocol", lambda: f"| {_planned_runs('cpu')} runs under the corrected protocol"),
     (INFORMATION, "212 runs took 137 single-core minutes", lambda: "{} runs took {:.0f} single-core minutes".format(
         len(glob.glob(str(ROOT / STUDY / "runs/*/*/*.json"))),
         sum(json.loads(Path(f).read_text())["s_per_step"] * len(json.loads(Path(f).read_text())["losses"]) for f in glob.glob(str(ROOT / STUDY / "runs/*/*/*.json"))) / 60)),
