@@ -1,4 +1,4 @@
-"""Entry point of one launched run: ``torchrun … -m ibnorm.study.worker CONFIG.json OUT``."""
+"""Entry point of one launched run: ``torchrun … -m ibnorm.study.worker CONFIG.json OUT [DEADLINE]``."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     import torch
 
-    from .runner import write_run
+    from .runner import checkpoint_path, write_run
     from .train import init_distributed, run_one
 
     cfg = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(cfg["threads"])
     init_distributed()
-    rec = run_one(cfg)
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        write_run(Path(argv[1]), rec)
+    out = Path(argv[1])
+    rec = run_one(cfg, checkpoint=checkpoint_path(out, cfg), deadline=float(argv[2]) if len(argv) > 2 else None)
+    if rec is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        write_run(out, rec)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
