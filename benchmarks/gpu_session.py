@@ -166,6 +166,7 @@ def junit_counts(path: Path) -> dict:
 
 def step_bandwidth(rec: Record, args) -> None:
     import torch
+    import torch._functorch.config
 
     sys.path.insert(0, str(HERE))
     import bench_kernels_gpu as bk  # IBNORM_BENCH_SMOKE=1 (set by --tiny) makes its shapes tiny, on CPU
@@ -185,7 +186,7 @@ def step_bandwidth(rec: Record, args) -> None:
     for centered in (False, True):
         for m, h in bk.SHAPES:
             torch._dynamo.reset()  # one compiled torch norm per shape and variant, shared by both λ rows
-            compiled = torch.compile(bk.torch_norm(centered, 1e-5), dynamic=False)
+            compiled = torch.compile(bk.torch_norm(centered, 1e-5), dynamic=False, backend="eager" if args.tiny else "inductor")
             for learnable in (False, True):
                 case = bk.Case(m, h, dtype, centered, learnable)
                 variant, lam_kind = "layer" if centered else "rms", "per-channel, learnable" if learnable else "scalar, fixed"
@@ -386,8 +387,8 @@ def finetune_run(path: str, out: Path, kernel: str, args) -> dict:
     os.environ["IBNORM_KERNEL"] = kernel
     steps = 3 if args.tiny else FINETUNE_STEPS
     opts = ft.FinetuneOptions(data="builtin:pydoc:train", eval_data="builtin:pydoc:eval", steps=steps, out=str(out),
-                              eval_every=0, eval_blocks=2 if args.tiny else 16, warmup=min(5, steps), lr=1e-3,
-                              batch_size=2 if args.tiny else 8, seq_len=32 if args.tiny else 256, compare_source=False,
+                              eval_every=0, eval_blocks=1 if args.tiny else 16, warmup=min(5, steps), lr=1e-3,
+                              batch_size=1 if args.tiny else 8, seq_len=16 if args.tiny else 256, compare_source=False,
                               force=True)
     stamps = []
     result = ft.finetune(path, opts, lambda e: stamps.append(time.perf_counter()) if e["event"] == "step" else None)
@@ -433,16 +434,26 @@ STEP_FUNCTIONS = {"kernel_tests": step_kernel_tests, "bandwidth": step_bandwidth
                   "convert": step_convert, "finetune": step_finetune}
 
 
-def run_child(args) -> None:
-    rec = Record(Path(args.work) / f"{args.child}.json")
+def run_child(name: str, args, log_path: str) -> None:
+    """One step in a forked process of its own group (killed whole at its cap), output to the log."""
+    os.setsid()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    args.cap = _cap_of(name, args)
+    rec = Record(Path(args.work) / f"{name}.json")
+    code = 0
     try:
-        STEP_FUNCTIONS[args.child](rec, args)
+        STEP_FUNCTIONS[name](rec, args)
     except BaseException as e:  # recorded, then the parent runs the next step
         import traceback
 
         traceback.print_exc()
         rec.finish("failed", f"{type(e).__name__}: {e}"[:500])
-        raise SystemExit(1)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,47 +477,74 @@ def environment() -> dict:
             "device": versions[3], "nvidia_smi": sh(["nvidia-smi"])}
 
 
+def _cap_of(name: str, args) -> float:
+    return min(CAPS_S[name] * (2 if args.tiny else 1), args.deadline - time.time())
+
+
+def preload(tiny: bool) -> None:
+    """Import once what every step needs; forked steps inherit it (CUDA is not touched here)."""
+    if tiny:  # read at import by the kernels and the benchmark module
+        os.environ.update(TRITON_INTERPRET="1", IBNORM_BENCH_SMOKE="1")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    sys.path.insert(0, str(ROOT))
+    import torch  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import ibnorm  # noqa: F401
+    import ibnorm.finetune  # noqa: F401
+    from ibnorm.kernels.dispatch import triton_ops
+
+    triton_ops()
+
+
+def run_step(name: str, args, log_path: str) -> dict:
+    import multiprocessing
+    import signal
+
+    cap = _cap_of(name, args)
+    if cap < 10:
+        return {"status": "not run", "reason": "the session's time budget was spent", "seconds": 0.0}
+    with open(log_path, "a") as log:
+        log.write(f"\n== {name} (cap {cap:.0f} s)\n")
+    print(f"== {name} (cap {cap:.0f} s)", flush=True)
+    t0 = time.time()
+    child = multiprocessing.get_context("fork").Process(target=run_child, args=(name, args, log_path))
+    child.start()
+    child.join(cap)
+    rc = child.exitcode
+    if rc is None:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # the step's own process group: pytest, compile workers
+        except ProcessLookupError:
+            pass
+        child.join()
+    status = read_step(Path(args.work) / f"{name}.json", rc)
+    status["seconds"] = round(time.time() - t0, 1)
+    return status
+
+
 def run_session(args) -> dict:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    deadline = time.time() + args.budget_s
-    log = open(out / "session_log.txt", "a")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
-    if args.tiny:
-        env.update(TRITON_INTERPRET="1", IBNORM_BENCH_SMOKE="1")
+    args.deadline = time.time() + args.budget_s
     summary = {"tiny": args.tiny, "environment": environment(), "steps": {}, "targets": [], "figures": []}
+    preload(args.tiny)
+    log_path = str(out / "session_log.txt")
     for name in args.steps:
-        left = deadline - time.time()
-        cap = int(min(CAPS_S[name] * (1 if not args.tiny else 2), left))
-        status = {"status": "not run", "reason": "the session's time budget was spent", "seconds": 0.0}
-        if cap >= 10:
-            print(f"== {name} (cap {cap} s)", flush=True)
-            log.write(f"\n== {name} (cap {cap} s)\n")
-            log.flush()
-            cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--out", str(out), "--cap", str(cap)]
-            cmd += ["--tiny"] if args.tiny else []
-            cmd += ["--smollm2", args.smollm2] if args.smollm2 else []
-            t0 = time.time()
-            try:
-                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=cap).returncode
-            except subprocess.TimeoutExpired:
-                rc = None
-            status = read_step(work / f"{name}.json", rc)
-            status["seconds"] = round(time.time() - t0, 1)
+        status = run_step(name, args, log_path)
         summary["steps"][name] = status
         summary["targets"] += status.pop("targets", [])
         summary["figures"] += status.pop("figures", [])
         print(f"   {name}: {status['status']} {status.get('reason', '')} ({status['seconds']} s)", flush=True)
         write_summary(out, summary)
-    log.close()
     return summary
 
 
 def read_step(path: Path, rc) -> dict:
     data = json.loads(path.read_text()) if path.exists() else {"targets": [], "figures": [], "tables": {}, "notes": []}
-    if rc is None:
-        data["status"], data["reason"] = "timeout", "stopped at its time cap (what it had recorded is kept)"
+    if rc is None or rc < 0:
+        data["status"], data["reason"] = "timeout" if rc is None else f"killed by signal {-rc}", "stopped at its time cap (what it had recorded is kept)"
     elif data.get("status") in (None, "running"):
         data["status"], data["reason"] = "failed", f"exited {rc} without finishing"
     return data
@@ -543,13 +581,11 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ", ".join(STEPS))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (kernels under TRITON_INTERPRET=1)")
     ap.add_argument("--smollm2", default=None, help="SmolLM2 GGUF file or directory (default: the smollm2-135m short name)")
-    ap.add_argument("--child", default=None, choices=STEPS, help=argparse.SUPPRESS)
-    ap.add_argument("--cap", type=float, default=60.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.work = args.work or str(Path(args.out).resolve().parent / (Path(args.out).name + "_work"))
-    if args.child:
-        run_child(args)
-        return
+    if args.work is None:
+        import tempfile
+
+        args.work = tempfile.mkdtemp(prefix="gpu_session_")
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in args.steps if s not in STEPS]
     if unknown:
