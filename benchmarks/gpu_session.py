@@ -184,7 +184,7 @@ def step_bandwidth(rec: Record, args) -> None:
     rows = []
     op, dtype = "tanh", torch.bfloat16
     for centered in (False, True):
-        for m, h in bk.SHAPES:
+        for m, h in bk.SHAPES[:1] if args.tiny else bk.SHAPES:
             torch._dynamo.reset()  # one compiled torch norm per shape and variant, shared by both λ rows
             compiled = torch.compile(bk.torch_norm(centered, 1e-5), dynamic=False, backend="eager" if args.tiny else "inductor")
             for learnable in (False, True):
@@ -339,6 +339,20 @@ def smollm2_source(args) -> tuple[str | None, str]:
     return str(path), ""
 
 
+def text_data(args) -> tuple[str, str]:
+    """(training/calibration, held-out) text: the built-in pydoc splits; --tiny: 8 kB of each."""
+    if not args.tiny:
+        return "builtin:pydoc:train", "builtin:pydoc:eval"
+    from ibnorm.data import read_texts
+
+    paths = []
+    for split in ("train", "eval"):
+        path = Path(args.work) / f"tiny-{split}.txt"
+        path.write_text("\n\n".join(read_texts(f"builtin:pydoc:{split}"))[:8000])
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
 def step_convert(rec: Record, args) -> None:
     import torch
 
@@ -349,8 +363,9 @@ def step_convert(rec: Record, args) -> None:
     out = Path(args.work) / "converted"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     samples, seq, tokens = ("4", "32", "256") if args.tiny else ("32", "256", "4096")
-    cmd = [sys.executable, "-m", "ibnorm_cli", "convert", source, "--out", str(out), "--calib", "builtin:pydoc:train",
-           "--calib-samples", samples, "--seq-len", seq, "--eval", "builtin:pydoc:eval", "--eval-tokens", tokens,
+    calib, held_out = text_data(args)
+    cmd = [sys.executable, "-m", "ibnorm_cli", "convert", source, "--out", str(out), "--calib", calib,
+           "--calib-samples", samples, "--seq-len", seq, "--eval", held_out, "--eval-tokens", tokens,
            "--device", device, "--json", "--force"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.cap - 5)
@@ -372,7 +387,8 @@ def step_convert(rec: Record, args) -> None:
             rel = abs(ev[key] / CPU_PERPLEXITY[key] - 1)
             rec.target(f"convert.perplexity.{key}.relative_difference_from_cpu", round(rel, 5), "relative", "<=", PERPLEXITY_TOLERANCE)
         rows.append(["CPU record (README)", f"{CPU_PERPLEXITY['source']} → {CPU_PERPLEXITY['converted']}"])
-    rec.table(f"Calibrated conversion on {device} (" + " ".join(cmd[3:]) + ")", ["", ""], rows)
+    rec.table(f"Calibrated conversion on {device}", ["", ""], rows)
+    rec.note("ibnorm " + " ".join(cmd[3:]))
     rec.finish("ok")
 
 
@@ -386,7 +402,8 @@ def finetune_run(path: str, out: Path, kernel: str, args) -> dict:
 
     os.environ["IBNORM_KERNEL"] = kernel
     steps = 3 if args.tiny else FINETUNE_STEPS
-    opts = ft.FinetuneOptions(data="builtin:pydoc:train", eval_data="builtin:pydoc:eval", steps=steps, out=str(out),
+    train, held_out = text_data(args)
+    opts = ft.FinetuneOptions(data=train, eval_data=held_out, steps=steps, out=str(out),
                               eval_every=0, eval_blocks=1 if args.tiny else 16, warmup=min(5, steps), lr=1e-3,
                               batch_size=1 if args.tiny else 8, seq_len=16 if args.tiny else 256, compare_source=False,
                               force=True)
@@ -507,7 +524,9 @@ def run_step(name: str, args, log_path: str) -> dict:
     with open(log_path, "a") as log:
         log.write(f"\n== {name} (cap {cap:.0f} s)\n")
     print(f"== {name} (cap {cap:.0f} s)", flush=True)
-    t0 = time.time()
+    import resource
+
+    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     child = multiprocessing.get_context("fork").Process(target=run_child, args=(name, args, log_path))
     child.start()
     child.join(cap)
@@ -519,7 +538,9 @@ def run_step(name: str, args, log_path: str) -> dict:
             pass
         child.join()
     status = read_step(Path(args.work) / f"{name}.json", rc)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     status["seconds"] = round(time.time() - t0, 1)
+    status["cpu_seconds"] = round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1)
     return status
 
 
@@ -536,7 +557,8 @@ def run_session(args) -> dict:
         summary["steps"][name] = status
         summary["targets"] += status.pop("targets", [])
         summary["figures"] += status.pop("figures", [])
-        print(f"   {name}: {status['status']} {status.get('reason', '')} ({status['seconds']} s)", flush=True)
+        print(f"   {name}: {status['status']} {status.get('reason', '')} ({status['seconds']} s, CPU {status.get('cpu_seconds', 0)} s)",
+              flush=True)
         write_summary(out, summary)
     return summary
 
@@ -557,8 +579,9 @@ def markdown(summary: dict) -> str:
              "", "command: `PYTHONPATH=. python " + " ".join(sys.argv) + "`", "", "## Targets", "",
              "| name | value | unit | target | met |", "|---|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['value']} | {t['unit']} | {t['target']} | {t['met']} |" for t in summary["targets"]]
-    lines += ["", "## Steps", "", "| step | status | seconds | reason |", "|---|---|---|---|"]
-    lines += [f"| {n} | {s['status']} | {s['seconds']} | {s.get('reason', '')} |" for n, s in summary["steps"].items()]
+    lines += ["", "## Steps", "", "| step | status | seconds | CPU seconds | reason |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {s['status']} | {s['seconds']} | {s.get('cpu_seconds', '-')} | {s.get('reason', '')} |"
+              for n, s in summary["steps"].items()]
     for name, s in summary["steps"].items():
         for title, table in s.get("tables", {}).items():
             lines += ["", f"## {title}", "", table]
