@@ -565,8 +565,10 @@ def run_session(args) -> dict:
 
 def read_step(path: Path, rc) -> dict:
     data = json.loads(path.read_text()) if path.exists() else {"targets": [], "figures": [], "tables": {}, "notes": []}
-    if rc is None or rc < 0:
-        data["status"], data["reason"] = "timeout" if rc is None else f"killed by signal {-rc}", "stopped at its time cap (what it had recorded is kept)"
+    if rc is None:
+        data["status"], data["reason"] = "timeout", "stopped at its time cap (what it had recorded is kept)"
+    elif rc < 0:
+        data["status"], data["reason"] = "failed", f"killed by signal {-rc}"
     elif data.get("status") in (None, "running"):
         data["status"], data["reason"] = "failed", f"exited {rc} without finishing"
     return data
