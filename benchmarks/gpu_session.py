@@ -46,11 +46,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STEPS = ("kernel_tests", "bandwidth", "train_step", "convert", "finetune")
-CAPS_S = {"kernel_tests": 120, "bandwidth": 110, "train_step": 150, "convert": 90, "finetune": 110}
+CAPS_S = {"kernel_tests": 120, "bandwidth": 110, "train_step": 200, "convert": 90, "finetune": 110}
 # The CPU conversion of record (README, benchmarks/results/smollm2_conversion.md): source → converted.
 CPU_PERPLEXITY = {"source": 13.554, "converted": 13.616}
 PERPLEXITY_TOLERANCE = 0.01  # relative: GPU and CPU float32 sums differ only in order
-LOSS_TOLERANCE = 0.02  # relative, per step: bf16 autocast, kernels vs reference
+LOSS_TOLERANCE = 0.01  # relative, per step (≈ 2.5 bf16 ulps): the kernels vs the reference, both under bf16 autocast
 FINETUNE_STEPS = 50
 STEADY_FROM = 10  # tokens/s over steps after the first kernel compilations
 
@@ -488,8 +488,11 @@ def environment() -> dict:
     versions = sh([sys.executable, "-c", "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, "
                    "torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"]).split(" ", 3)
     versions += ["?"] * (4 - len(versions))
+    # A GPU machine gets the working tree without a current .git: gpu_session.sh passes what git said here.
+    tree = os.environ.get("IBNORM_SESSION_TREE", "").splitlines()
+    commit, changes = (tree[0], "\n".join(tree[1:])) if tree else (sh(["git", "rev-parse", "HEAD"]), sh(["git", "status", "--short"]))
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": sh(["git", "rev-parse", "HEAD"]) or "?", "tree_changes": sh(["git", "status", "--short"]),
+            "commit": commit or "?", "tree_changes": changes,
             "python": sys.version.split()[0], "torch": versions[0], "triton": versions[1], "cuda": versions[2],
             "device": versions[3], "nvidia_smi": sh(["nvidia-smi"])}
 

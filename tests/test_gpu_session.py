@@ -82,3 +82,16 @@ def test_junit_counts(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite tests="10" failures="2" errors="1" skipped="3"/></testsuites>')
     assert gpu_session.junit_counts(xml) == {"passed": 4, "failed": 3, "failed_only": 2, "errors": 1, "skipped": 3}
+
+
+def test_smollm2_is_found_or_its_absence_explained(tmp_path):
+    from types import SimpleNamespace
+
+    missing = SimpleNamespace(tiny=False, smollm2=str(tmp_path / "nowhere.gguf"), work=str(tmp_path))
+    source, why = gpu_session.smollm2_source(missing)
+    assert source is None and "SmolLM2 not found" in why
+    from models import SMOLLM2
+
+    if SMOLLM2 is not None:  # the short name resolves to the installed package's GGUF
+        source, why = gpu_session.smollm2_source(SimpleNamespace(tiny=False, smollm2=None, work=str(tmp_path)))
+        assert source == str(SMOLLM2) and why == ""
