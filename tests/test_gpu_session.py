@@ -95,3 +95,22 @@ def test_smollm2_is_found_or_its_absence_explained(tmp_path):
     if SMOLLM2 is not None:  # the short name resolves to the installed package's GGUF
         source, why = gpu_session.smollm2_source(SimpleNamespace(tiny=False, smollm2=None, work=str(tmp_path)))
         assert source == str(SMOLLM2) and why == ""
+
+
+def test_in_memory_store_fits_gpu_models_on_cpu_copies():
+    # convert --device cuda: the fit reads the source norm on CPU, as the streamed store does.
+    import torch
+
+    from ibnorm.pipeline.stores import ModelStore
+    from ibnorm.surgery import find_norms
+    from models import tiny_hf
+
+    model = tiny_hf("llama")
+    store = ModelStore(model, family=None)
+    site = find_norms(model)[0][0]
+    assert store.source_norm(site) is site  # on CPU: as found
+    store.device = torch.device("cuda")  # what a model moved to the GPU reports
+    copy = store.source_norm(site)
+    assert copy.module is not site.module and next(copy.module.parameters()).device.type == "cpu"
+    x = torch.randn(3, site.spec.shape[-1])
+    torch.testing.assert_close(copy.module(x), site.module(x), rtol=0, atol=0)
