@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_session.sh prepare     # here, after the last commit: .gpu_assets/{a,b}
 #   device run 1: carry [".gpu_assets/a"], command "ls -l .gpu_assets/a", timeout_s 60
 #   device run 2, at once (the machine stays warm 30 s): carry [".gpu_assets/b"],
-#       command "bash benchmarks/gpu_session.sh run", timeout_s 560
+#       command "bash benchmarks/gpu_session.sh run", timeout_s 570
 #
 # Run 2 joins the halves when run 1's half is still there; otherwise the steps that need SmolLM2
 # are recorded as skipped and everything else runs.  Everything comes back under $OUT.
@@ -48,7 +48,7 @@ run() {
     echo "SmolLM2's first half is not on this machine (run 1 missing or the machine went cold): the SmolLM2 steps will be skipped"
   fi
   [ -f "$ASSETS/b/tree.txt" ] && export IBNORM_SESSION_TREE="$(cat "$ASSETS/b/tree.txt")"
-  PYTHONUNBUFFERED=1 timeout 540 python benchmarks/gpu_session.py --out "${OUT:?set OUT}" "${args[@]}" "$@"
+  PYTHONUNBUFFERED=1 timeout 530 python benchmarks/gpu_session.py --out "${OUT:?set OUT}" "${args[@]}" "$@"
 }
 
 case "${1:-}" in
