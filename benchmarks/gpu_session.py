@@ -317,7 +317,7 @@ def step_train_step(rec: Record, args) -> None:
             peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             rows.append([mode, "RMSNorm" if norm == "rmsnorm" else "IBNorm-T, per-channel learnable λ",
                          f"{r['ms']:.1f}", f"{r['host_ms']:.1f}", peak, f"{ratio:.3f}"])
-            rec.table("Training step, LLaMA-130M shape", columns, rows)
+            rec.table("Training step, " + ("tiny LLaMA (CPU)" if args.tiny else "LLaMA-130M shape"), columns, rows)
             for key in ("ms", "host_ms", "peak_mib", "warmup_s"):
                 rec.figure(f"train_step.{mode}.{norm}.{key}", None if r[key] is None else round(r[key], 3),
                            {"ms": "ms", "host_ms": "ms", "peak_mib": "MiB", "warmup_s": "s"}[key])
@@ -423,7 +423,7 @@ def finetune_run(path: str, out: Path, kernel: str, args) -> dict:
     first = min(STEADY_FROM, steps - 1) if not args.tiny else 1
     tokens_per_step = opts.batch_size * opts.seq_len * opts.grad_accum
     steady = tokens_per_step * (len(stamps) - 1 - first) / max(stamps[-1] - stamps[first], 1e-9)
-    return {"losses": result.losses, "kernel": result.kernel, "tokens_per_s": steady, "overall_tokens_per_s": result.tokens_per_second,
+    return {"losses": result.losses, "kernel": f"{result.kernel}, IBNORM_KERNEL={kernel}", "tokens_per_s": steady, "first": first, "overall_tokens_per_s": result.tokens_per_second,
             "final_eval": result.evals[-1]}
 
 
@@ -453,7 +453,7 @@ def step_finetune(rec: Record, args) -> None:
     rows = [[name, r["kernel"], f"{r['tokens_per_s']:.0f}", f"{r['overall_tokens_per_s']:.0f}", f"{r['losses'][0]:.4f}",
              f"{r['losses'][-1]:.4f}", f"{r['final_eval'].get('perplexity', float('nan')):.3f}"] for name, r in runs.items()]
     rec.table(f"Fine-tune, {len(a)} steps (norms, bf16 autocast on GPU)",
-              ["run", "IBNorm path", f"tokens/s (steps {STEADY_FROM}–{len(a)})", "tokens/s (all, with evals)", "first loss",
+              ["run", "IBNorm path", f"tokens/s (steps {runs['source (RMSNorm)']['first'] + 2}–{len(a)})", "tokens/s (all, with evals)", "first loss",
                "last loss", "held-out ppl"], rows)
     rec.finish("ok")
 
@@ -589,6 +589,7 @@ def run_session(args) -> dict:
         summary["steps"][name] = status
         summary["targets"] += status.pop("targets", [])
         summary["figures"] += status.pop("figures", [])
+        summary["seconds"] = round(time.time() - args.deadline + args.budget_s, 1)
         print(f"   {name}: {status['status']} {status.get('reason', '')} ({status['seconds']} s, CPU {status.get('cpu_seconds', 0)} s)",
               flush=True)
         write_summary(out, summary)
