@@ -15,7 +15,8 @@ timed-out step is recorded and the next one runs):
    torch's own norm eager and compiled, and a plain copy of the same bytes.
 3. ``train_step``: a LLaMA-130M-shaped model (bf16 autocast), RMSNorm vs IBNorm-T with a learnable
    per-channel λ, eager and ``torch.compile``d: time per step (targets ≤ 1.10× / ≤ 1.05×), the
-   host's time per step (CPU time to issue the step, before synchronising) and peak memory.
+   host's time per step (CPU time to issue the step, before synchronising), IBNorm's host µs per
+   forward and backward call (one profiled step) and peak memory.
 4. ``convert``: a calibrated ``ibnorm convert`` of SmolLM2 with ``--device cuda``: wall time and
    held-out perplexity against the CPU record (13.554 → 13.616).
 5. ``finetune``: the fine-tune loop (``ibnorm.finetune``, what ``ibnorm finetune`` runs) of the
