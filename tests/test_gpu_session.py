@@ -114,3 +114,18 @@ def test_in_memory_store_fits_gpu_models_on_cpu_copies():
     assert copy.module is not site.module and next(copy.module.parameters()).device.type == "cpu"
     x = torch.randn(3, site.spec.shape[-1])
     torch.testing.assert_close(copy.module(x), site.module(x), rtol=0, atol=0)
+
+
+def test_without_smollm2_its_steps_are_skipped_with_the_reason(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_session.py"), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"),
+           "--steps", "convert,finetune", "--smollm2", str(tmp_path / "missing.gguf")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = json.loads((tmp_path / "out" / "summary.json").read_text())["steps"]
+    assert steps["convert"]["status"] == "skipped" and "SmolLM2 not found" in steps["convert"]["reason"]
+    assert steps["finetune"]["status"] == "skipped"
+    bad = subprocess.run(cmd[:6] + ["--steps", "kernels"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == ["error: unknown step(s) kernels; choose from "
+                                                                      + ", ".join(gpu_session.STEPS)]
