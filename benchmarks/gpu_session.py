@@ -175,6 +175,10 @@ def junit_counts(path: Path) -> dict:
 # 2. Kernel bandwidth
 
 
+BANDWIDTH_COLUMNS = ["variant", "λ", "M×H", "copy µs", "fwd µs (% copy)", "bwd µs (% copy)", "autograd fwd / bwd µs",
+                     "torch eager fwd / bwd µs", "torch compiled fwd / bwd µs"]
+
+
 def step_bandwidth(rec: Record, args) -> None:
     import torch
     import torch._functorch.config
@@ -182,58 +186,66 @@ def step_bandwidth(rec: Record, args) -> None:
     sys.path.insert(0, str(HERE))
     import bench_kernels_gpu as bk  # IBNORM_BENCH_SMOKE=1 (set by --tiny) makes its shapes tiny, on CPU
 
-    from ibnorm import functional as IBF
-    from ibnorm.kernels.dispatch import row_norm
-    from ibnorm.kernels.rownorm_op import row_norm_bwd_op, row_norm_fwd_op
-
     os.environ["IBNORM_KERNEL"] = "triton"
     compile_until = time.time() + 0.55 * args.cap  # torch's compiled norm only while time allows
     torch._functorch.config.donated_buffer = False  # the backward is replayed on one graph (retain_graph)
     copy_gbs = bk.copy_bandwidth_gbs()
     rec.figure("bandwidth.copy", round(copy_gbs), "GB/s")
-    columns = ["variant", "λ", "M×H", "copy µs", "fwd µs (% copy)", "bwd µs (% copy)", "autograd fwd / bwd µs",
-               "torch eager fwd / bwd µs", "torch compiled fwd / bwd µs"]
     rows = []
-    op, dtype = "tanh", torch.bfloat16
     for centered in (False, True):
         for m, h in bk.SHAPES[:1] if args.tiny else bk.SHAPES:
             torch._dynamo.reset()  # one compiled torch norm per shape and variant, shared by both λ rows
             compiled = torch.compile(bk.torch_norm(centered, 1e-5), dynamic=False, backend="eager" if args.tiny else "inductor")
             for learnable in (False, True):
-                case = bk.Case(m, h, dtype, centered, learnable)
-                variant, lam_kind = "layer" if centered else "rms", "per-channel, learnable" if learnable else "scalar, fixed"
-                name = f"bandwidth.{variant}.{'per_channel' if learnable else 'scalar'}.{m}x{h}"
-                try:
-                    bk.check("fused kernel", case.outputs(row_norm, op), case.outputs(IBF.ib_row_norm, op), 3e-2)
-                except SystemExit as e:  # wrong results are not timed
-                    rec.note(f"{name}: {e}")
-                    rec.target(f"{name}.correct", 0, "bool", ">=", 1)
-                    continue
-                x, w, b, lam, dy = case.x.detach(), case.w.detach(), None if case.b is None else case.b.detach(), case.lam.detach(), case.dy
-                needs = [True, True, centered, learnable]
-                stats = row_norm_fwd_op(x, w, b, lam, op, case.eps, centered)[1]
-                out = torch.empty_like(x)
-                copy_ms = bk.flushed_graph_ms(lambda: out.copy_(x))
-                fwd_ms = bk.flushed_graph_ms(lambda: row_norm_fwd_op(x, w, b, lam, op, case.eps, centered))
-                bwd_ms = bk.flushed_graph_ms(lambda: row_norm_bwd_op(dy, x, w, lam, stats, op, centered, needs))
-                nbytes = x.numel() * x.element_size()
-                fwd_pct = 100 * 2 * nbytes / (fwd_ms * 1e-3) / 1e9 / copy_gbs
-                bwd_pct = 100 * 3 * nbytes / (bwd_ms * 1e-3) / 1e9 / copy_gbs
-                rec.target(f"{name}.fwd", round(fwd_pct, 1), "% of copy bandwidth", ">=", 75)
-                rec.target(f"{name}.bwd", round(bwd_pct, 1), "% of copy bandwidth", ">=", 60)
-                caller = case.timings(row_norm, op)
-                eager = case.timings(bk.torch_norm(centered, case.eps), op)
-                comp = case.timings(compiled, op) if time.time() < compile_until else None
-                us = lambda t: "-" if t is None else f"{t[0] * 1e3:.0f} / {t[1] * 1e3:.0f}"  # noqa: E731
-                rows.append([variant, lam_kind, f"{m}×{h}", f"{copy_ms * 1e3:.0f}", f"{fwd_ms * 1e3:.0f} ({fwd_pct:.0f}%)",
-                             f"{bwd_ms * 1e3:.0f} ({bwd_pct:.0f}%)", us(caller), us(eager), us(comp)])
-                rec.table("Kernel bandwidth (bf16, tanh; GPU time by graph replay, L2 flushed)", columns, rows)
-                del case, stats, out
+                row = bandwidth_row(rec, bk, bk.Case(m, h, torch.bfloat16, centered, learnable), copy_gbs,
+                                    compiled if time.time() < compile_until else None)
+                if row:
+                    rows.append(row)
+                    rec.table("Kernel bandwidth (bf16, tanh; GPU time by graph replay, L2 flushed)", BANDWIDTH_COLUMNS, rows)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
     rec.note(f"copy bandwidth {copy_gbs:.0f} GB/s (1 GiB device-to-device, read + write); forward moves x in and y out, "
              "backward x and dy in and dx out; 'autograd' and 'torch' columns are what a caller sees (do_bench, host time included)")
     rec.finish("ok")
+
+
+def bandwidth_row(rec: Record, bk, case, copy_gbs: float, compiled) -> list[str] | None:
+    """One shape, variant and λ: correctness first, then the kernels' GPU time against the targets."""
+    import torch
+
+    from ibnorm import functional as IBF
+    from ibnorm.kernels.dispatch import row_norm
+    from ibnorm.kernels.rownorm_op import row_norm_bwd_op, row_norm_fwd_op
+
+    op, centered, learnable = "tanh", case.centered, case.lam.requires_grad
+    m, h = case.x.shape
+    variant, lam_kind = "layer" if centered else "rms", "per-channel, learnable" if learnable else "scalar, fixed"
+    name = f"bandwidth.{variant}.{'per_channel' if learnable else 'scalar'}.{m}x{h}"
+    try:
+        bk.check("fused kernel", case.outputs(row_norm, op), case.outputs(IBF.ib_row_norm, op), 3e-2)
+    except SystemExit as e:  # wrong results are not timed
+        rec.note(f"{name}: {e}")
+        rec.target(f"{name}.correct", 0, "bool", ">=", 1)
+        return None
+    x, w, lam, dy = case.x.detach(), case.w.detach(), case.lam.detach(), case.dy
+    b = None if case.b is None else case.b.detach()
+    needs = [True, True, centered, learnable]
+    stats = row_norm_fwd_op(x, w, b, lam, op, case.eps, centered)[1]
+    out = torch.empty_like(x)
+    copy_ms = bk.flushed_graph_ms(lambda: out.copy_(x))
+    fwd_ms = bk.flushed_graph_ms(lambda: row_norm_fwd_op(x, w, b, lam, op, case.eps, centered))
+    bwd_ms = bk.flushed_graph_ms(lambda: row_norm_bwd_op(dy, x, w, lam, stats, op, centered, needs))
+    nbytes = x.numel() * x.element_size()
+    fwd_pct = 100 * 2 * nbytes / (fwd_ms * 1e-3) / 1e9 / copy_gbs
+    bwd_pct = 100 * 3 * nbytes / (bwd_ms * 1e-3) / 1e9 / copy_gbs
+    rec.target(f"{name}.fwd", round(fwd_pct, 1), "% of copy bandwidth", ">=", 75)
+    rec.target(f"{name}.bwd", round(bwd_pct, 1), "% of copy bandwidth", ">=", 60)
+    caller = case.timings(row_norm, op)
+    eager = case.timings(bk.torch_norm(centered, case.eps), op)
+    comp = case.timings(compiled, op) if compiled is not None else None
+    us = lambda t: "-" if t is None else f"{t[0] * 1e3:.0f} / {t[1] * 1e3:.0f}"  # noqa: E731
+    return [variant, lam_kind, f"{m}×{h}", f"{copy_ms * 1e3:.0f}", f"{fwd_ms * 1e3:.0f} ({fwd_pct:.0f}%)",
+            f"{bwd_ms * 1e3:.0f} ({bwd_pct:.0f}%)", us(caller), us(eager), us(comp)]
 
 
 # ---------------------------------------------------------------------------------------------
