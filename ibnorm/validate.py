@@ -157,6 +157,21 @@ def check_weights_option(source: str, weights: str | None, random_weights: bool 
         raise OptionError("--weights and --random-weights exclude each other")
 
 
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> None:
+    """``--device``: cpu, cuda or cuda:N, and a CUDA device must exist."""
+    if not _DEVICE_RE.match(str(device)):
+        raise OptionError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise OptionError(f"--device {device}: no such CUDA device on this machine")
+
+
 @dataclass(frozen=True)
 class ConvertChecks:
     """The convert options after validation (sizes parsed)."""

@@ -65,8 +65,11 @@ class ModelStore:
         return lambda: x
 
     def source_norm(self, site: NormSite) -> NormSite:
-        """The site with real source weights (in memory: as found)."""
-        return site
+        """The site with real source weights, on CPU where the fit runs (in memory on CPU: as found)."""
+        if self.device.type == "cpu":
+            return site
+        module = copy.deepcopy(site.module).to("cpu")
+        return NormSite(site.name, module, recognize(module) or site.spec)
 
 
 class ShardStore(ModelStore):
