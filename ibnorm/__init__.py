@@ -17,7 +17,9 @@ _EXPORTS = {
     "COMPRESSION_OPS": "compression",
     "GROUPING_CHOICES": "layers",
     "IBNormBase": "layers",
-    "IBRMSNorm": "layers",
+    "IBNormRMS": "layers",
+    "IBNormRMS2d": "layers",
+    "IBRMSNorm": "layers",  # old names, kept loadable
     "IBRMSNorm2d": "layers",
     "IBLayerNorm": "layers",
     "IBLayerNorm2d": "layers",

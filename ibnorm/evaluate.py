@@ -29,7 +29,7 @@ def perplexity(
     Windows of ``window`` tokens advance by ``stride`` (default window/2); each token is
     scored once, with at least ``window − stride`` tokens of context (except the first window).
     """
-    ids = ids.reshape(-1)
+    ids = ids.reshape(-1).to(next(model.parameters()).device)
     stride = stride or window // 2
     nll, counted, prev_end = 0.0, 0, 0
     starts = list(range(0, max(1, len(ids) - 1), stride))

@@ -66,7 +66,7 @@ def ib_row_norm(
     eps: float,
     centered: bool,
 ) -> Tensor:
-    """Row-wise IBNorm: ``centered=False`` is IBRMSNorm, ``True`` is IBLayerNorm.
+    """Row-wise IBNorm: ``centered=False`` is IBNormRMS, ``True`` is IBLayerNorm.
 
     ``lam`` is a scalar or has the normalized shape (one λ per channel).
     """

@@ -39,18 +39,28 @@ def _is_labels(b: np.ndarray) -> bool:
     return b.ndim == 1 and np.issubdtype(b.dtype, np.integer)
 
 
-def whiten(x: np.ndarray, max_dim: int) -> np.ndarray:
-    """Centre, project on the top ``max_dim`` principal components, scale each to unit variance."""
+def principal_axes(x: np.ndarray, max_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, axes): the top ``max_dim`` principal axes of ``x`` (columns; ~zero-variance ones dropped)."""
     x = x.reshape(len(x), -1).astype(np.float64)
-    x = x - x.mean(0)
+    mean = x.mean(0)
+    xc = x - mean
     # principal axes from the d×d covariance (much cheaper than an SVD of the n×d data for n ≫ d);
     # components with ~zero variance carry no information and are dropped
-    evals, evecs = np.linalg.eigh(x.T @ x / max(len(x), 1))
+    evals, evecs = np.linalg.eigh(xc.T @ xc / max(len(x), 1))
     order = np.argsort(evals)[::-1]
     evals, evecs = evals[order], evecs[:, order]
     keep = evals > evals[0] * 1e-14 if len(evals) and evals[0] > 0 else np.zeros(len(evals), bool)
     keep[max_dim:] = False
-    z = x @ evecs[:, keep]
+    return mean, evecs[:, keep]
+
+
+def whiten(x: np.ndarray, max_dim: int, axes: np.ndarray | None = None) -> np.ndarray:
+    """Centre, project on the top ``max_dim`` principal components (or on given ``axes``), scale each
+    component to unit variance."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    if axes is None:
+        _, axes = principal_axes(x, max_dim)
+    z = (x - x.mean(0)) @ axes
     return z / np.maximum(z.std(0), 1e-300)
 
 

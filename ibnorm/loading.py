@@ -12,7 +12,7 @@ from .errors import IBNormError, SourceError
 from .io.manifest import MANIFEST, read_manifest
 from .io.safetensors_index import TensorIndex
 from .io.sources import TIMM_PREFIX, LoadedModel, load_source
-from .layers import IBNormBase, from_spec
+from .layers import LEGACY_CLASS_NAMES, IBNormBase, from_spec
 from .recognize import recognize
 from .surgery import set_submodule
 
@@ -49,7 +49,7 @@ def layers_from_manifest(model: nn.Module, manifest: dict) -> dict[str, IBNormBa
             raise IBNormError(f"manifest names {layer['name']!r} as a norm, but it is a {type(module).__name__}")
         op = layer.get("op") or manifest["options"]["op"]
         new = from_spec(spec, op=op, lam=torch.zeros(layer["lam_shape"]), grouping=layer["grouping"])
-        if type(new).__name__ != layer["new_class"]:
+        if type(new).__name__ != LEGACY_CLASS_NAMES.get(layer["new_class"], layer["new_class"]):
             raise IBNormError(f"manifest says {layer['name']} is {layer['new_class']}, rebuilt as {type(new).__name__}")
         out[layer["name"]] = new
     return out

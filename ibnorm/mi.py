@@ -50,7 +50,8 @@ class MIOptions:
     noise: float = 0.5
     labels: int = 31  # language models: next-token classes kept (the rest pooled)
     k: int = 3
-    reps: int = 3  # half-samples for the error bars (0: none)
+    reps: int = 8  # half-samples for the error bars (0: none)
+    projection: str = "shared"  # I(X;T): "shared" projects T on X's principal axes; "own": each side on its own
     estimator: str = DEFAULT_ESTIMATOR
     seed: int = 0
     text_field: str = "text"
@@ -150,12 +151,17 @@ def pool_labels(y: Tensor, keep: int) -> np.ndarray:
 
 def layer_information(x: Tensor, t: Tensor, y: np.ndarray, opts: MIOptions) -> dict:
     """I(X;T) (noisy, whitened) and I(T;Y) for one layer, with half-sample error bars."""
-    from .information import whiten
+    from .information import principal_axes, whiten
 
     rng = np.random.default_rng(opts.seed + 7)
-    tw = whiten(t.numpy(), opts.dims)
-    t_noisy = tw + opts.noise * rng.standard_normal(tw.shape)
-    xn = whiten(x.numpy(), opts.dims)  # once here: every estimate below sees the same projection of X
+    tw = whiten(t.numpy(), opts.dims)  # I(T;Y): T's own top components
+    _, x_axes = principal_axes(x.numpy(), opts.dims)
+    xn = whiten(x.numpy(), opts.dims, x_axes)  # once here: every estimate below sees the same projection of X
+    # I(X;T): with its own projection T's top components can be other directions than X's (a layer that
+    # shrinks a few huge channels reorders them), which lowers the estimate even for an invertible layer;
+    # the shared projection reads T along X's axes (same dimension: a norm keeps the shape)
+    t_for_x = whiten(t.numpy(), opts.dims, x_axes) if opts.projection == "shared" and t.shape[1] == x.shape[1] else tw
+    t_noisy = t_for_x + opts.noise * rng.standard_normal(t_for_x.shape)
 
     def ixt(idx=slice(None)) -> float:
         return mutual_information(xn[idx], t_noisy[idx], estimator=opts.estimator, k=opts.k, max_dim=opts.dims, seed=opts.seed)
@@ -219,10 +225,14 @@ def analyze(path: str, opts: MIOptions, cache: dict | None = None, progress: Cal
 
 def describe(opts: MIOptions) -> dict:
     """What the numbers mean (recorded with every result)."""
+    t_proj = ("X's top-{d} principal axes" if opts.projection == "shared" else "its own top-{d} principal axes").format(d=opts.dims)
     return {"estimator": opts.estimator, "units": "nats", "dims": opts.dims, "noise": opts.noise, "k": opts.k,
-            "X": "the norm layer's input", "T": f"its output, top-{opts.dims} whitened principal components (+ noise σ={opts.noise} for I(X;T))",
+            "projection": opts.projection, "reps": opts.reps,
+            "X": f"the norm layer's input, its top-{opts.dims} whitened principal components",
+            "T": f"its output; for I(X;T) on {t_proj}, whitened, + noise σ={opts.noise}; for I(T;Y) on its own top-{opts.dims}",
             "Y": f"next token ({opts.labels} most frequent, rest pooled) / image label",
-            "I_XT_bound": float(opts.dims / 2 * np.log(1 + 1 / opts.noise ** 2)), "error_bars": f"std over {opts.reps} half-samples / √2"}
+            "I_XT_bound": float(opts.dims / 2 * np.log(1 + 1 / opts.noise ** 2)),
+            "error_bars": f"std over n = {opts.reps} half-samples / √2" if opts.reps > 1 else "none"}
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import NonFiniteError, OptionError, OutputError, StateMismatchError
+from .errors import NonFiniteError, OptionError, OutputError, OutputExistsError, SourceError, StateMismatchError
 
 # λ far above this saturates every compression op (tanh(λz)/λ, log1p(λ|z|)/λ, …); 100 is already
 # meaningless, larger values only come from typos (1e30) and overflow in float16.
@@ -155,6 +155,21 @@ def check_weights_option(source: str, weights: str | None, random_weights: bool 
         raise OptionError(f"{opt} applies only to timm:NAME sources, not {source}")
     if weights is not None and random_weights:
         raise OptionError("--weights and --random-weights exclude each other")
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> None:
+    """``--device``: cpu, cuda or cuda:N, and a CUDA device must exist."""
+    if not _DEVICE_RE.match(str(device)):
+        raise OptionError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise OptionError(f"--device {device}: no such CUDA device on this machine")
 
 
 @dataclass(frozen=True)
@@ -498,6 +513,90 @@ def load_trainer_state(path: str | Path) -> dict:
     if not isinstance(state, dict) or "optimizer" not in state or "rng" not in state:
         raise StateMismatchError(f"{path} is damaged (no optimizer or RNG state); start again with --force")
     return state
+
+
+# ----------------------------------------------------------------------------- export
+
+
+# Formats that cannot carry IBNorm: why, and what to use instead (``ibnorm export`` refuses them).
+_NO_IBNORM = ("no IBNorm: llama.cpp's graph of each architecture is fixed C++, so exporting a converted model as "
+              "plain LLaMA would silently drop λ")
+_INSTEAD = "use --format onnx (onnxruntime), or serve the directory with transformers/vLLM/SGLang (trust_remote_code)"
+REFUSED_EXPORT_FORMATS = {"gguf": _NO_IBNORM, "ggml": _NO_IBNORM, "llama.cpp": _NO_IBNORM}
+EXPORT_FORMATS = ("onnx",)
+ONNX_GROUPINGS = ("rms", "layer")
+# protobuf's limit on one ONNX file; larger models need external data, which this export does not write.
+ONNX_MAX_BYTES = 2**31 - 2**26
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    directory: Path
+    out: Path
+    kind: str  # "causal-lm" | "sentence-embedding"
+    manifest: dict
+
+
+def _converted_dir(directory: str | Path) -> tuple[Path, dict]:
+    from .io.manifest import MANIFEST, read_manifest
+
+    p = Path(directory)
+    if not p.exists():
+        raise SourceError(f"not a converted model directory: {p} does not exist")
+    if not p.is_dir():
+        raise SourceError(f"not a converted model directory: {p} is not a directory")
+    if not (p / MANIFEST).is_file():
+        raise SourceError(f"not a converted model directory: {p} has no {MANIFEST} (convert it with `ibnorm convert` first)")
+    return p, read_manifest(p)
+
+
+def _check_export_out(out: str | Path, directory: Path, force: bool) -> Path:
+    o = Path(os.path.abspath(out))
+    if o.is_dir():
+        raise OutputError(f"--out {out} is a directory; name the .onnx file to write")
+    if o.exists() or o.is_symlink():
+        if not o.is_file():
+            raise OutputError(f"--out {out} is not a regular file; name a new .onnx file")
+        if not force:
+            raise OutputExistsError(f"--out {out} exists; pass --force to replace it")
+    if not o.parent.is_dir():
+        raise OutputError(f"--out {out}: the directory {o.parent} does not exist")
+    if Path(os.path.realpath(directory)) in Path(os.path.realpath(o)).parents:
+        raise OutputError(f"--out {out} is inside the converted directory {directory}; write it elsewhere")
+    return o
+
+
+def check_export(directory: str | Path, fmt: str, out: str | Path | None, force: bool = False) -> ExportPlan:
+    """Everything ``ibnorm export`` needs checked before it loads a model: format, directory, output."""
+    fmt = fmt.strip().lower()
+    if fmt in REFUSED_EXPORT_FORMATS:
+        raise OptionError(f"--format {fmt} cannot carry IBNorm ({REFUSED_EXPORT_FORMATS[fmt]}); {_INSTEAD}")
+    if fmt not in EXPORT_FORMATS:
+        raise OptionError(f"--format {fmt!r} is not supported; choose one of {', '.join(EXPORT_FORMATS)}")
+    if out is None:
+        raise OptionError("--out FILE is required (the .onnx file to write)")
+    path, manifest = _converted_dir(directory)
+    if manifest["family"] != "hf":
+        groupings = sorted({layer["grouping"] for layer in manifest["layers"]})
+        raise SourceError(f"ONNX export supports converted transformers models; {path} is a {manifest['family']} model "
+                          f"({'/'.join(groupings)} IBNorm layers): load it with ibnorm.load and export it yourself")
+    for layer in manifest["layers"]:
+        grouping = layer.get("grouping", layer.get("variant"))
+        if grouping not in ONNX_GROUPINGS:
+            raise SourceError(f"ONNX export supports {'/'.join(ONNX_GROUPINGS)} IBNorm layers; {layer['name']} is {grouping}")
+    if not str(getattr(read_config(path), "model_type", "")).startswith("ibnorm_"):
+        raise SourceError(f"{path} is in the first converted format (no shipped code); run `ibnorm upgrade {path}` first")
+    if manifest["task"] == "causal-lm":
+        kind = "causal-lm"
+    elif (path / "modules.json").is_file():
+        kind = "sentence-embedding"
+    else:
+        raise SourceError(f"ONNX export supports causal LMs and sentence-transformers encoders; {path} is a "
+                          f"{manifest['task']} without modules.json")
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    if size > ONNX_MAX_BYTES:
+        raise SourceError(f"{path} holds {_gib(size)} of weights; one ONNX file holds under 2 GiB (external data is not supported)")
+    return ExportPlan(path, _check_export_out(out, path, force), kind, manifest)
 
 
 # ----------------------------------------------------------------------------- study --from

@@ -62,6 +62,7 @@ def convert(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin/.pt checkpoints (they can run code)."),
     shard_size: str = typer.Option("5GB", help="Maximum safetensors shard size."),
     stream: str = typer.Option("auto", help="auto|always|never: convert block by block from the shards (models larger than memory)."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N: where a model held whole in memory runs calibration and --eval (streamed conversions use a GPU when there is one)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -90,7 +91,7 @@ def convert(
             result, manifest = ibnorm.convert_checkpoint(
                 source, out, opts, allow_pickle=allow_pickle, weights=weights, pretrained=not random_weights,
                 dtype=_dtype(dtype), eval_data=eval_data, eval_tokens=eval_tokens, shard_size=shard_size, force=force,
-                progress=progress, stream=stream)
+                progress=progress, stream=stream, device=device)
     if json_out:
         print_json(manifest)
         return

@@ -32,4 +32,4 @@ def main(
     """ibnorm: model surgery with IBNorm."""
 
 
-from . import clean_cmd, commands, finetune_cmd, science_cmd, upgrade_cmd  # noqa: E402,F401  register the commands
+from . import clean_cmd, commands, export_cmd, finetune_cmd, science_cmd, upgrade_cmd  # noqa: E402,F401  register the commands

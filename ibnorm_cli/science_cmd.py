@@ -27,14 +27,17 @@ def _parse_shard(shard: str) -> tuple[int, int]:
 
 @app.command()
 def study(
-    preset: Optional[str] = typer.Option(None, "--preset", help="micro | smoke | cpu | gpu-llama60m | gpu-llama130m | gpu-vision."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="micro | smoke | cpu | confirm | gpu-llama60m | gpu-llama130m | gpu-check | gpu-vision."),
     out: str = typer.Option(..., "--out", "-o", help="Study directory (runs are resumed from it; directories merge)."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Normalizer(s) to run (the baseline always runs)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per setting (default: the preset's)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Runs in parallel on this machine (default: the preset's)."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: this job takes every N-th run (job arrays)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Text for the language-model tasks (default: builtin:pydoc)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Text for the language-model tasks (default: the preset's)."),
+    image_data: Optional[str] = typer.Option(None, "--image-data", help="Images for the vision tasks: a folder with one subfolder per class (default: digits)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="LM tasks: bytes | smollm2-135m | minilm-l6 | a tokenizer dir / .gguf."),
     report_only: bool = typer.Option(False, "--report-only", help="Only aggregate the runs already in OUT."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds: then running runs checkpoint and stop; rerun to resume."),
     json_out: bool = typer.Option(False, "--json", help="Print runs and summary as JSON."),
     source: Optional[str] = typer.Option(None, "--from", help="Compare fine-tunes of this pretrained model: source norms vs IBNorm arms."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="--from: held-out test text (default: a tenth of --data)."),
@@ -72,8 +75,10 @@ def study(
             raise IBNormError(f"unknown normalizer {bad[0]!r}; choose from {', '.join(NORMALIZERS)}")
         if seeds is not None and seeds < 1:
             raise IBNormError("--seeds must be at least 1")
+        if time_limit is not None and not time_limit > 0:
+            raise IBNormError("--time-limit must be a positive number of seconds")
         try:
-            p = get_preset(preset, seeds, tuple(only or ()), data)
+            p = get_preset(preset, seeds, tuple(only or ()), data, tokenizer, image_data)
         except KeyError:
             raise IBNormError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}") from None
         shard_ij = _parse_shard(shard)
@@ -81,17 +86,40 @@ def study(
         if outp.exists() and not outp.is_dir():
             raise IBNormError(f"--out {out} exists and is not a directory")
         if not report_only:
+            _check_lm_inputs(p)
             outp.mkdir(parents=True, exist_ok=True)
-            run_study(p, outp, None if json_out else _study_progress, jobs, shard_ij)
+            complete = run_study(p, outp, None if json_out else _study_progress, jobs, shard_ij, time_limit)
+            if not complete and not json_out:
+                err_console.print("time limit reached: unfinished runs saved checkpoints; run the same command again to resume")
         elif not outp.is_dir():
             raise IBNormError(f"study directory not found: {out}")
         command = "ibnorm study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         result = write_report(p, outp, command)
     if json_out:
-        print_json({"runs": result["runs"], "summary": result["summary"], "lambda_curve": result["lambda_curve"]})
+        print_json({k: result[k] for k in ("protocol", "runs", "summary", "lambda_curve", "warnings")})
         return
     _render_study(result)
     console.print(f"written {outp / 'results.md'}, results.json, {', '.join(result['charts'])}")
+
+
+def _check_lm_inputs(p) -> None:
+    """Before any run: the LM tasks' text exists (e.g. confirm's builtin:english) and their tokenizer loads."""
+    from ibnorm.data import check_text_data
+    from ibnorm.errors import IBNormError
+    from ibnorm.study.data import load_tokenizer
+
+    lm = [t for t in p.tasks if t["kind"] == "lm"]
+    if any(t["data"] is None for t in lm):
+        raise IBNormError(f"preset {p.name} needs --data: a local text corpus (docs/information.md, building a local corpus)")
+    for source in sorted({t["data"] for t in lm}):
+        check_text_data(source)
+    for name in sorted({t.get("tokenizer") for t in lm} - {None, "bytes"}):
+        load_tokenizer(name)
+    from ibnorm.study.data import image_shape
+
+    for t in p.tasks:
+        if t["kind"] != "lm" and image_shape(t)[1] < 2:
+            raise IBNormError(f"{t['data']}: an image task needs one subdirectory per class (at least two)")
 
 
 def _study_progress(event: dict) -> None:
@@ -100,6 +128,9 @@ def _study_progress(event: dict) -> None:
         value = "diverged" if r["diverged"] else f"{r['metric']} {r['value']:.4g} (val {r['val']:.4g})"
         err_console.print(f"{r['task']:<14} {r['normalizer']:<15} λ={r['lam']:<5g} lr={r['lr']:<7g} wd={r['wd']:<5g} "
                           f"seed {r['seed']}: {value}  {r['s_per_step'] * 1000:.1f} ms/step", highlight=False)
+    elif event["event"] == "paused":
+        c = event["config"]
+        err_console.print(f"{c['task']['name']:<14} {c['normalizer']:<15} seed {c['seed']}: checkpointed at the time limit", highlight=False)
     elif event["event"] == "plan" and event["pending"]:
         err_console.print(f"[dim]{event['done']} runs finished, {event['pending']} to go now[/dim]", highlight=False)
 
@@ -107,11 +138,16 @@ def _study_progress(event: dict) -> None:
 def _render_study(result: dict) -> None:
     rows = []
     for r in result["summary"]:
-        diff = "" if r.get("diff") is None else f"{r['diff']:+.4g} ± {r['diff_std']:.2g}"
-        rows.append((r["task"], r["normalizer"], r["metric"], f"{r['mean']:.4g} ± {r['std']:.2g}", r["n"], f"{r['lr']:g}/{r['wd']:g}",
-                     diff, r.get("p_value"), r.get("verdict", "reference"), f"{r['s_per_step'] * 1000:.1f}"))
-    console.print(table("study: test metric at each normalizer's best lr/wd (mean ± std over seeds)",
-                        ("task", "normalizer", "metric", "mean ± std", "n", "lr/wd", "Δ vs baseline", "p (paired t)", "verdict", "ms/step"), rows))
+        iv = r.get("interval")
+        diff = "" if r.get("delta") is None else f"{r['delta']:+.3g}" + ("" if iv is None else f" [{iv[0]:+.2g}, {iv[1]:+.2g}]")
+        value = "diverged" if r["mean"] is None else f"{r['mean']:.4g} ± {r['std']:.2g}"
+        rows.append((r["task"], r["normalizer"], value, r["n"], f"{r['lr']:g}/{r['wd']:g}",
+                     diff, r.get("p_holm"), r.get("verdict", "reference")))
+    console.print(table("study: test metric at each normalizer's selected lr/wd (mean ± std over seeds); Δ: test loss "
+                        "(LLaMA) or accuracy vs the baseline, paired, Holm-corrected p",
+                        ("task", "normalizer", "mean ± std", "n", "lr/wd", "Δ [95%]", "p Holm", "verdict"), rows))
+    for w in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
 
 def _pretrained_study(source: str, data: Optional[str], eval_data: Optional[str], arms: tuple, train: str, steps: int,
@@ -195,7 +231,8 @@ def mi(
     noise: float = typer.Option(0.5, help="σ of the noise added to T for I(X;T) (relative to unit-variance components)."),
     labels: int = typer.Option(31, help="Next-token classes kept for I(T;Y) (the rest pooled)."),
     estimator: str = typer.Option("ksg-bc", help="ksg-bc | ksg | renyi."),
-    reps: int = typer.Option(3, help="Half-samples for the error bars (0: none)."),
+    reps: int = typer.Option(8, help="Half-samples for the error bars (0: none); the bars state n."),
+    projection: str = typer.Option("shared", help="I(X;T): shared (T on X's principal axes) | own (each side on its own)."),
     plot: str = typer.Option("information_plane.png", "--plot", help="Where to write the information-plane PNG."),
     trajectory: Optional[str] = typer.Option(None, "--trajectory", help="Plot a metrics.jsonl of `finetune --mi-every` instead."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet."),
@@ -214,6 +251,8 @@ def mi(
 
         if estimator not in ESTIMATORS:
             raise IBNormError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if projection not in ("shared", "own"):
+            raise IBNormError(f"--projection must be shared or own, got {projection!r}")
         if dims < 1 or noise <= 0 or tokens < 100 or reps < 0 or labels < 1:
             raise IBNormError("--dims ≥ 1, --noise > 0, --tokens ≥ 100, --labels ≥ 1 and --reps ≥ 0 are required")
         quiet_libraries()
@@ -221,7 +260,7 @@ def mi(
         from ibnorm.charts import render
 
         opts = mi_mod.MIOptions(data=data, tokens=tokens, seq_len=seq_len, images=images, dims=dims, noise=noise, labels=labels,
-                                reps=reps, estimator=estimator, text_field=text_field)
+                                reps=reps, estimator=estimator, text_field=text_field, projection=projection)
         cache: dict = {}
         show = not json_out and err_console.is_terminal
         results = []
@@ -255,8 +294,8 @@ def _render_mi(results: list[dict], desc: dict) -> None:
             for k in ("I_XT", "I_TY"):
                 row.append("-" if lay is None else f"{lay[k]:.3f} ± {lay.get(k + '_err', 0.0):.3f}")
         rows.append(row)
-    console.print(table(f"information plane per norm layer, nats ({desc['estimator']}; X: {desc['X']}; T: {desc['T']}; "
-                        f"Y: {desc['Y']}; I(X;T) ≤ {desc['I_XT_bound']:.2f})", head, rows))
+    console.print(table(f"information plane per norm layer, nats ± error bar ({desc['error_bars']}; {desc['estimator']}; "
+                        f"X: {desc['X']}; T: {desc['T']}; Y: {desc['Y']}; I(X;T) ≤ {desc['I_XT_bound']:.2f})", head, rows))
 
 
 def _mi_trajectory(path: str, plot: str, json_out: bool) -> None:

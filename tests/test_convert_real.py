@@ -26,7 +26,7 @@ def test_smollm2_lam0_reproduces_source(smollm2):
     loaded = copy.copy(smollm2)
     loaded.model = copy.deepcopy(smollm2.model)
     res = ibnorm.convert_model(loaded, ibnorm.ConvertOptions(lam=0.0))
-    assert len(res.layers) == 61 and all(r.new_class == "IBRMSNorm" for r in res.layers)
+    assert len(res.layers) == 61 and all(r.new_class == "IBNormRMS" for r in res.layers)
     with torch.no_grad():
         after = loaded.model(input_ids=ids).logits
     assert (after - before).abs().max() <= 1e-4

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import ibnorm
 from ibnorm.hf import base_config, base_config_dict, hf_config_for, upgrade
-from models import MINILM, needs_minilm, tiny_hf, tiny_lm_with_tokenizer
+from models import MINILM, needs_minilm, randomize_lambda, tiny_hf, tiny_lm_with_tokenizer
 
 HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 HAVE_ST = importlib.util.find_spec("sentence_transformers") is not None
@@ -54,21 +54,6 @@ def _tiny_bert():
     return model.eval()
 
 
-def _randomize_lambda(directory: Path, seed: int) -> None:
-    """Per-channel λ in [0, 0.8) with every third channel at exactly 0 (the λ = 0 branch)."""
-    from safetensors.torch import load_file, save_file
-
-    g = torch.Generator().manual_seed(seed)
-    path = directory / "model.safetensors"
-    state = load_file(path)
-    for k, v in state.items():
-        if k.endswith(".lam"):
-            lam = torch.rand(v.shape, generator=g) * 0.8
-            lam.view(-1)[::3] = 0.0
-            state[k] = lam.to(v.dtype)
-    save_file(state, path, metadata={"format": "pt"})
-
-
 def as_format_1(directory: Path) -> None:
     """Rewrite a converted directory the way ibnorm's format 1 wrote it: the base config.json with an
     ``ibnorm`` section, no code files, and a manifest whose layers name their grouping "variant"."""
@@ -97,7 +82,7 @@ def _convert(src: Path, root: Path, name: str, op: str, seed: int) -> tuple[Path
     and upgrading the format-1 copy gives exactly that config."""
     v1, v2 = root / f"v1_{name}", root / f"v2_{name}"
     ibnorm.convert_checkpoint(str(src), v1, ibnorm.ConvertOptions(lam=0.3, op=op))
-    _randomize_lambda(v1, seed)
+    randomize_lambda(v1, seed)
     direct = json.loads((v1 / "config.json").read_text())
     as_format_1(v1)
     shutil.copytree(v1, v2)

@@ -140,3 +140,22 @@ def test_mi_command_errors(tmp_path):
                  ["mi", str(tmp_path), "--data", "x", "--estimator", "nope"], ["mi"]):
         r = _cli(*args)
         assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_shared_projection_keeps_i_xt_under_an_invertible_channel_shrink():
+    """A layer that shrinks two huge channels 100× is invertible: it loses no information about X.
+    Each side on its own principal axes reads T along other directions than X (the shrunk channels drop
+    out of T's top components) and the estimate falls by half; read along X's axes it stays put."""
+    from ibnorm.mi import MIOptions, layer_information
+
+    rng = np.random.default_rng(0)
+    n, d = 2000, 16
+    x = rng.standard_normal((n, d)) * np.array([100.0, 100.0, *np.linspace(10, 1, d - 2)])
+    t = np.hstack([x[:, :2] * 0.01, x[:, 2:]])
+    y = np.zeros(n, dtype=np.int64)
+    def ixt(proj: str, tt: np.ndarray) -> float:
+        return layer_information(torch.tensor(x), torch.tensor(tt), y, MIOptions(data="", reps=0, projection=proj, estimator="ksg"))["I_XT"]
+    reference = ixt("shared", x)  # T = X
+    assert ixt("own", x) == pytest.approx(reference)
+    assert ixt("shared", t) == pytest.approx(reference, abs=0.05)
+    assert ixt("own", t) < reference - 1.0

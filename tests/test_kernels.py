@@ -150,6 +150,25 @@ def test_torch_compile_traces_the_custom_op():
     torch.testing.assert_close(torch.compile(m, backend="eager")(x), eager)
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_compiled_backward_with_gradients_not_wanted(centered):
+    # A fixed λ (and no bias for rms) leaves two gradients unwanted: the custom op must return two
+    # distinct empty tensors (outputs may not alias), called directly and inside a compiled graph.
+    import ibnorm
+
+    cls = ibnorm.IBLayerNorm if centered else ibnorm.IBRMSNorm
+    m = cls(24, lam=0.4, op="tanh").to(DEVICE)
+    x = torch.randn(3, 24, device=DEVICE, requires_grad=True)
+    y, stats = dispatch.triton_ops().row_norm_fwd_op(x.detach(), m.weight.detach(), None, m.lam, "tanh", m.eps, False)
+    grads = dispatch.triton_ops().row_norm_bwd_op(torch.ones_like(y), x.detach(), m.weight.detach(), m.lam, stats, "tanh",
+                                                  False, [True, True, False, False])
+    assert [g.numel() for g in grads] == [x.numel(), 24, 0, 0]
+    eager = torch.autograd.grad(m(x).square().sum(), [x, m.weight])
+    compiled = torch.autograd.grad(torch.compile(m, backend="aot_eager")(x).square().sum(), [x, m.weight])
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
 def _dominated(m, n, big, dtype=torch.float32, seed=1):
     """Rows where one channel carries a massive activation: |z| of that channel ≈ √n."""
     g = torch.Generator().manual_seed(seed)

@@ -1,6 +1,7 @@
 """Streaming (block-by-block, from the shards) conversion equals whole-model conversion."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,116 @@ def test_capture_stops_each_block_at_its_last_norm_and_converts_the_same(tmp_pat
     a, b = TensorIndex.open(tmp_path / "early"), TensorIndex.open(tmp_path / "whole")
     assert set(a.tensors) == set(b.tensors)
     assert all(a.read_bytes(n) == b.read_bytes(n) for n in a.tensors)
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bf16") / "src"
+    tiny_lm_with_tokenizer(d, max_shard_size="30KB", dtype=torch.bfloat16)
+    assert {t.dtype for t in TensorIndex.open(d).tensors.values()} == {"BF16"}
+    return d
+
+
+CALIBRATED = dict(calib="builtin:pydoc:train", calib_samples=8, seq_len=64, budget=float("inf"))
+
+
+def test_streamed_calibration_of_a_bf16_checkpoint_computes_in_float32(bf16_llama, tmp_path, monkeypatch):
+    # The skeleton of a bf16 checkpoint is bf16; every tensor read for the forward passes (block weights,
+    # embeddings, final norm, head) and every activation is in the compute dtype (stores.COMPUTE_DTYPE), float32.
+    from transformers.models.llama import modeling_llama
+
+    seen: dict[str, set] = {"block weights": set(), "block buffers": set(), "hidden": set(), "rotary": set(),
+                            "inv_freq": set(), "outside weights": set(), "logits": set(), "real blocks": set(),
+                            "embeddings freed": set()}
+    model: list = []
+    layer, rotary, causal = (modeling_llama.LlamaDecoderLayer.forward, modeling_llama.LlamaRotaryEmbedding.forward,
+                             modeling_llama.LlamaForCausalLM.forward)
+
+    def layer_spy(self, hidden_states, *args, **kwargs):
+        seen["block weights"] |= {p.dtype for p in self.parameters()}
+        seen["block buffers"] |= {b.dtype for b in self.buffers() if b.is_floating_point()}
+        seen["hidden"].add(hidden_states.dtype)
+        seen["rotary"] |= {t.dtype for t in kwargs["position_embeddings"]}
+        # memory: one block in memory at a time; embeddings (tied to the head here) freed meanwhile
+        seen["real blocks"].add(sum(not next(b.parameters()).is_meta for b in model[0].model.layers))
+        seen["embeddings freed"].add(model[0].model.embed_tokens.weight.is_meta)
+        return layer(self, hidden_states, *args, **kwargs)
+
+    def rotary_spy(self, x, position_ids, *args, **kwargs):
+        seen["inv_freq"].add(self.inv_freq.dtype)
+        return rotary(self, x, position_ids, *args, **kwargs)
+
+    def causal_spy(self, *args, **kwargs):
+        real = [p for n, p in self.named_parameters() if ".layers." not in n and not p.is_meta]
+        seen["outside weights"] |= {p.dtype for p in real}
+        model[:] = [self]
+        out = causal(self, *args, **kwargs)
+        seen["logits"].add(out.logits.dtype)
+        return out
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", layer_spy)
+    monkeypatch.setattr(modeling_llama.LlamaRotaryEmbedding, "forward", rotary_spy)
+    monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", causal_spy)
+    ibnorm.convert_checkpoint(str(bf16_llama), tmp_path / "out", ibnorm.ConvertOptions(**CALIBRATED), stream="always")
+    assert all(seen.values()), seen  # every spy saw calls
+    assert seen["block weights"] == seen["hidden"] == seen["rotary"] == seen["inv_freq"] == {torch.float32}, seen
+    assert seen["outside weights"] == seen["logits"] == {torch.float32}, seen
+    assert seen["block buffers"] <= {torch.float32}, seen
+    assert seen["real blocks"] == {1} and seen["embeddings freed"] == {True}, seen
+
+
+def test_streamed_bf16_conversion_equals_in_memory_float32_conversion(bf16_llama, tmp_path):
+    # The independent reference: the same bf16 checkpoint loaded whole in float32 and converted in memory.
+    # Streamed, the model computes in float32 on the same (bf16-valued) weights, so λ is the same in
+    # every channel and γ is the reference's γ rounded to the bf16 it is written in.  The one difference:
+    # the streamed check runs with those rounded γ (the model it writes), the reference with float32 γ —
+    # the drifts agree to 5% relative.  (Computing in bf16 moves λ in some channels and γ by bf16 steps.)
+    _, whole = ibnorm.convert_checkpoint(str(bf16_llama), tmp_path / "whole", ibnorm.ConvertOptions(**CALIBRATED),
+                                         stream="never", dtype=torch.float32)
+    _, streamed = ibnorm.convert_checkpoint(str(bf16_llama), tmp_path / "stream", ibnorm.ConvertOptions(**CALIBRATED),
+                                            stream="always")
+    w, s = TensorIndex.open(tmp_path / "whole"), TensorIndex.open(tmp_path / "stream")
+    names = [layer["name"] for layer in whole["layers"]]
+    assert names == [layer["name"] for layer in streamed["layers"]] and len(names) == 5
+    for name in names:
+        assert s.tensors[f"{name}.weight"].dtype == "BF16" and s.tensors[f"{name}.lam"].dtype == "F32"
+        assert torch.equal(s.get(f"{name}.lam"), w.get(f"{name}.lam")), name
+        torch.testing.assert_close(s.get(f"{name}.weight"), w.get(f"{name}.weight").to(torch.bfloat16), rtol=0, atol=0)
+    for a, b in zip(whole["layers"], streamed["layers"]):
+        assert a["lam_mean"] == b["lam_mean"] and a["error"] == pytest.approx(b["error"], rel=1e-3, abs=1e-9)
+    assert streamed["end_to_end"]["value"] == pytest.approx(whole["end_to_end"]["value"], rel=0.05)
+
+
+def test_refit_cache_is_thinned_as_each_norm_is_fitted(bf16_llama, monkeypatch):
+    # The back-off refit cache keeps, per norm, an equal share of REFIT_CACHE_BYTES, thinned when the
+    # norm is fitted (the cache never outgrows its budget during the pass); streamed, it is kept on disk.  Every norm of a decoder sees
+    # the same number of equally wide rows, so this keeps what thinning the whole cache at the end of the
+    # pass kept (the rule before): int(rows × budget / total) evenly spaced rows of each capture.
+    from ibnorm.pipeline import calibrate
+    from ibnorm.pipeline.options import no_progress
+    from ibnorm.pipeline.plan import plan_streamed
+
+    captured: dict[int, torch.Tensor] = {}
+    fit_layer = calibrate.fit_layer
+
+    def recording(spec, module, x, *args):
+        captured[len(captured)] = x.clone()
+        return fit_layer(spec, module, x, *args)
+
+    monkeypatch.setattr(calibrate, "fit_layer", recording)
+    budget = 100 * 1024
+    monkeypatch.setattr(calibrate, "REFIT_CACHE_BYTES", budget)
+    opts = ibnorm.ConvertOptions(**CALIBRATED)
+    plan = plan_streamed(bf16_llama, opts)
+    cal = calibrate.calibrate(plan, opts, no_progress)
+    full = [captured[i] for i in range(len(captured))]
+    assert len(full) == len(cal.fits) == 5 and len({x.shape for x in full}) == 1
+    total = sum(x.numel() * 4 for x in full)
+    assert total > 2 * budget  # the budget binds
+    kept = int(full[0].shape[0] * (budget / total))
+    for x, f in zip(full, cal.fits.values()):
+        assert torch.equal(f.inputs(), x[torch.linspace(0, x.shape[0] - 1, kept).long()])
+    kept_bytes = sum(f.inputs().numel() * 4 for f in cal.fits.values())
+    assert kept_bytes <= budget
+    # streamed, the cache is not in memory: it is in an unlinked temporary file, all of it
+    assert os.fstat(plan.store.spill.file.fileno()).st_size == kept_bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -27,11 +28,20 @@ def micro(tmp_path_factory) -> Path:
 
 def test_micro_runs_every_planned_run(micro):
     runs = _runs(micro)
-    # baseline and ibnorm-t on seeds 0, 1, plus ibnorm-t at the λ-curve value 1.0 on seeds 0, 1
-    assert len(runs) == 6
-    assert {(r["normalizer"], r["lam"], r["seed"]) for r in runs.values()} == {
-        ("baseline", 0.0, 0), ("baseline", 0.0, 1), ("ibnorm-t", 0.3, 0), ("ibnorm-t", 0.3, 1), ("ibnorm-t", 1.0, 0), ("ibnorm-t", 1.0, 1)}
+    # tuning seed 0: baseline at the grid's lr and one extra lr (the equal budget), ibnorm-t at λ 0.3 and 1.0;
+    # seed 1: the baseline's choice and each λ point at its own lr
+    base_lrs = sorted(r["lr"] for r in runs.values() if r["normalizer"] == "baseline" and r["seed"] == 0)
+    assert len(base_lrs) == 2 and 3e-3 in base_lrs
+    assert len(runs) == 7
+    assert {(r["normalizer"], r["lam"], r["seed"]) for r in runs.values() if r["normalizer"] == "ibnorm-t"} == {
+        ("ibnorm-t", 0.3, 0), ("ibnorm-t", 0.3, 1), ("ibnorm-t", 1.0, 0), ("ibnorm-t", 1.0, 1)}
     assert all(len(r["losses"]) == 5 and not r["diverged"] for r in runs.values())
+    # the test split per image, compactly: 360 losses and a 0/1 string that reproduces the accuracy
+    ex = runs["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]["test_examples"]
+    assert len(ex["loss"]) == len(ex["correct"]) == 360
+    rec = runs["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]
+    assert ex["correct"].count("1") / 360 == pytest.approx(rec["value"])
+    assert sum(ex["loss"]) / 360 == pytest.approx(rec["test_loss"], abs=1e-5)
 
 
 def test_runs_are_bit_identical_when_repeated(micro, tmp_path):
@@ -42,7 +52,7 @@ def test_runs_are_bit_identical_when_repeated(micro, tmp_path):
     for k in a:
         assert a[k]["losses"] == b[k]["losses"] and a[k]["value"] == b[k]["value"] and a[k]["evals"] == b[k]["evals"]
     # different seeds give different runs (the seed reaches initialisation and data order)
-    assert a["runs/resnet-digits/baseline/lam0_lr0.003_wd0.01_s0.json"]["losses"] != a["runs/resnet-digits/baseline/lam0_lr0.003_wd0.01_s1.json"]["losses"]
+    assert a["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s0.json"]["losses"] != a["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]["losses"]
 
 
 def test_interrupted_study_resumes(micro, tmp_path):
@@ -63,7 +73,15 @@ def test_report_pairs_by_seed(micro):
     rows = {r["normalizer"]: r for r in res["summary"]}
     runs = {(r["normalizer"], r["seed"]): r["value"] for r in res["runs"]}
     diff = [runs[("ibnorm-t", s)] - runs[("baseline", s)] for s in (0, 1)]
-    assert rows["ibnorm-t"]["diff"] == pytest.approx(sum(diff) / 2)
+    assert rows["ibnorm-t"]["delta"] == pytest.approx(sum(diff) / 2)
+    assert rows["ibnorm-t"]["p_holm"] is not None and rows["ibnorm-t"]["interval_kind"] == "bootstrap over seeds and documents"
+    lo, hi = rows["ibnorm-t"]["interval"]
+    assert -1.0 <= lo <= hi <= 1.0  # accuracy differences, as fractions
+    # equal tuning budget, recorded per normalizer
+    assert rows["baseline"]["budget"] == rows["ibnorm-t"]["budget"] == rows["baseline"]["tuned"] == 2
+    # a one-point grid brackets nothing: the warning says so
+    assert any("baseline: selected lr" in w and "edge" in w for w in res["warnings"])
+    assert all(r["val_loss_fall_last10"] is not None for r in rows.values())
     assert rows["baseline"]["n"] == 2 and rows["baseline"]["mean"] == pytest.approx((runs[("baseline", 0)] + runs[("baseline", 1)]) / 2)
     assert [p["lam"] for p in res["lambda_curve"][0]["points"]] == [0.3, 1.0]
     assert (micro / "results.md").exists() and (micro / "lambda_resnet-digits.png").read_bytes()[:4] == b"\x89PNG"
@@ -116,7 +134,8 @@ def test_study_command_json(micro, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["--preset", "nope"], "unknown preset"), (["--preset", "micro", "--only", "xnorm"], "unknown normalizer"),
-                                           (["--preset", "micro", "--seeds", "0"], "--seeds"), (["--preset", "micro", "--shard", "3/2"], "--shard")])
+                                           (["--preset", "micro", "--seeds", "0"], "--seeds"), (["--preset", "micro", "--shard", "3/2"], "--shard"),
+                                           (["--preset", "smoke", "--data", "builtin:nope"], "unknown builtin data")])
 def test_study_command_errors(tmp_path, args, message):
     r = _cli("study", "--out", str(tmp_path / "e"), *args)
     assert r.exit_code == 2 and "error:" in r.output and message in r.output and "Traceback" not in r.output, r.output
@@ -131,3 +150,271 @@ def test_a_changed_configuration_is_refused(micro, tmp_path):
     path.write_text(json.dumps(rec))
     r = _cli("study", "--preset", "micro", "--out", str(out))
     assert r.exit_code == 2 and "different configuration" in r.output
+
+
+# --- the selection protocol on simulated studies (records with a known validation loss, no training) ---
+
+
+def _simulate(preset, out: Path, val_loss) -> int:
+    """Complete a study by writing a record for every planned run, ``val_loss(cfg)`` as its validation loss."""
+    from ibnorm.study.runner import plan, write_run
+
+    written = 0
+    while True:
+        todo, _ = plan(preset, out)
+        if not todo:
+            return written
+        for cfg in todo:
+            write_run(out, {"config": cfg, "lr": cfg["lr"], "wd": cfg["wd"], "lam": cfg["lam"], "seed": cfg["seed"],
+                            "normalizer": cfg["normalizer"], "diverged": False, "val_loss": val_loss(cfg), "evals": []})
+            written += 1
+
+
+def _cpu_llama(**kw):
+    p = get_preset("cpu", **kw)
+    p.tasks = [t for t in p.tasks if t["kind"] == "lm"]
+    return p
+
+
+def test_selection_picks_the_lowest_validation_loss_and_gives_every_normalizer_the_same_budget(tmp_path):
+    import math
+
+    from ibnorm.study.runner import tuning
+
+    p = _cpu_llama()
+    # a bowl in log lr with its minimum inside the grid, different per normalizer and λ
+    best = {("baseline", 0.0): 8e-4, ("ibnorm-t", 0.3): 2e-3, ("ibnorm-t", 1.0): 5e-4}
+    def loss(c):
+        opt = best.get((c["normalizer"], c["lam"]), 1e-3)
+        return 1.0 + (math.log(c["lr"]) - math.log(opt)) ** 2 + (0.01 if c["wd"] == 0.1 else 0.0) + 0.1 * c["lam"]
+    _simulate(p, tmp_path, loss)
+    task = p.tasks[0]
+    budgets = set()
+    for norm in p.normalizers:
+        t = tuning(p, tmp_path, task, norm)
+        runs = [r for r in t.grid_runs + t.extra_runs]
+        assert t.complete and len(runs) == t.budget
+        budgets.add(t.budget)
+        assert t.chosen.run["val_loss"] == min(r["val_loss"] for r in runs)  # the lowest, whatever its lr
+        assert t.chosen.run["wd"] == 0.0 and not t.chosen.on_edge
+    # the grid's 3 lr × 2 wd plus IBNorm-T's four further λ × 3 lr, for every normalizer alike
+    assert budgets == {6 + 4 * 3}
+    t = tuning(p, tmp_path, task, "ibnorm-t")
+    assert {lam: s.run["lr"] for lam, s in t.per_lambda.items()}[1.0] != t.per_lambda[0.3].run["lr"]  # own lr per λ
+    base = tuning(p, tmp_path, task, "baseline")
+    assert 3e-4 < base.chosen.run["lr"] < 3e-3 and base.chosen.run["lr"] not in task["lrs"]  # a dense extra lr won
+
+
+def test_selection_ties_are_broken_by_the_documented_rule_not_toward_the_smallest_lr():
+    import zlib
+
+    from ibnorm.study.selection import select
+
+    def rec(lr, tail):
+        cfg = {"lr": lr, "wd": 0.1}
+        return {"config": cfg, "lr": lr, "wd": 0.1, "lam": 0.0, "diverged": False, "val_loss": 1.25,
+                "evals": [{"loss": tail}, {"loss": tail}, {"loss": 1.25}]}
+    runs = [rec(1e-3, 1.40), rec(3e-3, 1.30), rec(1e-2, 1.35)]
+    s = select(runs)
+    assert s.run["lr"] == 3e-3  # the lower end-of-curve loss, not the smallest lr
+    assert {t["lr"] for t in s.tied_with} == {1e-3, 1e-2}
+    # equal tail too: the configuration's CRC-32 decides, whatever the order given
+    flat = [rec(lr, 1.3) for lr in (1e-3, 3e-3, 1e-2)]
+    want = min(flat, key=lambda r: zlib.crc32(json.dumps(r["config"], sort_keys=True).encode()))
+    assert select(flat).run is want and select(flat[::-1]).run is want
+    # a diverged run never wins
+    assert select([{**rec(1e-3, 1.0), "diverged": True, "val_loss": None}, rec(3e-3, 2.0)]).run["lr"] == 3e-3
+
+
+def test_a_selected_lr_on_the_grid_edge_is_flagged(tmp_path):
+    p = _cpu_llama()
+    _simulate(p, tmp_path, lambda c: 1.0 + c["lr"])  # always the smallest lr: the optimum may lie below the grid
+    from ibnorm.study.runner import tuning
+
+    t = tuning(p, tmp_path, p.tasks[0], "baseline")
+    assert t.chosen.run["lr"] == 3e-4 and t.chosen.on_edge
+
+
+def test_learnable_lambda_trains_at_its_own_learning_rate():
+    from ibnorm.study.train import _param_groups
+
+    model = apply_normalizer(TinyResNet(1, 10, (4, 8)), "ibnorm-t-learn", 0.3)
+    groups = _param_groups(model, 0.1, 10.0)
+    lam_group = [g for g in groups if g["lr_mult"] == 10.0]
+    assert len(lam_group) == 1 and lam_group[0]["weight_decay"] == 0.0
+    n_lam = sum(1 for m in model.modules() if getattr(m, "lam_is_learnable", False))
+    assert len(lam_group[0]["params"]) == n_lam > 0
+    assert sum(len(g["params"]) for g in groups) == len([q for q in model.parameters() if q.requires_grad])
+
+
+def test_validation_and_test_alternate_documents_and_cover_their_halves():
+    from ibnorm.data import read_texts
+    from ibnorm.study.data import eval_windows, text_bytes
+
+    held = read_texts("builtin:pydoc:eval")
+    s = text_bytes("builtin:pydoc")
+    val, test = bytes(s.val.to(torch.uint8).tolist()).decode(), bytes(s.test.to(torch.uint8).tolist()).decode()
+    assert held[0] in val and held[1] in test and held[-2] in (val if len(held) % 2 == 0 else test)
+    assert held[1] not in val and held[0] not in test  # no document in both
+    w = eval_windows(s.test, 128)
+    assert len(w) == (len(s.test) - 1) // 128 and torch.equal(w[-1], s.test[(len(w) - 1) * 128:len(w) * 128 + 1])
+    sample = eval_windows(s.test, 128, 50)
+    assert len(sample) == 50 and torch.equal(sample, eval_windows(s.test, 128, 50))  # fixed, the same for every run
+    assert len({tuple(r.tolist()) for r in sample}) == 50
+
+
+def test_convergence_is_the_relative_fall_over_the_last_tenth():
+    from ibnorm.study.report import convergence
+
+    evals = [{"step": s, "loss": 2.0 - s / 1000} for s in range(50, 1001, 50)]
+    assert convergence({"evals": evals}) == pytest.approx((1.1 - 1.0) / 1.0)
+    assert convergence({"evals": evals, "diverged": True}) is None
+
+
+# --- mid-run checkpoints: a run stopped at a deadline and resumed equals the uninterrupted run ---
+
+
+def _stop_after(monkeypatch, calls: int) -> None:
+    import ibnorm.study.train as train
+
+    count = {"n": 0}
+
+    def past(deadline, world, dev):
+        count["n"] += 1
+        return deadline is not None and count["n"] > calls
+
+    monkeypatch.setattr(train, "_past", past)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "lm"])
+def test_a_run_resumed_from_its_checkpoint_equals_the_uninterrupted_run(kind, tmp_path, monkeypatch):
+    import copy
+    import time
+
+    from ibnorm.study.presets import _lm
+    from ibnorm.study.runner import make_config
+    from ibnorm.study.train import run_one
+
+    p = get_preset("micro")
+    task = copy.deepcopy(p.tasks[0]) if kind == "cnn" else _lm("lm", 6, 16, 1, 2, 32, 16, 4, (3e-3,), (0.1,), eval_windows=8)
+    task.update(steps=6, eval_every=2, checkpoint_every=2)
+    cfg = make_config(p, task, "ibnorm-t-learn", 3e-3, 0.1, 1)  # learnable λ, BatchNorm buffers / tied embeddings
+    full = run_one(cfg)
+    ck = tmp_path / "ck"
+    _stop_after(monkeypatch, 3)  # the deadline "passes" before step 3
+    assert run_one(cfg, checkpoint=ck, deadline=time.time() + 1e6) is None
+    assert json.loads((ck / "progress.json").read_text())["step"] == 3
+    monkeypatch.undo()
+    resumed = run_one(cfg, checkpoint=ck)
+    assert resumed["losses"] == full["losses"] and resumed["evals"] == full["evals"]
+    assert resumed["value"] == full["value"] and resumed["test_examples"] == full["test_examples"]
+    assert resumed["mean_lambda"] == full["mean_lambda"] and not ck.exists()
+
+
+def test_a_time_limited_study_checkpoints_and_the_next_invocation_completes_it(micro, tmp_path, monkeypatch):
+    out = tmp_path / "g"
+    shutil.copytree(micro, out)
+    victim = out / "runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"
+    victim.unlink()
+    _stop_after(monkeypatch, 2)
+    events = []
+    assert run_study(get_preset("micro"), out, events.append, time_limit=1e6) is False
+    assert [e["event"] for e in events if e["event"] != "plan"] == ["paused"] and not victim.exists()
+    assert (out / "checkpoints/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1/progress.json").exists()
+    monkeypatch.undo()
+    assert run_study(get_preset("micro"), out) is True
+    assert json.loads(victim.read_text())["losses"] == _runs(micro)["runs/resnet-digits/ibnorm-t/lam1_lr0.003_wd0.01_s1.json"]["losses"]
+
+
+def test_a_subword_tokenizer_sets_the_vocabulary_and_the_splits(tmp_path):
+    import copy
+
+    from models import tiny_lm_with_tokenizer
+
+    from ibnorm.study.data import load_tokenizer, split_documents, text_splits
+    from ibnorm.study.presets import _lm
+    from ibnorm.study.runner import make_config
+    from ibnorm.study.train import run_one
+
+    tok_dir = str(tiny_lm_with_tokenizer(tmp_path / "tok"))
+    tok = load_tokenizer(tok_dir)
+    s = text_splits("builtin:pydoc", tok_dir)
+    _, val_docs, _ = split_documents("builtin:pydoc")
+    first = tok(val_docs[0], add_special_tokens=False)["input_ids"]
+    assert s.val[: len(first)].tolist() == first and s.val[len(first)] == tok.eos_token_id  # documents end with EOS
+    task = _lm("lm", 3, 16, 1, 2, 32, 16, 4, (3e-3,), (0.1,), eval_windows=8, tokenizer=tok_dir)
+    rec = run_one(make_config(get_preset("micro"), copy.deepcopy(task), "baseline", 3e-3, 0.1, 0))
+    assert len(rec["losses"]) == 3 and rec["test_loss"] < 2 * math.log(len(tok))
+    assert rec["params"] == pytest.approx(len(tok) * 16 + sum(p for p in (16 * 16 * 4, 3 * 16 * 32, 16 * 3)), rel=0.01)
+
+
+def test_gpu_presets_need_data_and_a_loadable_tokenizer(tmp_path):
+    r = _cli("study", "--preset", "gpu-llama60m", "--out", str(tmp_path / "h"))
+    assert r.exit_code == 2 and "needs --data" in r.output and "Traceback" not in r.output, r.output
+    r = _cli("study", "--preset", "smoke", "--tokenizer", str(tmp_path / "nope"), "--out", str(tmp_path / "h"))
+    assert r.exit_code == 2 and "tokenizer not found" in r.output, r.output
+
+
+def test_subword_ids_of_a_corpus_on_disk_are_cached(tmp_path, monkeypatch):
+    from models import tiny_lm_with_tokenizer
+
+    import ibnorm.study.data as sd
+
+    monkeypatch.setenv("IBNORM_CACHE", str(tmp_path / "cache"))
+    tok_dir = str(tiny_lm_with_tokenizer(tmp_path / "tok"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(45):
+        (corpus / f"d{i:02d}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i + 1))
+    first = sd._tokenize(str(corpus), tok_dir)
+    got = sd.text_splits(str(corpus), tok_dir)
+    assert [len(list((tmp_path / "cache/study-tokens").glob("*.pt")))] == [1]
+    sd.text_splits.cache_clear()
+    monkeypatch.setattr(sd, "_tokenize", lambda *a: pytest.fail("tokenized again instead of reading the cache"))
+    again = sd.text_splits(str(corpus), tok_dir)
+    for a, b, c in zip((first.train, first.val, first.test), (got.train, got.val, got.test), (again.train, again.val, again.test)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert len(first.val) > 0 and len(first.test) > 0  # the 19th and 20th of every 20 documents
+    sd.text_splits.cache_clear()
+
+
+def test_a_trained_llama_records_its_information_plane(tmp_path):
+    import copy
+
+    from ibnorm.study.presets import _lm
+    from ibnorm.study.report import _describe
+    from ibnorm.study.runner import make_config
+    from ibnorm.study.train import run_one
+
+    task = _lm("lm", 3, 16, 2, 2, 32, 32, 4, (3e-3,), (0.1,), eval_windows=8, information=8)
+    rec = run_one(make_config(get_preset("micro"), copy.deepcopy(task), "ibnorm-t", 3e-3, 0.1, 0))
+    plane = rec["information"]
+    assert len(plane) == 2 * 2 + 1  # two norms per block and the final norm
+    bound = 4 / 2 * math.log(1 + 1 / 0.5 ** 2)
+    assert all(0 <= v["I_XT"] <= bound + 0.3 and 0 <= v["I_TY"] <= math.log(32) + 0.3 for v in plane.values())
+    d = _describe([rec])["information"]
+    assert d["seeds"] == 1 and d["I_TY_layer_mean"] == pytest.approx(sum(v["I_TY"] for v in plane.values()) / 5)
+
+
+def test_vision_tasks_train_on_an_image_folder(tmp_path):
+    import copy
+
+    from PIL import Image
+
+    from ibnorm.study.runner import make_config
+    from ibnorm.study.train import run_one
+
+    rng = torch.Generator().manual_seed(0)
+    for c, colour in enumerate(((220, 30, 30), (30, 220, 30), (30, 30, 220))):
+        (tmp_path / "img" / f"class{c}").mkdir(parents=True)
+        for i in range(20):
+            noise = torch.randint(0, 30, (12, 12, 3), generator=rng).numpy()
+            Image.fromarray((noise + torch.tensor(colour).numpy()).clip(0, 255).astype("uint8")).save(tmp_path / "img" / f"class{c}" / f"{i}.png")
+    p = get_preset("micro", image_data=str(tmp_path / "img"))
+    task = copy.deepcopy(p.tasks[0])
+    task["image_size"] = 8
+    rec = run_one(make_config(p, task, "ibnorm-t", 3e-3, 0.01, 0))
+    assert len(rec["test_examples"]["correct"]) == 12  # 20% of 60 images
+    assert rec["params"] == sum(q.numel() for q in TinyResNet(3, 3, (4, 8)).parameters())  # RGB in, three classes out
+    r = _cli("study", "--preset", "micro", "--image-data", str(tmp_path / "img" / "class0"), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "subdirectory per class" in r.output, r.output

@@ -10,9 +10,9 @@ from ibnorm.surgery import find_norms
 from models import tiny_hf, tiny_timm
 
 HF_EXPECTED = {  # family: (norm count, expected class name fragment, IB class)
-    "llama": (5, "LlamaRMSNorm", "IBRMSNorm"),
-    "qwen3": (9, "Qwen3RMSNorm", "IBRMSNorm"),  # includes per-head q_norm / k_norm
-    "gemma": (5, "GemmaRMSNorm", "IBRMSNorm"),
+    "llama": (5, "LlamaRMSNorm", "IBNormRMS"),
+    "qwen3": (9, "Qwen3RMSNorm", "IBNormRMS"),  # includes per-head q_norm / k_norm
+    "gemma": (5, "GemmaRMSNorm", "IBNormRMS"),
     "gpt2": (5, "LayerNorm", "IBLayerNorm"),
 }
 

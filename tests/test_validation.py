@@ -58,6 +58,9 @@ OPTION_CASES = [  # (check, args, expected value or the exception's message frag
     (V.check_weights_option, ("timm:resnet18", "w.safetensors"), None), (V.check_weights_option, ("gpt2", None), None),
     (V.check_weights_option, ("gpt2", "w.safetensors"), "--weights applies only to timm:NAME"),
     (V.check_weights_option, ("gpt2", None, True), "--random-weights applies only"),
+    (V.check_device, ("cpu",), None), (V.check_device, ("gpu",), "--device 'gpu': use cpu, cuda or cuda:N"),
+    (V.check_device, ("cuda:x",), "use cpu, cuda or cuda:N"),
+    (V.check_device, (f"cuda:{torch.cuda.device_count()}",), "no such CUDA device"),
     (V.check_weights_option, ("timm:resnet18", "w", True), "exclude each other"),
 ]
 

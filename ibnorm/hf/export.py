@@ -23,9 +23,9 @@ WEIGHT_CONVENTION = "y = weight * c_hat + bias; weight is the effective multipli
 
 
 def _grouping(module: nn.Module) -> tuple[str, int]:
-    from ..layers import IBGroupNorm, IBLayerNorm, IBLayerNorm2d, IBRMSNorm, IBRMSNorm2d
+    from ..layers import IBGroupNorm, IBLayerNorm, IBLayerNorm2d, IBNormRMS, IBNormRMS2d
 
-    for cls, grouping, channel_dim in ((IBRMSNorm2d, "rms", 1), (IBLayerNorm2d, "layer", 1), (IBRMSNorm, "rms", -1),
+    for cls, grouping, channel_dim in ((IBNormRMS2d, "rms", 1), (IBLayerNorm2d, "layer", 1), (IBNormRMS, "rms", -1),
                                        (IBLayerNorm, "layer", -1), (IBGroupNorm, "group", 1)):
         if isinstance(module, cls):
             return grouping, channel_dim

@@ -15,6 +15,14 @@ The rms and layer groupings run ibnorm's few-op torch form (``torch_rownorm.py``
 this file): about a dozen torch ops per call instead of the exact form's forty, equal to it to
 float32 rounding, and the exact form bit for bit where λ is 0 everywhere.  The group grouping, and
 a positive λ below 1e-20, take the exact form below.
+
+Serving engines (vLLM and SGLang through their Transformers backends) build the *base* model
+(``AutoModel.from_config`` on the meta device), load every checkpoint tensor as a parameter, swap
+modules whose class name ends in "RMSNorm" and compile with ``torch.compile``.  So: layer names in
+the config resolve in the base model as in the head model; λ is a frozen parameter, not a buffer;
+the layer class is ``IBNorm``; under compilation and export the forward is the exact form, which
+has no data-dependent branch; and FX tracing sees one opaque call (no RMSNorm pattern to match).
+tests/test_serving_contract.py states and checks this.
 """
 
 from __future__ import annotations
@@ -56,13 +64,32 @@ def _ratio(op: str, lam: Tensor, a: Tensor) -> Tensor:
             raise ValueError(f"unknown IBNorm compression op {op!r}")
     small = u < SERIES_CUTOFF
     v = torch.where(small, torch.ones_like(u), u)  # keeps the unused branch NaN-free
+    log1p, expm1 = (_log1p_plain, _expm1_plain) if _traced() else (torch.log1p, torch.expm1)
     if op == "tanh":
         exact = torch.tanh(v) / v
     elif op == "log":
-        exact = torch.log1p(v) / v
+        exact = log1p(v) / v
     else:
-        exact = torch.expm1(p * torch.log1p(v)) / (p * v)
+        exact = expm1(p * log1p(v)) / (p * v)
     return torch.where(small, series, exact)
+
+
+def _traced() -> bool:
+    """Under torch.compile, torch.export (ONNX) or TorchScript tracing."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _log1p_plain(v: Tensor) -> Tensor:
+    # log1p from log and exp only, accurate to a few ulps (Goldberg's form): ONNX has no Log1p, and an
+    # exporter's Log(1 + v) loses 6e-8/v relative accuracy.  v ≥ SERIES_CUTOFF here, so w > 1.
+    w = 1.0 + v
+    return torch.log(w) * (v / (w - 1.0))
+
+
+def _expm1_plain(y: Tensor) -> Tensor:
+    # expm1 likewise (Kahan's form); y > 0 here.
+    u = torch.exp(y)
+    return torch.where(u == 1.0, y, (u - 1.0) * (y / torch.log(u)))
 
 
 def _compress(z: Tensor, lam: Tensor, op: str) -> Tensor:
@@ -76,7 +103,8 @@ class IBNorm(nn.Module):
     """One IBNorm layer described by a ``config.ibnorm["layers"]`` entry.
 
     Groupings: ``rms`` and ``layer`` over the trailing ``normalized_shape`` (or over dim 1 when
-    ``channel_dim`` is 1), and ``group``.  λ is a fixed buffer (scalar or one value per channel).
+    ``channel_dim`` is 1), and ``group``.  λ is fixed (scalar or one value per channel): a parameter
+    that does not require grad, because serving engines load checkpoint tensors into parameters only.
     """
 
     def __init__(self, layer: dict) -> None:
@@ -92,56 +120,11 @@ class IBNorm(nn.Module):
         shape = self.normalized_shape
         self.weight = nn.Parameter(torch.ones(shape)) if layer.get("weight", True) else None
         self.bias = nn.Parameter(torch.zeros(shape)) if layer.get("bias", False) else None
-        self.register_buffer("lam", torch.zeros(tuple(layer["lam_shape"]), dtype=torch.float32))
+        self.lam = nn.Parameter(torch.zeros(tuple(layer["lam_shape"]), dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if self.grouping == "group":
-            return self._group(x, ct)
-        centered = self.grouping == "layer"
-        xl = x if self.channel_dim == -1 else x.movedim(1, -1)
-        y = fast_row_norm(xl, self.normalized_shape, self.weight, self.bias, self.lam, self.op, self.eps, centered)
-        if y is not None:
-            return y if self.channel_dim == -1 else y.movedim(-1, 1)
-        xf = xl.to(ct)
-        dims = tuple(range(-len(self.normalized_shape), 0))
-        d = xf - xf.mean(dims, keepdim=True) if centered else xf
-        z = d * torch.rsqrt(d.square().mean(dims, keepdim=True) + self.eps)
-        c = _compress(z, self.lam.to(ct), self.op)
-        y = self._affine(self._restandardize(z, c, dims, centered), ct)
-        y = y if self.channel_dim == -1 else y.movedim(-1, 1)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def _restandardize(z: Tensor, c: Tensor, dims: tuple, centered: bool) -> Tensor:
-        # var_c and var_z are computed by the same operations, so at λ = 0 (c == z) the ratio is exactly 1.
-        if centered:
-            mu_c = (c - z).mean(dims, keepdim=True)
-            var_c = (c - c.mean(dims, keepdim=True)).square().mean(dims, keepdim=True)
-            var_z = (z - z.mean(dims, keepdim=True)).square().mean(dims, keepdim=True)
-            c = c - mu_c
-        else:
-            var_c = c.square().mean(dims, keepdim=True)
-            var_z = z.square().mean(dims, keepdim=True)
-        return c * (torch.sqrt(var_z.clamp_min(RESTANDARDIZE_FLOOR)) / torch.sqrt(var_c.clamp_min(RESTANDARDIZE_FLOOR)))
-
-    def _group(self, x: Tensor, ct: torch.dtype) -> Tensor:
-        n = x.shape[0]
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        g = x.to(ct).reshape(n, self.num_groups, -1)
-        d = g - g.mean(-1, keepdim=True)
-        z = (d * torch.rsqrt(d.square().mean(-1, keepdim=True) + self.eps)).reshape(x.shape)
-        lam = self.lam.to(ct)
-        c = _compress(z, lam.reshape(view) if lam.dim() == 1 else lam, self.op)
-        y = self._restandardize(z.reshape(n, self.num_groups, -1), c.reshape(n, self.num_groups, -1), (-1,), True)
-        return self._affine(y.reshape(x.shape), ct, view).to(x.dtype)
-
-    def _affine(self, y: Tensor, ct: torch.dtype, view: tuple | None = None) -> Tensor:
-        for p, combine in ((self.weight, torch.mul), (self.bias, torch.add)):
-            if p is not None:
-                p = p.to(ct)
-                y = combine(y, p.reshape(view) if view is not None else p)
-        return y
+        return ib_norm(x, self.weight, self.bias, self.lam, self.grouping, self.op, self.eps, self.normalized_shape,
+                       self.channel_dim, self.num_groups)
 
     def extra_repr(self) -> str:
         lam = self.lam.float()
@@ -149,14 +132,84 @@ class IBNorm(nn.Module):
                 f"lam_mean={lam.mean().item() if lam.numel() and not lam.is_meta else float('nan'):.4g}")
 
 
-def swap_in_ibnorm(model: nn.Module, layers: list) -> None:
-    """Replace each named module by an :class:`IBNorm` built from its entry."""
-    for layer in layers:
-        parent_name, _, child = layer["name"].rpartition(".")
+@torch.fx.wrap  # one opaque call to FX tracers: pattern matchers (vLLM's norm fusers) find no RMSNorm inside
+def ib_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, lam: Tensor, grouping: str, op: str, eps: float,
+            normalized_shape: tuple, channel_dim: int = -1, num_groups: int | None = None) -> Tensor:
+    """IBNorm of ``x`` (see the module docstring); the result has the input dtype."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if grouping == "group":
+        return _group(x, weight, bias, lam, op, eps, num_groups, ct)
+    centered = grouping == "layer"
+    xl = x if channel_dim == -1 else x.movedim(1, -1)
+    # The few-op form branches on λ's values and caches by tensor identity: eager only.
+    y = None if _traced() else fast_row_norm(xl, normalized_shape, weight, bias, lam, op, eps, centered)
+    if y is None:
+        xf = xl.to(ct)
+        dims = tuple(range(-len(normalized_shape), 0))
+        d = xf - xf.mean(dims, keepdim=True) if centered else xf
+        z = d * torch.rsqrt(d.square().mean(dims, keepdim=True) + eps)
+        c = _compress(z, lam.detach().to(ct), op)  # λ is fixed whatever its requires_grad (loading resets it)
+        y = _affine(_restandardize(z, c, dims, centered), weight, bias, ct).to(x.dtype)
+    return y if channel_dim == -1 else y.movedim(-1, 1)
+
+
+def _restandardize(z: Tensor, c: Tensor, dims: tuple, centered: bool) -> Tensor:
+    # var_c and var_z are computed by the same operations, so at λ = 0 (c == z) the ratio is exactly 1.
+    if centered:
+        mu_c = (c - z).mean(dims, keepdim=True)
+        var_c = (c - c.mean(dims, keepdim=True)).square().mean(dims, keepdim=True)
+        var_z = (z - z.mean(dims, keepdim=True)).square().mean(dims, keepdim=True)
+        c = c - mu_c
+    else:
+        var_c = c.square().mean(dims, keepdim=True)
+        var_z = z.square().mean(dims, keepdim=True)
+    return c * (torch.sqrt(var_z.clamp_min(RESTANDARDIZE_FLOOR)) / torch.sqrt(var_c.clamp_min(RESTANDARDIZE_FLOOR)))
+
+
+def _group(x: Tensor, weight: Tensor | None, bias: Tensor | None, lam: Tensor, op: str, eps: float, num_groups: int,
+           ct: torch.dtype) -> Tensor:
+    n = x.shape[0]
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    g = x.to(ct).reshape(n, num_groups, -1)
+    d = g - g.mean(-1, keepdim=True)
+    z = (d * torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    lam = lam.detach().to(ct)
+    c = _compress(z, lam.reshape(view) if lam.dim() == 1 else lam, op)
+    y = _restandardize(z.reshape(n, num_groups, -1), c.reshape(n, num_groups, -1), (-1,), True)
+    return _affine(y.reshape(x.shape), weight, bias, ct, view).to(x.dtype)
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, ct: torch.dtype, view: tuple | None = None) -> Tensor:
+    for p, combine in ((weight, torch.mul), (bias, torch.add)):
+        if p is not None:
+            p = p.to(ct)
+            y = combine(y, p.reshape(view) if view is not None else p)
+    return y
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    parent_name, _, child = name.rpartition(".")
+    try:
         parent = model.get_submodule(parent_name) if parent_name else model
-        if not hasattr(parent, child):
-            raise ValueError(f"config names IBNorm layer {layer['name']!r}, which {type(model).__name__} does not have")
-        setattr(parent, child, IBNorm(layer))
+    except AttributeError:
+        return None
+    return (parent, child) if hasattr(parent, child) else None
+
+
+def swap_in_ibnorm(model: nn.Module, layers: list) -> None:
+    """Replace each named module by an :class:`IBNorm` built from its entry.
+
+    Names are those of the converted class (``model.layers.0.input_layernorm`` for a causal LM); the base
+    model (what serving engines build) lacks the ``base_model_prefix``, a head model over a converted
+    base model has it in addition."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for layer in layers:
+        name = layer["name"]
+        other = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else f"{prefix}.{name}" if prefix else name
+        found = _owner(model, name) or _owner(model, other)
+        if found is None:
+            raise ValueError(f"config names IBNorm layer {name!r}, which {type(model).__name__} does not have")
+        setattr(found[0], found[1], IBNorm(layer))
 
 
 def _post_init(self) -> None:
@@ -207,7 +260,7 @@ def model_class_for(base_class_name: str) -> type:
     return cls
 
 
-__all__ = ["IBNorm", "swap_in_ibnorm", "model_class_for", "base_model_type"]
+__all__ = ["IBNorm", "ib_norm", "swap_in_ibnorm", "model_class_for", "base_model_type"]
 
 
 def __getattr__(name: str):

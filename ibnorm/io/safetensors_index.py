@@ -252,6 +252,19 @@ def read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
+def read_exact(fd: int, offset: int, nbytes: int, truncated: str) -> bytearray:
+    """``nbytes`` bytes of ``fd`` from ``offset`` into a fresh buffer (positioned reads); SourceError
+    ``truncated`` when the file ends first."""
+    buf = bytearray(nbytes)
+    view, done = memoryview(buf), 0
+    while done < nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise SourceError(truncated)
+        done += n
+    return buf
+
+
 class TensorIndex:
     """Name → :class:`TensorInfo` over a file, a sharded directory (with its index) or a plain directory."""
 
@@ -313,15 +326,7 @@ class TensorIndex:
     def read_bytes(self, name: str) -> bytearray:
         """The raw bytes of one tensor (one positioned read)."""
         info = self.tensors[name]
-        fd = self.fd_of(name)
-        buf = bytearray(info.nbytes)
-        view, done = memoryview(buf), 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.begin + done)
-            if n <= 0:
-                raise SourceError(f"{info.file} is truncated (reading {name!r})")
-            done += n
-        return buf
+        return read_exact(self.fd_of(name), info.begin, info.nbytes, f"{info.file} is truncated (reading {name!r})")
 
     def get_numpy(self, name: str):
         """One floating-point tensor as a float32 numpy array (bf16 widened), without torch."""

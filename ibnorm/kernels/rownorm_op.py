@@ -231,10 +231,10 @@ def _(x, weight, bias, lam, op, eps, centered):
 @torch.library.custom_op("ibnorm::row_norm_bwd", mutates_args=())
 def row_norm_bwd_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], lam: Tensor, stats: Tensor, op: str,
                     centered: bool, needs: list[bool]) -> list[Tensor]:
-    # Custom-op outputs may not alias each other: the gradient rows of one tensor are copied.
+    # Custom-op outputs may not alias each other: the gradient rows of one tensor are copied, and
+    # each gradient not wanted is an empty tensor of its own.
     grads = _backward(dy, x, weight, lam, stats, op, centered, needs)
-    empty = x.new_empty(0, dtype=torch.float32)
-    return [empty if g is None else (g if i == 0 else g.clone()) for i, g in enumerate(grads)]
+    return [x.new_empty(0, dtype=torch.float32) if g is None else (g if i == 0 else g.clone()) for i, g in enumerate(grads)]
 
 
 @row_norm_bwd_op.register_fake

@@ -13,7 +13,7 @@ from ..spec import CHANNEL_GROUPINGS, GROUPINGS, ROW_GROUPINGS, NormSpec
 from .base import IBNormBase
 from .batch import IBBatchNorm, IBBatchNorm1d, IBBatchNorm2d, IBBatchNorm3d
 from .group import IBGroupNorm
-from .rowwise import IBLayerNorm, IBLayerNorm2d, IBRMSNorm, IBRMSNorm2d
+from .rowwise import IBLayerNorm, IBLayerNorm2d, IBNormRMS, IBNormRMS2d
 
 GROUPING_CHOICES = ("auto",) + GROUPINGS
 _BATCH_CLASS_BY_DIMS = {(2, 3): IBBatchNorm1d, (4,): IBBatchNorm2d, (5,): IBBatchNorm3d}
@@ -53,7 +53,7 @@ def from_spec(
     lam_kw = {"op": op, "lam": lam, "per_channel": torch.as_tensor(lam).dim() > 0, "learnable_lam": learnable_lam}
     affine = spec.weight is not None
     if grouping in ROW_GROUPINGS:
-        classes = (IBRMSNorm, IBLayerNorm) if spec.channel_dim == -1 else (IBRMSNorm2d, IBLayerNorm2d)
+        classes = (IBNormRMS, IBLayerNorm) if spec.channel_dim == -1 else (IBNormRMS2d, IBLayerNorm2d)
         cls = classes[0] if grouping == "rms" else classes[1]
         module: IBNormBase = cls(spec.shape, spec.eps, affine, bias=spec.bias is not None, **lam_kw)
     elif grouping == "batch":

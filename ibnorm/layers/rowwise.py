@@ -49,7 +49,7 @@ class _IBRowNorm(IBNormBase):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, {self._lam_repr()}"
 
 
-class IBRMSNorm(_IBRowNorm):
+class IBNormRMS(_IBRowNorm):
     """IBNorm with RMSNorm's grouping (not centred). Equals ``nn.RMSNorm`` at λ = 0."""
 
     grouping = "rms"
@@ -84,5 +84,13 @@ class IBLayerNorm2d(_ChannelsFirst, IBLayerNorm):
     """IBLayerNorm over the channels of an NCHW tensor."""
 
 
-class IBRMSNorm2d(_ChannelsFirst, IBRMSNorm):
-    """IBRMSNorm over the channels of an NCHW tensor."""
+class IBNormRMS2d(_ChannelsFirst, IBNormRMS):
+    """IBNormRMS over the channels of an NCHW tensor."""
+
+
+# Earlier names.  Serving engines swap every module whose class name ends in "RMSNorm" for their own
+# fused RMSNorm (SGLang's Transformers backend), which would silently drop λ; the classes are named
+# IBNormRMS* so nothing matches, and these aliases keep old imports and manifests working.
+IBRMSNorm = IBNormRMS
+IBRMSNorm2d = IBNormRMS2d
+LEGACY_CLASS_NAMES = {"IBRMSNorm": "IBNormRMS", "IBRMSNorm2d": "IBNormRMS2d"}

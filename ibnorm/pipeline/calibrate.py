@@ -19,6 +19,7 @@ so the end-to-end check (stage 3) needs no second copy of the model — in memor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -30,12 +31,14 @@ from ..validate import check_seq_len
 from .layout import CachedCall, catch_block_inputs, last_called, recorded_calls, run_block, run_tail, stop_after
 from .options import ConvertOptions, Progress
 from .plan import Plan
+from .stores import ModelStore
 
 DATA_FREE_ASSUMPTION = (
     "data-free: standardized deviations z assumed N(0,1) in every channel; one λ per layer; "
     "outlier channels cannot be seen without data (use --calib for language models)"
 )
-# Captured inputs kept for the back-off refits, over all layers (rows are subsampled above it).
+# Captured inputs kept for the back-off refits, over all layers: each norm keeps an equal share, its
+# rows evenly thinned to it as soon as it is fitted (so the cache never holds more).
 REFIT_CACHE_BYTES = 1 << 30
 
 
@@ -43,7 +46,7 @@ REFIT_CACHE_BYTES = 1 << 30
 class Fitted:
     site: NormSite  # the source norm, with real weights
     fit: LayerFit
-    inputs: Tensor | None = None  # captured inputs, kept for back-off refits
+    inputs: Callable[[], Tensor] | None = None  # gives back the captured inputs kept for back-off refits (store.keep)
 
 
 @dataclass
@@ -75,12 +78,13 @@ def build(fitted: Fitted, opts: ConvertOptions, lam: Tensor | None = None) -> IB
     return m
 
 
-def install(model: nn.Module, modules: dict[str, nn.Module], device: torch.device | None = None) -> None:
-    """Put ``modules`` in place by name (a module shared by several names stays shared)."""
+def install(model: nn.Module, modules: dict[str, nn.Module], store: ModelStore | None = None) -> None:
+    """Put ``modules`` in place by name (a module shared by several names stays shared), placed by
+    ``store`` (its device; a streamed store also rounds γ, β to the dtype they are written in)."""
     if not modules:
         return
     current = [NormSite(name, model.get_submodule(name), None) for name in modules]
-    replace_norms(model, current, lambda s: modules[s.name].to(device) if device is not None else modules[s.name])
+    replace_norms(model, current, lambda s: store.place(modules[s.name], s.name) if store is not None else modules[s.name])
 
 
 def calibrate_data_free(plan: Plan, opts: ConvertOptions, progress: Progress) -> Calibrated:
@@ -100,7 +104,16 @@ def _fit(plan: Plan, site: NormSite, x: Tensor | None, opts: ConvertOptions) -> 
         fit = fit_layer_data_free(real.spec, opts.op, opts.tolerance, opts.lam)
     else:
         fit = fit_layer(real.spec, real.module, x, opts.op, opts.tolerance, opts.lam)
-    return Fitted(real, fit, x)
+        return Fitted(real, fit, plan.store.keep(_thinned(x, REFIT_CACHE_BYTES // len(plan.sites))))
+    return Fitted(real, fit)
+
+
+def _thinned(x: Tensor, budget: int) -> Tensor:
+    """``x`` (float32) kept for refits within ``budget`` bytes: evenly spaced rows."""
+    if x.numel() * 4 <= budget or x.shape[0] <= 1:
+        return x
+    n = max(1, budget // (x[0].numel() * 4))
+    return x[torch.linspace(0, x.shape[0] - 1, n).long()].clone()
 
 
 class _Sequential:
@@ -128,7 +141,7 @@ class _Sequential:
         for s in sites:
             self.fits[s.name] = _fit(self.plan, s, inputs.get(s.name), self.opts)
             built[s.name] = build(self.fits[s.name], self.opts)
-        install(self.model, built, self.store.device)
+        install(self.model, built, self.store)
 
     # --- the stages of the pass ---------------------------------------------------------------
     def whole_model(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -149,6 +162,7 @@ class _Sequential:
         if pre_sites:  # e.g. an embedding LayerNorm: convert it, then catch the block inputs again
             self.fit_and_install(pre_sites, pre)
             calls = catch_block_inputs(blocks, self.run, self.batches)
+        self.store.release_outside()
         for i in range(len(blocks)):
             self.progress("calibrating blocks", i, len(blocks))
             calls, reference_calls = self.block(i, calls, reference_calls)
@@ -187,6 +201,7 @@ class _Sequential:
     def tail(self, post: list[NormSite], calls, reference_calls) -> tuple[list[Tensor], list[Tensor]]:
         """Norms after the blocks, fed by the last block's outputs; then the check outputs of both models."""
         blocks, outputs = self.blocks, self.family.outputs
+        self.store.prepare(blocks)
         reference = run_tail(blocks, lambda b: outputs(self.model, b), self.check_batches, [c[0] for c in reference_calls])
         if post:
             last = [c[0] for c in calls]
@@ -219,20 +234,7 @@ def calibrate_with_data(plan: Plan, opts: ConvertOptions, progress: Progress) ->
     else:
         record["order"] = f"block by block ({plan.blocks.path}): each block sees the outputs of converted earlier blocks"
         reference, outputs = run.blockwise()
-    _thin_refit_inputs(run.fits)
     return Calibrated(run.fits, record, reference, outputs, run.check_batches)
-
-
-def _thin_refit_inputs(fits: dict[str, Fitted]) -> None:
-    """Keep the back-off refit cache within REFIT_CACHE_BYTES (evenly spaced rows)."""
-    total = sum(f.inputs.numel() * 4 for f in fits.values() if f.inputs is not None)
-    if total <= REFIT_CACHE_BYTES:
-        return
-    keep = REFIT_CACHE_BYTES / total
-    for f in fits.values():
-        if f.inputs is not None and f.inputs.shape[0] > 1:
-            n = max(1, int(f.inputs.shape[0] * keep))
-            f.inputs = f.inputs[torch.linspace(0, f.inputs.shape[0] - 1, n).long()].clone()
 
 
 def calibrate(plan: Plan, opts: ConvertOptions, progress: Progress) -> Calibrated:

@@ -26,15 +26,18 @@ def forward_check(plan: Plan, cal: Calibrated, opts: ConvertOptions) -> list[Ten
     model, family, store, blocks = plan.model, plan.family, plan.store, plan.blocks
     built = {name: build(f, opts) for name, f in cal.fits.items()}
     if blocks is None:
-        install(model, built, store.device)
+        install(model, built, store)
         return [family.outputs(model, b) for b in cal.check_batches]
-    install(model, {n: m for n, m in built.items() if blocks.index_of(n) is None}, store.device)
+    install(model, {n: m for n, m in built.items() if blocks.index_of(n) is None}, store)
+    store.prepare(blocks)
     calls = catch_block_inputs(blocks, lambda b: family.run(model, b), cal.check_batches)
+    store.release_outside()
     for i in range(len(blocks)):
         block = store.block(blocks, i)
-        install(model, {n: m for n, m in built.items() if blocks.index_of(n) == i}, store.device)
+        install(model, {n: m for n, m in built.items() if blocks.index_of(n) == i}, store)
         calls = [(run_block(blocks, block, c), c[1], c[2]) for c in calls]
         store.release(blocks, i, block)
+    store.prepare(blocks)
     return run_tail(blocks, lambda b: family.outputs(model, b), cal.check_batches, [c[0] for c in calls])
 
 
@@ -42,7 +45,7 @@ def _scaled(f: Fitted, calibrated: LayerFit, factor: float, op: str) -> LayerFit
     lam = calibrated.lam * factor
     if f.inputs is None:  # never called on the data: nothing to refit
         return LayerFit(lam, calibrated.weight, calibrated.bias, calibrated.error, calibrated.running)
-    return refit_for_lambda(f.site.spec, f.site.module, f.inputs, op, lam)
+    return refit_for_lambda(f.site.spec, f.site.module, f.inputs(), op, lam)
 
 
 def check(plan: Plan, cal: Calibrated, opts: ConvertOptions, progress: Progress) -> dict:

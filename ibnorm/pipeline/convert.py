@@ -15,11 +15,11 @@ import torch
 
 from .. import evaluate
 from ..errors import IBNormError, OutputExistsError
-from ..validate import check_finite, ensure_disk_space, estimate_output_bytes, validate_convert_options
+from ..validate import check_device, check_finite, ensure_disk_space, estimate_output_bytes, validate_convert_options
 from ..io.atomic import atomic_directory
 from ..io.sources import LoadedModel, load_source, refuse_converted, resolve_short_name
 from ..layers import IBNormBase
-from .calibrate import Calibrated, build, calibrate, install
+from .calibrate import REFIT_CACHE_BYTES, Calibrated, build, calibrate, install
 from .check import check
 from .manifest import build_manifest
 from .options import ConversionResult, ConvertOptions, Progress, layer_record, no_progress
@@ -83,12 +83,15 @@ def convert_checkpoint(
     force: bool = False,
     progress: Progress | None = None,
     stream: str = "auto",
+    device: str = "cpu",
 ) -> tuple[ConversionResult, dict]:
     """Load ``source``, convert it, optionally evaluate before/after, and write ``out`` atomically.
 
     ``stream``: ``always`` streams block by block from the shards, ``never`` loads the whole
     model, ``auto`` streams when the whole model would not fit comfortably in memory (and refuses,
     showing the estimate, when such a model cannot be streamed).
+    ``device``: where a whole-in-memory model runs its calibration and evaluation forwards
+    (``cuda``); it is written from CPU.  A streamed conversion uses the GPU when there is one.
     """
     out = Path(out)
     if out.exists() and not force:  # fail before any work
@@ -98,6 +101,7 @@ def convert_checkpoint(
     validate_convert_options(lam=opts.lam, tolerance=opts.tolerance, budget=opts.budget, calib_samples=opts.calib_samples,
                              seq_len=opts.seq_len, shard_size=shard_size, source=resolved, weights=weights,
                              random_weights=not pretrained and weights is None and resolved.startswith("timm:"))
+    check_device(device)
     refuse_converted(Path(resolved))
     if opts.calib is not None and is_image_folder(opts.calib):  # the data is checked before any model work
         check_images(image_folder(opts.calib), opts.calib_samples)
@@ -113,8 +117,11 @@ def convert_checkpoint(
         progress("loading source", 0, 1)
         loaded = load_source(source, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained, dtype=dtype)
         progress("loading source", 1, 1)
+        loaded.model.to(device)
         plan = plan_in_memory(loaded, opts)
-    ensure_disk_space(out.parent, estimate_output_bytes(_tensor_bytes(plan), sum(math.prod(s.spec.shape) for s in plan.sites)))
+    spilled = REFIT_CACHE_BYTES if plan.store.streaming and opts.calib is not None else 0  # the refit cache, on disk
+    ensure_disk_space(out.parent, estimate_output_bytes(_tensor_bytes(plan), sum(math.prod(s.spec.shape) for s in plan.sites),
+                                                        spilled))
     with atomic_directory(out, force, source=_source_path(resolved, plan)) as tmp:
         if plan.store.streaming:
             plan.store.open_writer(tmp, shard_size)
@@ -130,6 +137,7 @@ def convert_checkpoint(
         if plan.store.streaming:
             write_streamed(plan, tmp, manifest, modules)
         else:
+            plan.model.to("cpu")
             write_in_memory(plan, tmp, manifest, shard_size)
         progress("writing", 1, 1)
     return result, manifest

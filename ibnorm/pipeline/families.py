@@ -76,7 +76,8 @@ class CausalLM(ModelFamily):
     def drift(self, reference: list[Tensor], outputs: list[Tensor]) -> float:
         total, count = 0.0, 0
         for logp, logq in zip(reference, outputs):
-            total += float((logp.exp() * (logp - logq)).sum())
+            diff = logp - logq  # in place below: two temporaries of the logits' size, not three
+            total += float(diff.mul_(logp.exp()).sum())
             count += logp.shape[0] * logp.shape[1]
         return total / max(count, 1)
 

@@ -11,17 +11,28 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import IBNormError
 from ..io.safetensors_index import DTYPES, TensorIndex
+from ..io.spill import TensorSpill
 from ..io.stream_writer import DTYPE_NAMES, PlannedTensor, ShardedWriter, parse_size
 from ..recognize import recognize
 from ..surgery import NormSite
 from .families import ModelFamily
 from .layout import Blocks
+
+# The one dtype a streamed conversion computes in: blocks, embeddings, final norm, head, activations.
+# float32 on every device.  The λ search and the end-to-end drift are statistics of the activations;
+# in float32 they are those of the in-memory float32 conversion of the same checkpoint (bf16 keeps 8
+# bits of mantissa).  On a CPU without bf16 hardware (AVX2 only) float32 is also the fast path: a bf16
+# matmul is emulated there, orders of magnitude slower.  On CUDA float32 (TF32 off, torch's default)
+# costs memory only: one block at a time (0.8 GB for a 7B block, 3.5 GB for a 70B one) and the
+# activation cache fit any GPU, and a few passes over a few thousand tokens take seconds either way.
+COMPUTE_DTYPE = torch.float32
 
 
 class ModelStore:
@@ -42,9 +53,23 @@ class ModelStore:
     def release(self, blocks: Blocks, i: int, block: nn.Module) -> None:
         """Done with block ``i`` for now."""
 
+    def release_outside(self) -> None:
+        """Done with everything outside the blocks until the tail."""
+
+    def place(self, module: nn.Module, name: str) -> nn.Module:
+        """A built norm, ready to be put in place of norm ``name``."""
+        return module.to(self.device)
+
+    def keep(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Hold captured inputs for the back-off refits; the returned call gives them back."""
+        return lambda: x
+
     def source_norm(self, site: NormSite) -> NormSite:
-        """The site with real source weights (in memory: as found)."""
-        return site
+        """The site with real source weights, on CPU where the fit runs (in memory on CPU: as found)."""
+        if self.device.type == "cpu":
+            return site
+        module = copy.deepcopy(site.module).to("cpu")
+        return NormSite(site.name, module, recognize(module) or site.spec)
 
 
 class ShardStore(ModelStore):
@@ -59,6 +84,8 @@ class ShardStore(ModelStore):
         self.sites = sites
         self.writer: ShardedWriter | None = None
         self.copied: set[int] = set()
+        self.outside: list[nn.Parameter] = []  # what ``prepare`` read (held, so their ids stay theirs)
+        self.spill: TensorSpill | None = None
 
     def check_complete(self, tied: set[str]) -> None:
         expected = {n for n, _ in self.model.named_parameters()}
@@ -67,52 +94,78 @@ class ShardStore(ModelStore):
             raise IBNormError(f"checkpoint is missing tensor {missing[0]!r} (+{len(missing) - 1} more)")
 
     # --- reading ------------------------------------------------------------------------------
-    def _materialize(self, module: nn.Module, prefix: str) -> nn.Module:
-        from accelerate.utils import set_module_tensor_to_device
+    def _read(self, key: str, device: torch.device) -> torch.Tensor:
+        """One source tensor on ``device``, in COMPUTE_DTYPE when floating point (the source-dtype
+        buffer is dropped as soon as it is cast, so a block is never held twice)."""
+        if key not in self.index:
+            raise IBNormError(f"checkpoint has no tensor {key!r}")
+        t = self.index.get(key)
+        return t.to(device=device, dtype=COMPUTE_DTYPE if t.is_floating_point() else t.dtype)
 
+    def _put(self, root: nn.Module, name: str, key: str, device: torch.device) -> nn.Parameter:
+        """Replace the meta parameter ``name`` of ``root`` by source tensor ``key``."""
+        owner, _, leaf = name.rpartition(".")
+        value = nn.Parameter(self._read(key, device), requires_grad=root.get_parameter(name).requires_grad)
+        setattr(root.get_submodule(owner), leaf, value)
+        return value
+
+    def _materialize(self, module: nn.Module, prefix: str, device: torch.device) -> nn.Module:
         for name, param in list(module.named_parameters()):
-            key = f"{prefix}{name}"
-            if key not in self.index:
-                raise IBNormError(f"checkpoint has no tensor {key!r}")
-            value = self.index.get(key).to(device=self.device, dtype=torch.float32)
-            set_module_tensor_to_device(module, name, self.device, value=value)
+            if param.is_meta:
+                self._put(module, name, f"{prefix}{name}", device)
         return module
 
     def prepare(self, blocks: Blocks | None) -> None:
-        """Embeddings, norms outside the blocks and the head, in float32 for the forward passes."""
-        from accelerate.utils import set_module_tensor_to_device
-
+        """Embeddings, norms outside the blocks and the head, in COMPUTE_DTYPE, for forward passes
+        outside the blocks' loop (catching block 0's inputs, the tail)."""
         for name, param in list(self.model.named_parameters()):
             if param.is_meta and name in self.index and (blocks is None or blocks.index_of(name) is None):
-                value = self.index.get(name).to(device=self.device, dtype=torch.float32)
-                set_module_tensor_to_device(self.model, name, self.device, value=value)
+                self.outside.append(self._put(self.model, name, name, self.device))
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
         for b in self.model.buffers():
             b.data = b.data.to(self.device)
 
+    def release_outside(self) -> None:
+        """Free what ``prepare`` read: the blocks' loop needs none of it (a 7B's embeddings and head
+        are 1 GB in float32); ``prepare`` reads it again for the tail."""
+        _to_meta(self.model, {id(p) for p in self.outside})
+        self.outside = []
+
     def block(self, blocks: Blocks, i: int) -> nn.Module:
-        return self._materialize(blocks.modules[i], f"{blocks.prefix}{i}.")
+        return self._materialize(blocks.modules[i], f"{blocks.prefix}{i}.", self.device)
 
     def release(self, blocks: Blocks, i: int, block: nn.Module) -> None:
         if i not in self.copied and self.writer is not None:
             self.copy_tensors(f"{blocks.prefix}{i}.")
             self.copied.add(i)
-        block.to("meta")  # free the block
+        _to_meta(block)  # free the block's weights (its buffers, small, stay: a re-read restores parameters only)
+
+    def place(self, module: nn.Module, name: str) -> nn.Module:
+        """A built norm on the device; γ and β rounded to the dtype they will be written in (so the
+        end-to-end check measures the model that is written), held in COMPUTE_DTYPE."""
+        for leaf in ("weight", "bias"):
+            p, info = getattr(module, leaf, None), self.index.tensors.get(f"{name}.{leaf}")
+            if isinstance(p, torch.Tensor) and p.is_floating_point() and info is not None:
+                p.data = p.data.to(DTYPES[info.dtype]).to(COMPUTE_DTYPE)
+        return module.to(self.device)
+
+    def keep(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The refit cache goes to an unlinked file beside the output (≤ REFIT_CACHE_BYTES, counted in the
+        disk check), not memory: a 7B model's is 1 GiB, read back only if λ must back off."""
+        if self.spill is None:
+            self.spill = TensorSpill(self.writer.dir if self.writer is not None else None)
+        return self.spill.put(x)
+
+    def close_spill(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
 
     def source_norm(self, site: NormSite) -> NormSite:
         """A CPU float32 copy of the source norm, read from the shards (the skeleton's may be meta or freed)."""
-        module = copy.deepcopy(site.module).to("meta")
-        device, self.device = self.device, torch.device("cpu")
-        try:
-            self._materialize(module, f"{site.name}.")
-        finally:
-            self.device = device
+        module = self._materialize(copy.deepcopy(site.module).to("meta"), f"{site.name}.", torch.device("cpu"))
         return NormSite(site.name, module, recognize(module) or site.spec)
-
-    def source_dtype(self, site_name: str) -> torch.dtype:
-        info = self.index.tensors.get(f"{site_name}.weight")
-        return DTYPES[info.dtype] if info else torch.float32
 
     # --- writing ------------------------------------------------------------------------------
     def plan(self) -> list[PlannedTensor]:
@@ -153,6 +206,18 @@ class ShardStore(ModelStore):
         for t in self.index.tensors.values():
             c[t.dtype] += t.nbytes
         return DTYPES[c.most_common(1)[0][0]]
+
+
+def _to_meta(module: nn.Module, only: set[int] | None = None) -> None:
+    """Replace the parameters of ``module`` (those whose id is in ``only``, if given) by meta ones:
+    the memory goes; a parameter shared by several modules (tied weights) stays shared."""
+    meta: dict[int, nn.Parameter] = {}
+    for m in module.modules():
+        for leaf, p in list(m.named_parameters(recurse=False)):
+            if not p.is_meta and (only is None or id(p) in only):
+                if id(p) not in meta:
+                    meta[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                setattr(m, leaf, meta[id(p)])
 
 
 __all__ = ["ModelStore", "ShardStore", "DTYPE_NAMES"]

@@ -52,6 +52,7 @@ def write_streamed(plan: Plan, tmp: Path, manifest: dict, modules: dict[str, nn.
         store.write_norm(name, module)
     store.copy_tensors()
     shards = store.writer.close()
+    store.close_spill()
     store.index.close()
     base = json.loads((plan.source_dir / "config.json").read_text())
     _side_files(tmp, manifest, base, modules, shards, plan.tokenizer, plan.source_dir, None)

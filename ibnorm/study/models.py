@@ -99,10 +99,15 @@ def tiny_llama(vocab: int, dim: int, layers: int, heads: int, ffn: int, max_len:
 
 def build_model(task: dict) -> nn.Module:
     kind, m = task["kind"], task["model"]
-    if kind == "cnn":
-        return TinyResNet(1, 10, tuple(m["widths"]), m.get("blocks", 1))
-    if kind == "vit":
-        return TinyViT(8, m["patch"], 1, 10, m["dim"], m["depth"], m["heads"], m["mlp"])
+    if kind in ("cnn", "vit"):
+        from .data import image_shape
+
+        channels, classes, side = image_shape(task)
+        if kind == "cnn":
+            return TinyResNet(channels, classes, tuple(m["widths"]), m.get("blocks", 1))
+        return TinyViT(side, m["patch"], channels, classes, m["dim"], m["depth"], m["heads"], m["mlp"])
     if kind == "lm":
-        return tiny_llama(256, m["dim"], m["layers"], m["heads"], m["ffn"], task["seq_len"])
+        from .data import vocab_size
+
+        return tiny_llama(vocab_size(task.get("tokenizer")), m["dim"], m["layers"], m["heads"], m["ffn"], task["seq_len"])
     raise ValueError(f"unknown task kind {kind!r}")

@@ -1,5 +1,6 @@
-"""Aggregate a study directory: best config per normalizer, mean ± std over seeds, paired tests
-against the baseline, the λ curve, results.md / results.json and PNG charts."""
+"""Aggregate a study directory: the configuration each normalizer selected, mean ± std over seeds, paired
+comparisons with the baseline through :mod:`.stats` (Holm-corrected across each table), the λ curve,
+convergence, results.md / results.json and PNG charts."""
 
 from __future__ import annotations
 
@@ -10,23 +11,72 @@ from pathlib import Path
 import numpy as np
 
 from ..charts import Chart, Series, render
+from . import stats
 from .presets import Preset
-from .runner import LAMBDA_CURVE_NORMALIZER, load_run, make_config, select_best
+from .runner import LAMBDA_CURVE_NORMALIZER, Tuning, lambda_points, load_run, seed_configs, tuning
+from .selection import TIE_RULE
 from .train import LOWER_IS_BETTER, metric_of
 
-RUN_FIELDS = ("task", "normalizer", "seed", "metric", "value", "val", "lam", "lr", "wd", "diverged", "mean_lambda",
-              "s_per_step", "activation_mib", "peak_mem_mib", "params")
+RUN_FIELDS = ("task", "normalizer", "seed", "metric", "value", "val", "val_loss", "test_loss", "lam", "lr", "wd", "diverged",
+              "mean_lambda", "s_per_step", "activation_mib", "peak_mem_mib", "params")
+ALPHA = 0.05
+CONVERGED_RTOL = 0.01  # "not converged": validation loss fell by more than 1% over the last 10% of steps
 
 
-def _selected(p: Preset, out: Path, task: dict, norm: str) -> tuple[list[dict], bool]:
-    """Runs of the best grid point (all seeds) and whether the grid search is complete."""
-    grid = [load_run(out, make_config(p, task, norm, lr, wd, 0)) for lr in task["lrs"] for wd in task["wds"]]
-    finished = [r for r in grid if r is not None]
-    best = select_best(finished)
-    if best is None:
-        return [], False
-    runs = [best] + [load_run(out, make_config(p, task, norm, best["lr"], best["wd"], s)) for s in range(1, p.seeds)]
-    return [r for r in runs if r is not None], len(finished) == len(grid)
+def protocol(p: Preset) -> dict:
+    """What the tables mean, written into results.json."""
+    return {"selection": TIE_RULE, "seeds": p.seed_numbers(), "tuning_seed": p.first_seed,
+            "budget": "the lr × wd grid at the preset's λ, then as many extra configurations at the chosen wd for every "
+                      "normalizer: IBNorm-T's other λ values × every lr, the others' learning rates log-spaced inside the grid",
+            "lambda_curve": "each λ point runs on every seed at its own lr (and the grid's wd), chosen on validation loss",
+            "compared": "LLaMA: test loss (nats/token; Δ ≈ relative perplexity change); digits: test accuracy",
+            "statistics": f"paired by seed; two-sided paired t-test (exact sign-flip when the differences have no variance); "
+                          f"Holm across the rows of each table at family-wise α = {ALPHA}; interval: bootstrap over seeds and "
+                          "test windows / images when every run stored them, else the t-interval over seeds",
+            "convergence": f"relative fall of the validation-sample loss over the last 10% of steps; > {CONVERGED_RTOL:.0%}: "
+                           "not converged"}
+
+
+def seed_runs(p: Preset, out: Path, t: Tuning, which: dict | None = None) -> list[dict]:
+    """The finished runs of a selected configuration (default: the normalizer's choice) on every seed."""
+    run = which or (t.chosen.run if t.chosen else None)
+    if run is None:
+        return []
+    return [r for r in (load_run(out, c) for c in seed_configs(p, run)) if r is not None]
+
+
+def convergence(run: dict) -> float | None:
+    """Relative fall of the validation(-sample) loss from 90% of the steps to the end (positive: still falling)."""
+    evals = [e for e in run.get("evals", []) if e.get("loss") is not None]
+    if run.get("diverged") or len(evals) < 2:
+        return None
+    last = evals[-1]
+    earlier = [e for e in evals[:-1] if e["step"] <= 0.9 * last["step"]]
+    if not earlier:
+        return None
+    return (earlier[-1]["loss"] - last["loss"]) / last["loss"]
+
+
+def _compared(task: dict, run: dict) -> tuple[float | None, np.ndarray | None]:
+    """The compared test quantity of a run and its per-example values (None where not stored)."""
+    ex = run.get("test_examples")
+    if task["kind"] == "lm":
+        return run.get("test_loss"), None if not ex else np.asarray(ex["loss"], dtype=np.float64)
+    # correctness as float (uint8 differences would wrap around)
+    return run.get("value"), None if not ex else (np.frombuffer(ex["correct"].encode(), dtype=np.uint8) - ord("0")).astype(np.float64)
+
+
+def _comparison(task: dict, arms: dict[str, list[dict]], reference: str) -> dict[str, dict]:
+    """stats.compare over ``arms`` (name → seed runs), Holm across them; keyed by arm."""
+    values, per_doc = {}, {}
+    for name, runs in arms.items():
+        got = {r["seed"]: _compared(task, r) for r in runs if not r["diverged"]}
+        values[name] = {s: v for s, (v, _) in got.items() if v is not None}
+        per_doc[name] = {s: d for s, (_, d) in got.items() if d is not None}
+    complete = all(len(per_doc[n]) == len(values[n]) for n in values)
+    lower = task["kind"] == "lm" or metric_of(task) in LOWER_IS_BETTER
+    rows = stats.compare(values, reference, lower, ALPHA, per_document=per_doc if complete else None)
+    return {r["arm"]: r for r in rows}
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None]:
@@ -35,61 +85,94 @@ def _stats(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def _paired(runs: list[dict], base: list[dict], lower: bool) -> dict:
-    """Paired comparison by seed (same initial weights and data order): diff = normalizer − baseline."""
-    b = {r["seed"]: r["value"] for r in base if r["value"] is not None}
-    pairs = [(r["value"], b[r["seed"]]) for r in runs if r["value"] is not None and r["seed"] in b]
-    if len(pairs) < 2:
-        return {"pairs": len(pairs), "diff": None, "diff_std": None, "p_value": None, "verdict": "too few paired seeds"}
-    from scipy.stats import ttest_rel
+def _describe(runs: list[dict]) -> dict:
+    """Test metric mean ± std, validation loss and convergence over a set of seed runs."""
+    vals = [r["value"] for r in runs if r["value"] is not None]
+    conv = [c for c in (convergence(r) for r in runs) if c is not None]
+    mean, std = _stats(vals)
+    conv_mean = _stats(conv)[0]
+    info = [r["information"] for r in runs if r.get("information")]
+    plane = None if not info else {"seeds": len(info), **{f"{k}_layer_mean": float(np.mean([np.mean([v[k] for v in i.values()]) for i in info]))
+                                                          for k in ("I_XT", "I_TY")}}
+    return {"mean": mean, "std": std, "n": len(vals), "diverged": sum(r["diverged"] for r in runs), "information": plane,
+            "val_loss_mean": _stats([r["val_loss"] for r in runs if r.get("val_loss") is not None])[0],
+            "test_loss_mean": _stats([r["test_loss"] for r in runs if r.get("test_loss") is not None])[0],
+            "val_loss_fall_last10": conv_mean, "converged": None if conv_mean is None else conv_mean <= CONVERGED_RTOL}
 
-    d = np.array([a - c for a, c in pairs])
-    p_value = float(ttest_rel([a for a, _ in pairs], [c for _, c in pairs]).pvalue) if d.std() > 0 else (1.0 if d.mean() == 0 else 0.0)
-    better = d.mean() < 0 if lower else d.mean() > 0
-    verdict = "no significant difference" if not (p_value < 0.05) else ("better" if better else "worse")
-    return {"pairs": len(pairs), "diff": float(d.mean()), "diff_std": float(d.std(ddof=1)), "p_value": p_value, "verdict": verdict}
+
+_COMPARISON_KEYS = ("delta", "delta_std", "interval", "interval_kind", "p", "p_holm", "test", "verdict")
+
+
+def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, list[str], list[dict]]:
+    tunings = {n: tuning(p, out, task, n) for n in p.normalizers}
+    arms = {n: seed_runs(p, out, t) for n, t in tunings.items() if t.complete}
+    comp = _comparison(task, arms, "baseline") if "baseline" in arms else {}
+    rows, warnings, runs_out = [], [], []
+    for norm, runs in arms.items():
+        t = tunings[norm]
+        runs_out += [{k: r.get(k) for k in RUN_FIELDS} for r in runs]
+        tried = sum(r is not None for r in t.grid_runs + t.extra_runs)
+        row = {"normalizer": norm, "task": task["name"], "metric": metric_of(task), **_describe(runs),
+               "selection": t.chosen.summary(), "lr": t.chosen.run["lr"], "wd": t.chosen.run["wd"], "lam": t.chosen.run["lam"],
+               "budget": t.budget, "tuned": tried, "s_per_step": float(np.mean([r["s_per_step"] for r in runs])),
+               "activation_mib": runs[0]["activation_mib"], "peak_mem_mib": runs[0]["peak_mem_mib"],
+               "mean_lambda_end": _stats([r["mean_lambda"] for r in runs if r["mean_lambda"] is not None])[0]}
+        if norm in comp:
+            row.update({k: comp[norm][k] for k in _COMPARISON_KEYS})
+        warnings += _warnings(task["name"], norm, row, t)
+        rows.append(row)
+    for norm, t in tunings.items():
+        if not t.complete:
+            warnings.append(f"{task['name']} {norm}: tuning incomplete ({sum(r is not None for r in t.grid_runs + t.extra_runs)} "
+                            f"of {t.budget} configurations)")
+    curve = _lambda_curve(p, out, task, tunings.get(LAMBDA_CURVE_NORMALIZER), arms.get("baseline"))
+    warnings += [f"{task['name']} {LAMBDA_CURVE_NORMALIZER} λ={pt['lam']:g}: selected lr {pt['lr']:g} is at the edge of the grid"
+                 for pt in curve["points"] if pt["lr_on_edge"]]
+    return rows, curve, warnings, runs_out
+
+
+def _warnings(task: str, norm: str, row: dict, t: Tuning) -> list[str]:
+    out = []
+    if row["selection"]["lr_on_edge"]:
+        out.append(f"{task} {norm}: selected lr {row['lr']:g} is at the edge of the learning rates tried "
+                   "(the optimum may lie outside the grid)")
+    if row["converged"] is False:
+        out.append(f"{task} {norm}: not converged (validation loss fell {row['val_loss_fall_last10']:.1%} over the last 10% of steps)")
+    if row["selection"]["tied_with"]:
+        out.append(f"{task} {norm}: validation-loss tie with {row['selection']['tied_with']}, broken by the documented rule")
+    if row["tuned"] != row["budget"]:
+        out.append(f"{task} {norm}: {row['tuned']} tuning runs for a budget of {row['budget']}")
+    return out
 
 
 def summarize(p: Preset, out: Path) -> dict:
-    runs_out, summary, curves = [], [], []
+    runs_out, summary, curves, warnings = [], [], [], []
     for task in p.tasks:
-        metric, lower = metric_of(task), metric_of(task) in LOWER_IS_BETTER
-        selected = {n: _selected(p, out, task, n) for n in p.normalizers}
-        base = selected.get("baseline", ([], False))[0]
-        for norm, (runs, complete) in selected.items():
-            if not runs:
-                continue
-            runs_out += [{k: r.get(k) for k in RUN_FIELDS} for r in runs]
-            vals = [r["value"] for r in runs if r["value"] is not None]
-            mean, std = _stats(vals)
-            row = {"normalizer": norm, "task": task["name"], "metric": metric, "mean": mean, "std": std, "n": len(vals),
-                   "diverged": sum(r["diverged"] for r in runs), "lr": runs[0]["lr"], "wd": runs[0]["wd"], "lam": runs[0]["lam"],
-                   "val_mean": _stats([r["val"] for r in runs if r["val"] is not None])[0], "grid_complete": complete,
-                   "s_per_step": float(np.mean([r["s_per_step"] for r in runs])),
-                   "activation_mib": runs[0]["activation_mib"], "peak_mem_mib": runs[0]["peak_mem_mib"],
-                   "mean_lambda_end": _stats([r["mean_lambda"] for r in runs if r["mean_lambda"] is not None])[0]}
-            if norm != "baseline":
-                row.update(_paired(runs, base, lower))
-            summary.append(row)
-        curves.append(_lambda_curve(p, out, task, selected.get(LAMBDA_CURVE_NORMALIZER, ([], False))[0], base))
-    return {"preset": p.name, "runs": runs_out, "summary": summary, "lambda_curve": [c for c in curves if c["points"]]}
+        rows, curve, warns, runs = _task_summary(p, out, task)
+        summary += rows
+        curves.append(curve)
+        warnings += warns
+        runs_out += runs
+    return {"preset": p.name, "protocol": protocol(p), "runs": runs_out, "summary": summary,
+            "lambda_curve": [c for c in curves if c["points"]], "warnings": warnings}
 
 
-def _lambda_curve(p: Preset, out: Path, task: dict, chosen: list[dict], base: list[dict]) -> dict:
-    points = []
-    if chosen:
-        lr, wd = chosen[0]["lr"], chosen[0]["wd"]
-        for lam in sorted(set(p.lam_curve) | {p.lam}):
-            recs = [load_run(out, make_config(p, task, LAMBDA_CURVE_NORMALIZER, lr, wd, s, lam)) for s in range(p.seeds)]
-            recs = [r for r in recs if r is not None]
-            vals = [r["value"] for r in recs if r["value"] is not None]
-            if vals:
-                mean, std = _stats(vals)
-                paired = _paired(recs, base, metric_of(task) in LOWER_IS_BETTER)
-                points.append({"lam": lam, "mean": mean, "std": std, "n": len(vals),
-                               "val_mean": _stats([r["val"] for r in recs if r["val"] is not None])[0],
-                               **{k: paired[k] for k in ("diff", "diff_std", "p_value", "verdict")}})
-    return {"task": task["name"], "normalizer": LAMBDA_CURVE_NORMALIZER, "metric": metric_of(task), "points": points}
+def _lambda_curve(p: Preset, out: Path, task: dict, t: Tuning | None, base: list[dict] | None) -> dict:
+    """Each λ point at its own selected lr on every seed, compared with the baseline (Holm across the λ points)."""
+    curve = {"task": task["name"], "normalizer": LAMBDA_CURVE_NORMALIZER, "metric": metric_of(task), "points": []}
+    if t is None or not t.complete:
+        return curve
+    arms = {f"lam={lam:g}": seed_runs(p, out, t, t.per_lambda[lam].run) for lam in lambda_points(p)}
+    comp = _comparison(task, {**arms, "baseline": base}, "baseline") if base else {}
+    for lam in sorted(lambda_points(p)):
+        runs, sel = arms[f"lam={lam:g}"], t.per_lambda[lam]
+        if not runs:
+            continue
+        pt = {"lam": lam, "lr": sel.run["lr"], "wd": sel.run["wd"], "lr_on_edge": sel.on_edge, "candidates": sel.candidates,
+              **_describe(runs)}
+        pt.update({k: comp[f"lam={lam:g}"][k] for k in _COMPARISON_KEYS} if f"lam={lam:g}" in comp else {})
+        curve["points"].append(pt)
+    return curve
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -100,33 +183,62 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
+def _delta(r: dict, lm: bool) -> str:
+    if r.get("delta") is None:
+        return ""
+    scale = 1.0 if lm else 100.0  # accuracy in points
+    iv = r.get("interval")
+    iv_s = "" if iv is None else f" [{iv[0] * scale:+.3g}, {iv[1] * scale:+.3g}]"
+    return f"{r['delta'] * scale:+.3g}{iv_s}"
+
+
+def _conv(r: dict) -> str:
+    if r.get("val_loss_fall_last10") is None:
+        return "–"
+    return f"{r['val_loss_fall_last10']:+.1%}" + ("" if r["converged"] else " **not converged**")
+
+
 def results_markdown(p: Preset, result: dict, command: str) -> str:
+    proto = result["protocol"]
     lines = [f"# ibnorm study — preset `{p.name}`", "", f"Command: `{command}`", "", p.description, "",
-             f"Seeds: {p.seeds}. Each normalizer: every (lr, wd) of its task's grid on seed 0, the best by validation "
-             "metric then run on every seed; the table reports the **test** split at that setting (mean ± std over seeds). "
-             "Paired: difference to the baseline by seed (same initial weights and batches), paired t-test.", ""]
+             f"Seeds {proto['seeds'][0]}–{proto['seeds'][-1]} (tuning seed {proto['tuning_seed']}). Selection: {proto['selection']}. "
+             f"Budget: {proto['budget']}. Compared: {proto['compared']}. Statistics: {proto['statistics']}. "
+             f"Convergence: {proto['convergence']}.", ""]
     for task in p.tasks:
         rows = [r for r in result["summary"] if r["task"] == task["name"]]
         if not rows:
             continue
-        lines += [f"## {task['name']} ({rows[0]['metric']}, {'lower' if rows[0]['metric'] in LOWER_IS_BETTER else 'higher'} is better)", "",
-                  "| normalizer | test mean ± std | n | lr | wd | Δ vs baseline (± std) | p | verdict | val mean | λ end | s/step | act. MiB | peak MiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lm = task["kind"] == "lm"
+        dname = "Δ test loss, nats [95% interval]" if lm else "Δ accuracy, points [95% interval]"
+        lines += [f"## {task['name']} (test {rows[0]['metric']}, {'lower' if lm else 'higher'} is better)", "",
+                  f"| normalizer | test mean ± std | n | lr | wd | λ | budget | {dname} | p | p Holm | verdict | "
+                  "val-loss fall, last 10% | λ end | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            flag = "" if r["grid_complete"] else " (grid incomplete)"
-            diff = "" if r.get("diff") is None else f"{r['diff']:+.4g} ± {r['diff_std']:.2g}"
-            lines.append(f"| {r['normalizer']}{flag} | {_fmt(r['mean'])} ± {_fmt(r['std'], 2)} | {r['n']} | {r['lr']:g} | {r['wd']:g} | "
-                         f"{diff} | {_fmt(r.get('p_value'), 2)} | {r.get('verdict', 'reference')} | {_fmt(r['val_mean'])} | "
-                         f"{_fmt(r['mean_lambda_end'], 3)} | {r['s_per_step']:.4f} | {r['activation_mib']:.1f} | {_fmt(r['peak_mem_mib'], 5)} |")
+            edge = " (edge)" if r["selection"]["lr_on_edge"] else ""
+            lines.append(f"| {r['normalizer']} | {_fmt(r['mean'])} ± {_fmt(r['std'], 2)} | {r['n']} | {r['lr']:g}{edge} | {r['wd']:g} | "
+                         f"{r['lam']:g} | {r['tuned']}/{r['budget']} | {_delta(r, lm)} | {_fmt(r.get('p'), 2)} | {_fmt(r.get('p_holm'), 2)} | "
+                         f"{r.get('verdict', 'reference')} | {_conv(r)} | {_fmt(r['mean_lambda_end'], 3)} | {r['s_per_step']:.4f} |")
         lines.append("")
     for c in result["lambda_curve"]:
-        lines += [f"### λ curve, {c['task']} ({c['normalizer']} at its selected lr/wd; Δ paired by seed with the baseline)", "",
-                  "| λ | test mean ± std | n | Δ vs baseline (± std) | p | verdict | val mean |", "|---|---|---|---|---|---|---|"]
+        lm = next(t for t in p.tasks if t["name"] == c["task"])["kind"] == "lm"
+        lines += [f"### λ curve, {c['task']} ({c['normalizer']}, each λ at its own lr; Holm across the λ points)", "",
+                  "| λ | lr | test mean ± std | n | Δ vs baseline [95% interval] | p | p Holm | verdict | val loss | val-loss fall |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for pt in c["points"]:
-            diff = "" if pt.get("diff") is None else f"{pt['diff']:+.4g} ± {pt['diff_std']:.2g}"
-            lines.append(f"| {pt['lam']:g} | {pt['mean']:.4g} ± {pt['std']:.2g} | {pt['n']} | {diff} | {_fmt(pt.get('p_value'), 2)} | "
-                         f"{pt.get('verdict')} | {_fmt(pt.get('val_mean'))} |")
+            lines.append(f"| {pt['lam']:g} | {pt['lr']:g}{' (edge)' if pt['lr_on_edge'] else ''} | {_fmt(pt['mean'])} ± {_fmt(pt['std'], 2)} | "
+                         f"{pt['n']} | {_delta(pt, lm)} | {_fmt(pt.get('p'), 2)} | {_fmt(pt.get('p_holm'), 2)} | {pt.get('verdict', '–')} | "
+                         f"{_fmt(pt['val_loss_mean'])} | {_conv(pt)} |")
         lines.append("")
+    planes = [r for r in result["summary"] if r.get("information")]
+    if planes:
+        lines += ["## Information plane of the trained models (descriptive: no test)", "",
+                  "Mean over norm layers and seeds of I(X;T) (T read along X's axes, noise σ 0.5) and I(T;Y), nats "
+                  "(ibnorm.mi.information_snapshot on a fixed validation batch; docs/information.md says what they can show).", "",
+                  "| task | normalizer | seeds | I(X;T) | I(T;Y) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['normalizer']} | {r['information']['seeds']} | {r['information']['I_XT_layer_mean']:.3f} | "
+                  f"{r['information']['I_TY_layer_mean']:.3f} |" for r in planes] + [""]
+    if result["warnings"]:
+        lines += ["## Warnings", ""] + [f"* {w}" for w in result["warnings"]] + [""]
     return "\n".join(lines)
 
 
@@ -152,7 +264,7 @@ def write_charts(p: Preset, out: Path, result: dict) -> list[str]:
         for key, ylabel, fname in (("losses", "training loss", "loss"), (metric, f"validation {metric}", "val")):
             series = []
             for norm in p.normalizers:
-                runs, _ = _selected(p, out, task, norm)
+                runs = seed_runs(p, out, tuning(p, out, task, norm))
                 xs, mean, lo, hi = _band(runs, key, smooth)
                 if xs:
                     series.append(Series(f"{norm} (n={len(runs)})", xs, mean, lo, hi))
@@ -168,9 +280,11 @@ def _lambda_chart(out: Path, task: dict, result: dict) -> list[str]:
     curve = next((c for c in result["lambda_curve"] if c["task"] == task["name"]), None)
     if not curve:
         return []
-    pts = curve["points"]
-    s = Series(f"{curve['normalizer']} (test)", [q["lam"] for q in pts], [q["mean"] for q in pts],
-               [q["mean"] - q["std"] for q in pts], [q["mean"] + q["std"] for q in pts])
+    pts = [q for q in curve["points"] if q["mean"] is not None]
+    if not pts:
+        return []
+    s = Series(f"{curve['normalizer']} (test, own lr per λ)", [q["lam"] for q in pts], [q["mean"] for q in pts],
+               [q["mean"] - (q["std"] or 0.0) for q in pts], [q["mean"] + (q["std"] or 0.0) for q in pts])
     base = next((r for r in result["summary"] if r["task"] == task["name"] and r["normalizer"] == "baseline"), None)
     hl = [(f"baseline {base['mean']:.4g}", base["mean"])] if base and base["mean"] is not None else []
     path = out / f"lambda_{task['name']}.png"

@@ -1,4 +1,4 @@
-"""Entry point of one launched run: ``torchrun … -m ibnorm.study.worker CONFIG.json OUT``."""
+"""Entry point of one launched run: ``torchrun … -m ibnorm.study.worker CONFIG.json OUT [DEADLINE]``."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ def main(argv: list[str]) -> int:
     cfg = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(cfg["threads"])
     init_distributed()
-    rec = run_config(cfg, Path(argv[1]))
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        write_run(Path(argv[1]), rec)
+    out = Path(argv[1])
+    rec = run_config(cfg, out, float(argv[2]) if len(argv) > 2 else None)
+    if rec is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        write_run(out, rec)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
