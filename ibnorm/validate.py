@@ -597,3 +597,36 @@ def check_export(directory: str | Path, fmt: str, out: str | Path | None, force:
     if size > ONNX_MAX_BYTES:
         raise SourceError(f"{path} holds {_gib(size)} of weights; one ONNX file holds under 2 GiB (external data is not supported)")
     return ExportPlan(path, _check_export_out(out, path, force), kind, manifest)
+
+
+# ----------------------------------------------------------------------------- study --from
+
+
+def validate_pretrained_study(*, data: str | None, eval_data: str | None, train: str, train_modes: Iterable[str],
+                              steps: int, seeds: int | None, lrs: Iterable[float], seq_len: int, batch_size: int, warmup: int,
+                              val_blocks: int, test_docs: int, calib: str, calib_samples: int, save_every: int,
+                              threads: int, jobs: int | None, launcher: str | None) -> None:
+    """Every option of ``study --from`` that needs no model, checked before any work."""
+    if not data:
+        raise OptionError("--from needs --data (the fine-tuning text)")
+    if train not in train_modes:
+        raise OptionError(f"unknown --train {train!r}; choose one of {', '.join(train_modes)}")
+    for lr in lrs:
+        check_lr(lr)
+    if len(set(lrs)) != len(list(lrs)):
+        raise OptionError("--lrs lists a learning rate twice")
+    check_seq_len(seq_len)
+    check_calib_samples(calib_samples)
+    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--val-blocks", val_blocks), ("--test-docs", test_docs)):
+        check_range(name, v, low=1, integer=True)
+    for name, v in (("--warmup", warmup), ("--save-every", save_every), ("--threads", threads)):
+        check_range(name, v, low=0, integer=True)
+    if seeds is not None:
+        check_range("--seeds", seeds, low=1, high=20, integer=True)  # the exact sign-flip test enumerates 2^seeds
+    if jobs is not None:
+        check_range("--jobs", jobs, low=1, integer=True)
+    if launcher not in (None, "torchrun", "accelerate"):
+        raise OptionError(f"unknown --launcher {launcher!r}; choose torchrun or accelerate")
+    for name, path in (("--data", data), ("--eval-data", eval_data), ("--calib", calib)):
+        if path and not path.startswith("builtin:") and not Path(path).exists():
+            raise OptionError(f"{name}: data not found: {path}")

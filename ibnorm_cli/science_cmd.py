@@ -27,7 +27,7 @@ def _parse_shard(shard: str) -> tuple[int, int]:
 
 @app.command()
 def study(
-    preset: str = typer.Option(..., "--preset", help="micro | smoke | cpu | confirm | gpu-llama60m | gpu-llama130m | gpu-check | gpu-vision."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="micro | smoke | cpu | confirm | gpu-llama60m | gpu-llama130m | gpu-check | gpu-vision."),
     out: str = typer.Option(..., "--out", "-o", help="Study directory (runs are resumed from it; directories merge)."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Normalizer(s) to run (the baseline always runs)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per setting (default: the preset's)."),
@@ -39,13 +39,37 @@ def study(
     report_only: bool = typer.Option(False, "--report-only", help="Only aggregate the runs already in OUT."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds: then running runs checkpoint and stop; rerun to resume."),
     json_out: bool = typer.Option(False, "--json", help="Print runs and summary as JSON."),
+    source: Optional[str] = typer.Option(None, "--from", help="Compare fine-tunes of this pretrained model: source norms vs IBNorm arms."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="--from: held-out test text (default: a tenth of --data)."),
+    arms: Optional[List[str]] = typer.Option(None, "--arms", help="--from: more arms, OP[@LAMBDA][/GROUPING] (source and tanh always run)."),
+    train: str = typer.Option("norms", "--train", help="--from: what trains: norms | all | lora."),
+    steps: int = typer.Option(100, "--steps", help="--from: fine-tuning steps per run."),
+    lrs: Optional[List[float]] = typer.Option(None, "--lrs", help="--from: learning-rate grid (default 1e-3 3e-3), searched on seed 0."),
+    seq_len: int = typer.Option(128, "--seq-len", help="--from: tokens per example."),
+    batch_size: int = typer.Option(4, "--batch-size", help="--from: examples per step."),
+    warmup: int = typer.Option(10, "--warmup", help="--from: warmup steps."),
+    val_blocks: int = typer.Option(16, "--val-blocks", help="--from: validation examples (LR selection)."),
+    test_docs: int = typer.Option(64, "--test-docs", help="--from: test documents (the paired bootstrap resamples them)."),
+    calib: str = typer.Option("builtin:pydoc:train", "--calib", help="--from: calibration text of the converted arms."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="--from: calibration examples."),
+    save_every: int = typer.Option(0, "--save-every", help="--from: checkpoint every N steps (0: only when interrupted)."),
+    threads: int = typer.Option(0, "--threads", help="--from: torch threads per run (0: torch's default)."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="--from: run each run under torchrun | accelerate."),
 ) -> None:
-    """Train small models from scratch with each normalizer under one recipe; report mean ± std and paired tests."""
+    """Train small models from scratch with each normalizer under one recipe (--preset), or compare fine-tunes of a
+    pretrained model with its own norms and with IBNorm (--from); report paired tests and verdicts."""
     with user_errors():
         from ibnorm.errors import IBNormError
         from ibnorm.study import NORMALIZERS, PRESETS, get_preset, run_study, write_report
 
         quiet_libraries()
+        if (preset is None) == (source is None):
+            raise IBNormError("give exactly one of --preset (from scratch) or --from SOURCE (a pretrained model)")
+        if source is not None:
+            _pretrained_study(source, data, eval_data, tuple(arms or ()), train, steps, seeds, tuple(lrs or ()), seq_len,
+                              batch_size, warmup, val_blocks, test_docs, calib, calib_samples, save_every, threads, jobs,
+                              launcher, out, shard, report_only, json_out)
+            return
         bad = [n for n in (only or []) if n not in NORMALIZERS]
         if bad:
             raise IBNormError(f"unknown normalizer {bad[0]!r}; choose from {', '.join(NORMALIZERS)}")
@@ -124,6 +148,75 @@ def _render_study(result: dict) -> None:
                         ("task", "normalizer", "mean ± std", "n", "lr/wd", "Δ [95%]", "p Holm", "verdict"), rows))
     for w in result.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+
+
+def _pretrained_study(source: str, data: Optional[str], eval_data: Optional[str], arms: tuple, train: str, steps: int,
+                      seeds: Optional[int], lrs: tuple, seq_len: int, batch_size: int, warmup: int, val_blocks: int,
+                      test_docs: int, calib: str, calib_samples: int, save_every: int, threads: int, jobs: Optional[int],
+                      launcher: Optional[str], out: str, shard: str, report_only: bool, json_out: bool) -> None:
+    """``study --from``: validate everything, prepare the arms, run, report (inside ``user_errors``)."""
+    import time
+
+    from ibnorm.finetune import TRAIN_MODES
+    from ibnorm.study.pretrained import PretrainedStudy, check_out, parse_arms, prepare, run_study
+    from ibnorm.study.pretrained_report import write_report
+    from ibnorm.validate import validate_pretrained_study
+
+    t0 = time.perf_counter()
+    validate_pretrained_study(data=data, eval_data=eval_data, train=train, train_modes=TRAIN_MODES, steps=steps, seeds=seeds,
+                              lrs=lrs, seq_len=seq_len, batch_size=batch_size, warmup=warmup, val_blocks=val_blocks,
+                              test_docs=test_docs, calib=calib, calib_samples=calib_samples, save_every=save_every,
+                              threads=threads, jobs=jobs, launcher=launcher)
+    study = PretrainedStudy(source, data, Path(out), eval_data, parse_arms(arms), train, steps, seeds or 5,
+                            lrs or (1e-3, 3e-3), seq_len, batch_size, warmup, val_blocks=val_blocks, test_docs=test_docs,
+                            calib=calib, calib_samples=calib_samples, save_every=save_every, threads=threads or _threads(),
+                            jobs=jobs or 1, launcher=launcher)
+    shard_ij = _parse_shard(shard)
+    check_out(study)
+    if report_only and not (study.out / "study.json").exists():
+        raise IBNormError(f"study directory not found: {out}")
+    if not report_only:
+        progress = None if json_out else _pretrained_progress
+        prepare(study, progress)
+        run_study(study, progress, shard_ij)
+    command = "ibnorm study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    result = write_report(study, command, time.perf_counter() - t0)
+    if json_out:
+        print_json({"runs": result["runs"], "summary": result["summary"], "comparisons": result["comparisons"]})
+        return
+    _render_verdicts(result)
+    console.print(f"written {study.out / 'results.md'}, results.json, {', '.join(result['charts'])}")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _pretrained_progress(event: dict) -> None:
+    if event["event"] == "arm":
+        err_console.print(f"[dim]preparing arm {event['arm']}[/dim]", highlight=False)
+    elif event["event"] == "run" and event["record"]:
+        r = event["record"]
+        what = "step 0" if r["step"] == 0 else f"{r['train']} lr={r['lr']:g} seed {r['seed']}"
+        err_console.print(f"{r['arm']:<14} {what:<28} val {r['val']:.4f}  test {r['test']:.4f}  {r['seconds']:.0f}s", highlight=False)
+    elif event["event"] == "plan" and event["pending"]:
+        err_console.print(f"[dim]{event['done']} runs finished, {event['pending']} to go now[/dim]", highlight=False)
+
+
+def _render_verdicts(result: dict) -> None:
+    """One screen, 80 columns: the verdict per --train mode and arm, then the step-0 row."""
+    rows = []
+    for c in result["comparisons"]:
+        iv = "-" if c["interval"] is None else f"{c['interval'][0]:+.4f},{c['interval'][1]:+.4f}"
+        p = "-" if c["p_holm"] is None else f"{c['p_holm']:.2g}"
+        rows.append((f"{c['train']}:{c['arm']}", f"{c['delta']:+.4f}", iv, p, c["verdict"]))
+    level = result["comparisons"][0]["level"] if result["comparisons"] else 0.95
+    console.print(table(f"test loss, arm − source, paired over seeds ({level:.0%} interval)",
+                        ("train:arm", "Δ", "interval", "p Holm", "verdict"), rows))
+    step0 = [(r["arm"], f"{r['val']:.4f}", f"{r['test']:.4f}") for r in result["summary"] if r["step"] == 0]
+    console.print(table("step 0 (before fine-tuning)", ("arm", "val loss", "test loss"), step0))
 
 
 @app.command()

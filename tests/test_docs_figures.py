@@ -120,7 +120,32 @@ def _estimate() -> dict:
     return _json("benchmarks/results/study_confirm/estimate.json")
 
 
+PRETRAINED = "benchmarks/results/study_pretrained_smollm2/results.json"
+
+
+def _pretrained_row(train: str, arm: str) -> str:
+    """A row of findings section 3's table, from the pretrained comparison's results file."""
+    res = _json(PRETRAINED)
+    s = next(r for r in res["summary"] if r["train"] == train and r["arm"] == arm)
+    row = f"| {train} | {arm} | {s['lr']:g} | | {s['test']:.3f} ± {s['test_std']:.2g} |"
+    if arm != "source":
+        c = next(r for r in res["comparisons"] if r["train"] == train and r["arm"] == arm)
+        row += _minus(f" {c['delta']:+.3f} | [{c['interval'][0]:+.3f}, {c['interval'][1]:+.3f}] | {c['p_holm']:.2g} | {c['verdict']} |")
+    return row
+
+
+def _pretrained_step0() -> str:
+    s0 = {r["arm"]: r["test"] for r in _json(PRETRAINED)["summary"] if r["step"] == 0}
+    return f"costs {s0['tanh'] - s0['source']:+.3f} nats on this text before any fine-tuning ({s0['source']:.3f} → {s0['tanh']:.3f}"
+
+
 FIGURES = [
+    # section 3: the pretrained comparison (study_pretrained_smollm2)
+    (FINDINGS, "| norms | source | 0.003 | | 4.276 ± 0.041 |", lambda: _pretrained_row("norms", "source")),
+    (FINDINGS, "| norms | tanh | 0.003 | | 4.288 ± 0.035 | +0.012 | [−0.014, +0.038] | 0.12 | no detectable difference |", lambda: _pretrained_row("norms", "tanh")),
+    (FINDINGS, "| lora | source | 0.003 | | 3.981 ± 0.12 |", lambda: _pretrained_row("lora", "source")),
+    (FINDINGS, "| lora | tanh | 0.003 | | 4.024 ± 0.11 | +0.042 | [+0.015, +0.070] | 0.0036 | worse |", lambda: _pretrained_row("lora", "tanh")),
+    (FINDINGS, "costs +0.032 nats on this text before any fine-tuning (4.514 → 4.546", _pretrained_step0),
     # section 1.1: the study as first reported (results.json)
     (FINDINGS, "IBNorm-T Δ −1.20 points (p 0.006)", lambda: "IBNorm-T Δ {} points (p {:.1g})".format(_minus(f"{_row('resnet-digits', 'ibnorm-t')['diff'] * 100:.2f}"), _row("resnet-digits", "ibnorm-t")["p_value"])),
     (FINDINGS, "-L (p 0.02), learnable -L (p 0.01), learnable -T (p 0.04)", lambda: f"-L (p {_row('resnet-digits', 'ibnorm-l')['p_value']:.1g}), learnable -L (p {_row('resnet-digits', 'ibnorm-l-learn')['p_value']:.1g}), learnable -T (p {_row('resnet-digits', 'ibnorm-t-learn')['p_value']:.1g})"),

@@ -8,6 +8,7 @@ lr — on every seed.  A run interrupted by ``time_limit`` resumes from its mid-
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -42,6 +43,8 @@ def make_config(p: Preset, task: dict, normalizer: str, lr: float, wd: float, se
 
 
 def run_path(out: Path, cfg: dict) -> Path:
+    if "run" in cfg:  # a run that names its own place (the pretrained comparison)
+        return out / "runs" / f"{cfg['run']}.json"
     return out / "runs" / cfg["task"]["name"] / cfg["normalizer"] / f"lam{cfg['lam']:g}_lr{cfg['lr']:g}_wd{cfg['wd']:g}_s{cfg['seed']}.json"
 
 
@@ -53,9 +56,16 @@ def load_run(out: Path, cfg: dict) -> dict | None:
         rec = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise StudyError(f"{path} is not valid JSON (delete it to rerun that run)") from None
-    if rec.get("config") != cfg:
+    if _identity(rec.get("config") or {}) != _identity(cfg):
         raise StudyError(f"{path} holds a run of a different configuration; use another --out for this preset")
     return rec
+
+
+RUNTIME_KEYS = ("threads",)  # how a run executes, not what it computes: a run is resumed under other settings
+
+
+def _identity(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in RUNTIME_KEYS}
 
 
 def write_run(out: Path, rec: dict) -> Path:
@@ -155,16 +165,31 @@ def checkpoint_path(out: Path, cfg: dict) -> Path:
     return out / "checkpoints" / run_path(out, cfg).relative_to(out / "runs").with_suffix("")
 
 
+ENTRY_PACKAGE = "ibnorm.study."
+
+
+def run_config(cfg: dict, out: Path, deadline: float | None = None) -> dict | None:
+    """The record of one run (None when stopped at the deadline): ``train.run_one`` (from scratch), or the
+    function a config names in ``entry`` (``ibnorm.study.MODULE:FUNCTION``, called with the config and the
+    study directory; it checkpoints and resumes by itself and runs to its end)."""
+    if "entry" not in cfg:
+        from .train import run_one
+
+        return run_one(cfg, checkpoint=checkpoint_path(out, cfg), deadline=deadline)
+    module, _, name = cfg["entry"].partition(":")
+    if not module.startswith(ENTRY_PACKAGE):
+        raise StudyError(f"run entry {cfg['entry']!r} is not in {ENTRY_PACKAGE.rstrip('.')}")
+    return getattr(importlib.import_module(module), name)(cfg, out)
+
+
 def _execute(cfg: dict, out: str, deadline: float | None = None) -> str | None:
     """Pool worker: one run in this process, single-threaded as configured; None when stopped at the deadline."""
     import torch
 
-    from .train import run_one
-
     before = torch.get_num_threads()
     torch.set_num_threads(cfg["threads"])
     try:
-        rec = run_one(cfg, checkpoint=checkpoint_path(Path(out), cfg), deadline=deadline)
+        rec = run_config(cfg, Path(out), deadline)
         return None if rec is None else str(write_run(Path(out), rec))
     finally:
         torch.set_num_threads(before)  # the inline path runs in the caller's process
@@ -195,13 +220,16 @@ def _launch(p: Preset, cfg: dict, out: Path, deadline: float | None = None) -> s
 
 
 def run_study(p: Preset, out: Path, progress: Callable[[dict], None] | None = None, jobs: int | None = None,
-              shard: tuple[int, int] = (0, 1), time_limit: float | None = None) -> bool:
+              shard: tuple[int, int] = (0, 1), time_limit: float | None = None,
+              planner: Callable[[Path], tuple[list[dict], int]] | None = None) -> bool:
     """Run every pending run of ``p`` into ``out`` until nothing more can start; True when complete.
 
     ``shard=(i, n)``: only runs whose position in a stable order is i mod n (job arrays); rerun
     the array after it finishes to reach the next phase (seeds follow the grid search).
     ``time_limit`` (seconds): no run starts after it, and running ones save a mid-run checkpoint and stop
     (the next invocation resumes them), so a fixed machine slot advances a long study.
+    ``planner``: what ``plan`` does for another kind of study (``p`` then needs only ``jobs``,
+    ``launcher`` and ``nproc``).
     """
     import time
 
@@ -215,7 +243,7 @@ def run_study(p: Preset, out: Path, progress: Callable[[dict], None] | None = No
     # one job runs in this process (no interpreter start-up); several in fresh spawned ones
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) if p.launcher is None and jobs > 1 else _Inline() as pool:
         while True:
-            todo, done = plan(p, out)
+            todo, done = planner(out) if planner is not None else plan(p, out)
             todo = [c for c in todo if _in_shard(c, shard) and str(run_path(out, c)) not in started]
             notify({"event": "plan", "done": done, "pending": len(todo) + len(pending)})
             while todo and len(pending) < jobs and not (deadline and time.time() >= deadline):

@@ -10,14 +10,14 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     import torch
 
-    from .runner import checkpoint_path, write_run
-    from .train import init_distributed, run_one
+    from .runner import run_config, write_run
+    from .train import init_distributed
 
     cfg = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(cfg["threads"])
     init_distributed()
     out = Path(argv[1])
-    rec = run_one(cfg, checkpoint=checkpoint_path(out, cfg), deadline=float(argv[2]) if len(argv) > 2 else None)
+    rec = run_config(cfg, out, float(argv[2]) if len(argv) > 2 else None)
     if rec is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         write_run(out, rec)
     if torch.distributed.is_initialized():
