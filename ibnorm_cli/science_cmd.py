@@ -41,7 +41,7 @@ def study(
     json_out: bool = typer.Option(False, "--json", help="Print runs and summary as JSON."),
     source: Optional[str] = typer.Option(None, "--from", help="Compare fine-tunes of this pretrained model: source norms vs IBNorm arms."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="--from: held-out test text (default: a tenth of --data)."),
-    arms: Optional[List[str]] = typer.Option(None, "--arms", help="--from: more arms, OP[@LAMBDA][/GROUPING] (source and tanh always run)."),
+    arms: Optional[List[str]] = typer.Option(None, "--arms", help="--from: more arms, OP\\[@LAMBDA]\\[/GROUPING] (source and tanh always run)."),
     train: str = typer.Option("norms", "--train", help="--from: what trains: norms | all | lora."),
     steps: int = typer.Option(100, "--steps", help="--from: fine-tuning steps per run."),
     lrs: Optional[List[float]] = typer.Option(None, "--lrs", help="--from: learning-rate grid (default 1e-3 3e-3), searched on seed 0."),
