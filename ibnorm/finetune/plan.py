@@ -109,7 +109,7 @@ def _config_dtype(model: nn.Module) -> str:
     return {torch.bfloat16: "BF16", torch.float16: "F16", "bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32")
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks: modules of the classes the model names in ``_no_split_modules``."""
     names = set()
     for m in model.modules():
@@ -164,7 +164,7 @@ def memory_plan(path: str, opts: FinetuneOptions, shard: str, world_size: int | 
     per_rank = {"parameters": params, "gradients": grads, "optimizer": optim,
                 "activations": _activations(config, opts.batch_size, opts.seq_len, compute_bytes)}
     if sharded:
-        largest = max((sum(p.numel() for p in b.parameters()) for b in _blocks(model)), default=0)
+        largest = max((sum(p.numel() for p in b.parameters()) for b in decoder_blocks(model)), default=0)
         per_rank["gathered_blocks"] = 2 * largest * compute_bytes
     per_rank["total"] = sum(per_rank.values())
     notes = [f"activations: an estimate for batch {opts.batch_size} × {opts.seq_len} tokens per rank, without checkpointing"]
