@@ -172,6 +172,19 @@ def memory_plan(path: str, opts: FinetuneOptions, shard: str, world_size: int | 
                       trainable, total, notes)
 
 
+def plan_for(path: str, opts: FinetuneOptions, world_size: int | None = None) -> MemoryPlan:
+    """The plan ``ibnorm finetune --plan`` shows, the options checked first."""
+    from ..validate import check_range
+    from .options import TRAIN_MODES
+
+    world = int(check_range("--world-size", world_size or world_size_here(), low=1, integer=True))
+    if opts.train not in TRAIN_MODES:
+        raise IBNormError(f"unknown --train {opts.train!r}; choose one of {', '.join(TRAIN_MODES)}")
+    if not (Path(path) / "config.json").is_file():
+        raise IBNormError(f"--plan needs a model directory with config.json: {path}")
+    return memory_plan(path, opts, resolve_shard(opts.shard, world), world, opts.gpu_memory)
+
+
 def choose_shard(path: str, opts: FinetuneOptions, world: int, gpu_memory: int | None = None) -> str:
     """How a run spreads over ``world`` ranks -- the one place this is decided: one rank runs unsharded;
     several replicate the model (DDP) when it fits each rank, else shard it (FSDP2)."""

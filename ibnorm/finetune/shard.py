@@ -37,8 +37,8 @@ def full_value(t: Tensor) -> Tensor:
 
 
 def _adapters(model: nn.Module) -> list[nn.Module]:
-    """peft's LoRA adapter containers (lora_A, lora_B), wrapped on their own like the norms."""
-    return [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and any(True for _ in m.parameters())]
+    """peft's LoRA adapters (the Linear layers in lora_A and lora_B), wrapped on their own like the norms."""
+    return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-2:-1] in (["lora_A"], ["lora_B"])]
 
 
 class FSDPEngine:
