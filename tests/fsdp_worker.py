@@ -1,12 +1,13 @@
 """Run under ``torchrun --nproc_per_node N`` by tests/test_fsdp.py: sharded fine-tunes (FSDP2 over gloo).
 
-argv: CONVERTED OUT_ROOT PER_RANK_BATCH JOB...; a JOB is MODE (a whole run), MODE:interrupt:K (stopped by a
-Ctrl-C at step K, after a checkpoint) or MODE:resume.  Rank 0 writes OUT_ROOT/results.json:
-{job: {"losses", "evals", "world"}}.
+argv: CONVERTED DATA OUT_ROOT PER_RANK_BATCH JOB...; a JOB is MODE (a whole run), MODE:interrupt:K (stopped by
+a Ctrl-C at step K, after a checkpoint), MODE:resume, or ``gradients`` (one backward: sharded gradients
+against the one-process gradients of the whole batch).  Rank 0 writes OUT_ROOT/results.json: {job: {...}}.
 """
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,16 +18,20 @@ from ibnorm.finetune.plan import world_size_here
 STEPS = 6
 
 
-def options(out: Path, mode: str, batch: int, **kw) -> FinetuneOptions:
-    return FinetuneOptions(data="builtin:pydoc:train", eval_data="builtin:pydoc:eval", steps=STEPS, seq_len=32, batch_size=batch,
+def options(data: str, out: Path, mode: str, batch: int, **kw) -> FinetuneOptions:
+    return FinetuneOptions(data=data, eval_data=data, steps=STEPS, seq_len=32, batch_size=batch,
                            eval_every=3, eval_blocks=4, lr=5e-3, warmup=2, train=mode, compare_source=False, out=str(out),
                            shard="fsdp", **kw)
 
 
 def main() -> None:
-    converted, root, batch, jobs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    converted, data, root, batch, jobs = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
     results = {}
     for job in jobs:
+        t0 = time.perf_counter()
+        if job == "gradients":
+            results[job] = gradients(converted)
+            continue
         mode, _, action = job.partition(":")
         out = root / f"{mode}-{'resumed' if action else 'whole'}"
         if action.startswith("interrupt"):
@@ -37,15 +42,43 @@ def main() -> None:
                     raise KeyboardInterrupt
 
             try:
-                finetune(converted, options(out, mode, batch, save_every=2), interrupt)
+                finetune(converted, options(data, out, mode, batch, save_every=2), interrupt)
             except KeyboardInterrupt:
                 results[job] = {"interrupted": True}
             continue
-        result = finetune(converted, options(out, mode, batch, resume=action == "resume"))
-        results[job] = {"losses": result.losses, "evals": result.evals, "world": world_size_here(), "out": result.out}
+        result = finetune(converted, options(data, out, mode, batch, resume=action == "resume"))
+        results[job] = {"losses": result.losses, "evals": result.evals, "world": world_size_here(), "out": result.out,
+                        "seconds": time.perf_counter() - t0}
     if not dist.is_initialized() or dist.get_rank() == 0:
         previous = json.loads((root / "results.json").read_text()) if (root / "results.json").exists() else {}
         (root / "results.json").write_text(json.dumps({**previous, **results}))
+
+
+def gradients(converted: str) -> dict:
+    """|sharded − reference| and Σsharded/Σreference of the gradients of one backward of the whole batch."""
+    import torch
+
+    import ibnorm
+    from ibnorm.finetune import select_trainable
+    from ibnorm.finetune.shard import FSDPEngine, full_value
+
+    x = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    reference = select_trainable(ibnorm.load(converted), "all", 8)
+    reference(input_ids=x, labels=x).loss.backward()
+    engine = FSDPEngine()
+    sharded = engine.prepare(select_trainable(ibnorm.load(converted), "all", 8))
+    local = x[engine.process_index :: engine.num_processes]
+    engine.backward(sharded(input_ids=local, labels=local).loss)
+    ref = dict(reference.named_parameters())
+    pairs = [(full_value(p.grad), ref[n].grad) for n, p in sharded.named_parameters()]
+    grads = [p for p in sharded.parameters() if p.grad is not None]
+    norm = engine.clip_grad_norm_(grads, 1e9)
+    engine.clip_grad_norm_(grads, float(norm) / 2)
+    clipped = engine.clip_grad_norm_(grads, 1e9)
+    reference_norm = torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.grad is not None], 1e9)
+    return {"max_abs_diff": max(float((a - b).abs().max()) for a, b in pairs), "norm": float(norm), "clipped": float(clipped),
+            "reference_norm": float(reference_norm),
+            "ratio": sum(float(a.abs().sum()) for a, _ in pairs) / sum(float(b.abs().sum()) for _, b in pairs)}
 
 
 if __name__ == "__main__":

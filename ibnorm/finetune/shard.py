@@ -117,14 +117,16 @@ class FSDPEngine:
 
     def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> Tensor:
         """Clip by the norm of all gradients (sharded ones through their DTensor norm)."""
-        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+        from torch.nn.utils import get_total_norm
 
         groups = [[p.grad for p in params if p.grad is not None and _is_dtensor(p.grad) == sharded] for sharded in (True, False)]
         norms = [full_value(get_total_norm(g)) if g else torch.zeros((), device=self.device) for g in groups]
         total = torch.stack([n.to(self.device) for n in norms]).norm()
-        for g in groups:
-            if g:
-                clip_grads_with_norm_(g, max_norm, total)
+        # torch's clip_grads_with_norm_ (foreach) leaves DTensor gradients unscaled here: scale each one,
+        # by the coefficient it computes
+        coefficient = min(1.0, max_norm / (float(total) + 1e-6))
+        for g in groups[0] + groups[1]:
+            g.mul_(coefficient)
         return total
 
     def wait_for_everyone(self) -> None:
