@@ -15,12 +15,12 @@ import torch.distributed as dist
 from ibnorm.finetune import FinetuneOptions, finetune
 from ibnorm.finetune.plan import world_size_here
 
-STEPS = 6
+STEPS = 4
 
 
 def options(data: str, out: Path, mode: str, batch: int, **kw) -> FinetuneOptions:
     return FinetuneOptions(data=data, eval_data=data, steps=STEPS, seq_len=32, batch_size=batch,
-                           eval_every=3, eval_blocks=4, lr=5e-3, warmup=2, train=mode, compare_source=False, out=str(out),
+                           eval_every=2, eval_blocks=4, lr=5e-3, warmup=2, train=mode, compare_source=False, out=str(out),
                            shard="fsdp", **kw)
 
 

@@ -37,11 +37,11 @@ def select_trainable(model: nn.Module, mode: str, lora_rank: int) -> nn.Module:
     for m in model.modules():
         if isinstance(m, IBNormBase) and not m.lam_is_learnable:
             m.set_lambda(m.lam.detach(), learnable=True)
-    norms = [m for m in model.modules() if isinstance(m, IBNormBase)] or [s.module for s in find_norms(model)[0]]
     for p in model.parameters():
         p.requires_grad_(mode == "all")
     if mode == "all":
         return model
+    norms = [m for m in model.modules() if isinstance(m, IBNormBase)] or [s.module for s in find_norms(model)[0]]
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -99,8 +99,11 @@ def _meta_model(path: Path) -> tuple[nn.Module, dict[str, str]]:
         model = skeleton(path, manifest)
         for name, module in layers_from_manifest(model, manifest).items():
             set_submodule(model, name, module)  # small: on the CPU
-        return model, dtypes
-    return skeleton_of(read_config(path), causal=True), dtypes
+    else:
+        model = skeleton_of(read_config(path), causal=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # as loading does: tied tensors count once
+    return model, dtypes
 
 
 def _config_dtype(model: nn.Module) -> str:
