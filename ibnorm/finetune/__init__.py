@@ -2,7 +2,8 @@
 
 from .checkpoints import latest_checkpoint
 from .data import default_data
-from .loop import finetune, lambda_means, select_trainable
+from .loop import finetune, lambda_means
+from .trainable import select_trainable
 from .plan import MemoryPlan, PlanDoesNotFit, memory_plan, plan_for
 from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, FinetuneOptions, FinetuneResult, global_batch_indices, lr_at
 

@@ -140,7 +140,7 @@ def _activations(config, batch: int, seq: int, act_bytes: int) -> int:
 def memory_plan(path: str, opts: FinetuneOptions, shard: str, world_size: int | None = None,
                 gpu_memory: int | None = None) -> MemoryPlan:
     """Per-rank memory of fine-tuning ``path`` with ``opts`` in shard mode ``shard`` (``auto``: chosen)."""
-    from .loop import select_trainable
+    from .trainable import select_trainable
 
     world = world_size or world_size_here()
     model, dtypes = _meta_model(Path(path))
