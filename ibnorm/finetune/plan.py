@@ -202,6 +202,8 @@ def resolve_shard(requested: str, world: int) -> str:
         raise IBNormError(f"unknown --shard {requested!r}; choose one of {', '.join(SHARD_MODES)}")
     if requested == "ddp" and world == 1:
         raise IBNormError("--shard ddp needs several processes: launch with torchrun --nproc_per_node N")
+    if requested == "none" and world > 1:
+        raise IBNormError(f"--shard none runs one process, but this launch has {world}: use --shard ddp or fsdp")
     return requested
 
 

@@ -75,6 +75,8 @@ class FSDPEngine:
             if p.requires_grad:
                 p.data = p.data.float()  # float32 master weights
         self.replicated = [p for p in model.parameters() if p.dim() == 0]
+        for p in self.replicated:  # fully_shard moves what it manages to the mesh's device, not these
+            p.data = p.data.to(self.device)
         ignored = set(self.replicated)
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=low)
         for m in [m for m in model.modules() if isinstance(m, IBNormBase)] + _adapters(model):
