@@ -62,15 +62,21 @@ def gradients(converted: str) -> dict:
     from ibnorm.finetune import select_trainable
     from ibnorm.finetune.shard import FSDPEngine, full_value
 
+    def model():
+        m = ibnorm.load(converted)
+        m.model.norm.set_lambda(0.1)  # a scalar λ: fully_shard refuses 0-dim parameters, so it stays replicated
+        return select_trainable(m, "all", 8)
+
     x = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
-    reference = select_trainable(ibnorm.load(converted), "all", 8)
+    reference = model()
     reference(input_ids=x, labels=x).loss.backward()
     engine = FSDPEngine()
-    sharded = engine.prepare(select_trainable(ibnorm.load(converted), "all", 8))
+    sharded = engine.prepare(model())
+    assert engine.replicated and sharded.model.norm.lam.dim() == 0
     local = x[engine.process_index :: engine.num_processes]
     engine.backward(sharded(input_ids=local, labels=local).loss)
     ref = dict(reference.named_parameters())
-    pairs = [(full_value(p.grad), ref[n].grad) for n, p in sharded.named_parameters()]
+    pairs = [(full_value(p.grad).clone(), ref[n].grad.clone()) for n, p in sharded.named_parameters()]  # before clipping
     grads = [p for p in sharded.parameters() if p.grad is not None]
     norm = engine.clip_grad_norm_(grads, 1e9)
     engine.clip_grad_norm_(grads, float(norm) / 2)
