@@ -99,15 +99,7 @@ def _run(engine, shard: str, path: str, opts: FinetuneOptions, out: Path, raw, p
     if engine.is_main_process:
         prepare_directory(ckpt_dir, opts)
     engine.wait_for_everyone()
-    model = select_trainable(loaded.model, opts.train, opts.lora_rank)
-    if shard == "fsdp":
-        model = unwrapped = engine.prepare(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = optimizer_for(params, opts)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        model, optimizer = engine.prepare(model, optimizer_for(params, opts))
-        unwrapped = engine.unwrap_model(model)
+    model, unwrapped, params, optimizer = _prepare(engine, shard, select_trainable(loaded.model, opts.train, opts.lora_rank), opts)
     cuda = torch.cuda.is_available()
     result = FinetuneResult(str(out), opts.steps, kernel=describe() if cuda else "reference (CPU)",
                             is_main_process=engine.is_main_process)
@@ -150,6 +142,17 @@ def _run(engine, shard: str, path: str, opts: FinetuneOptions, out: Path, raw, p
     result.tokens_per_second = tokens / max(result.seconds, 1e-9)
     _write(engine, shard, model, unwrapped, path, loaded, out, opts, result)
     return result
+
+
+def _prepare(engine, shard: str, model: nn.Module, opts: FinetuneOptions) -> tuple[nn.Module, nn.Module, list, torch.optim.Optimizer]:
+    """(model to run, the model itself, trained parameters, optimizer): sharded in place, or wrapped by Accelerate."""
+    if shard == "fsdp":
+        model = engine.prepare(model)  # the optimizer is made after: fully_shard replaces the parameters
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, model, params, optimizer_for(params, opts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped, optimizer = engine.prepare(model, optimizer_for(params, opts))
+    return wrapped, engine.unwrap_model(wrapped), params, optimizer
 
 
 def _write(engine, shard: str, model: nn.Module, unwrapped: nn.Module, path: str, loaded, out: Path, opts: FinetuneOptions,
