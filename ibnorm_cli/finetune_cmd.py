@@ -109,7 +109,7 @@ def _show_plan(plan, json_out: bool, console=console) -> None:
         return
     from ibnorm.finetune.plan import plan_rows
 
-    title = f"per rank: --train {plan.train}, {plan.shard}, {plan.world_size} rank(s)"
-    console.print(table(title, ("", "GiB"), plan_rows(plan)))
+    console.print(f"memory plan: --train {plan.train}, {plan.shard}, {plan.world_size} rank(s)")
+    console.print(table("", ("", "per rank"), plan_rows(plan)))
     console.print(f"{plan.trainable:,} of {plan.total_parameters:,} parameters train; "
                   + ("fits" if plan.fits else "does NOT fit") + f" ({plan.device})")

@@ -54,10 +54,9 @@ class PlanDoesNotFit(IBNormError):
     """The run would not fit each rank's memory; carries the plan for the table."""
 
     def __init__(self, plan: MemoryPlan) -> None:
-        need = plan.per_rank_bytes["total"] / 2**30
-        have = (plan.device_bytes or 0) / 2**30
-        super().__init__(f"this run needs {need:.1f} GiB per rank ({plan.shard}, {plan.world_size} rank(s)), "
-                         f"more than the {have:.1f} GiB of {plan.device}; use more ranks, --shard fsdp, "
+        super().__init__(f"this run needs {size_text(plan.per_rank_bytes['total'])} per rank ({plan.shard}, "
+                         f"{plan.world_size} rank(s)), more than the {size_text(plan.device_bytes or 0)} of {plan.device}; "
+                         f"use more ranks, --shard fsdp, "
                          f"--train lora/norms or a smaller --batch-size")
         self.plan = plan
 
@@ -207,8 +206,15 @@ def resolve_shard(requested: str, world: int) -> str:
     return requested
 
 
+def size_text(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def plan_rows(plan: MemoryPlan) -> list[tuple[str, str]]:
-    """(what, GiB per rank) rows of the plan table."""
-    rows = [(k.replace("_", " "), f"{v / 2**30:.2f}") for k, v in plan.per_rank_bytes.items()]
-    rows.append((f"available ({plan.device})", f"{(plan.device_bytes or 0) / 2**30:.2f}"))
+    """(what, bytes per rank) rows of the plan table."""
+    rows = [(k.replace("_", " "), size_text(v)) for k, v in plan.per_rank_bytes.items()]
+    rows.append((f"available ({plan.device})", size_text(plan.device_bytes or 0)))
     return rows
