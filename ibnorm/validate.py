@@ -476,6 +476,17 @@ def check_resume(checkpoint_dir: str | Path, progress: Any, fingerprint: str) ->
                                  f"start again with --force instead of --resume")
 
 
+def read_progress(checkpoint_dir: str | Path, fingerprint: str) -> dict:
+    """The parsed ``progress.json`` of a checkpoint of this run (fingerprint), or one line refusing it."""
+    d = Path(checkpoint_dir)
+    try:
+        progress = json.loads((d / "progress.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise StateMismatchError(f"{d} is not a usable checkpoint (progress.json is missing or damaged)") from None
+    check_resume(d, progress, fingerprint)
+    return progress
+
+
 def read_checkpoint(checkpoint_dir: str | Path, fingerprint: str, model_params: Mapping[str, tuple[int, ...]] | None = None,
                     tied: Iterable[str] = ()) -> dict:
     """Validate a fine-tune checkpoint before anything is restored; returns its parsed ``progress.json``.
@@ -488,11 +499,7 @@ def read_checkpoint(checkpoint_dir: str | Path, fingerprint: str, model_params: 
     from .io.safetensors_index import read_header
 
     d = Path(checkpoint_dir)
-    try:
-        progress = json.loads((d / "progress.json").read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise StateMismatchError(f"{d} is not a usable checkpoint (progress.json is missing or damaged)") from None
-    check_resume(d, progress, fingerprint)
+    progress = read_progress(d, fingerprint)
     try:
         _, tensors = read_header(d / "model.safetensors")
     except SourceError as e:

@@ -35,13 +35,24 @@ def finetune(
     no_source: bool = typer.Option(False, "--no-source", help="Do not evaluate the source model for comparison."),
     mi_every: int = typer.Option(0, "--mi-every", help="Record I(X;T) and I(T;Y) of every norm every N steps into metrics.jsonl (plot: ibnorm mi --trajectory)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
+    shard: str = typer.Option("auto", "--shard", help="none | ddp | fsdp (FSDP2 under torchrun) | auto (FSDP when the model would not fit each rank)."),
+    plan: bool = typer.Option(False, "--plan", help="Print the memory per rank (parameters, gradients, optimizer, activations) and whether it fits; train nothing."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="Ranks to plan for (default: this launch's)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory per rank for the plan, e.g. 80GB (default: the devices present)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
 ) -> None:
     """Short adaptation fine-tune of a converted model (λ learnable, kept ≥ 0)."""
     with user_errors():
         quiet_libraries()
         import ibnorm.finetune as ft
+        from ibnorm.validate import parse_size
 
+        memory = parse_size(gpu_memory) if gpu_memory is not None else None
+        if plan:
+            opts = ft.FinetuneOptions(data=data or "", train=train, batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank,
+                                      shard=shard, gpu_memory=memory)
+            _show_plan(ft.plan_for(converted, opts, world_size), json_out)
+            return
         if data is None:
             data, why = ft.default_data(converted)
             if not json_out:
@@ -50,7 +61,7 @@ def finetune(
                                   lr=lr, warmup=warmup, weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum,
                                   clip=clip, seq_len=seq_len, text_field=text_field, seed=seed, save_every=save_every,
                                   resume=resume, force=force, lora_rank=lora_rank, compare_source=not no_source,
-                                  mi_every=mi_every)
+                                  mi_every=mi_every, shard=shard, gpu_memory=memory)
         show = not json_out and err_console.is_terminal
         bar = Progress(TextColumn("fine-tune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not show)
@@ -70,7 +81,11 @@ def finetune(
                 elif event["event"] == "interrupted":
                     err_console.print(f"interrupted: checkpoint saved to {event['checkpoint']} (continue with --resume)")
 
-            result = ft.finetune(converted, opts, progress)
+            try:
+                result = ft.finetune(converted, opts, progress)
+            except ft.PlanDoesNotFit as e:
+                _show_plan(e.plan, False, console=err_console)
+                raise
     if not result.is_main_process:
         return
     if json_out:
@@ -86,3 +101,15 @@ def finetune(
     lam_rows = [(name, traj[0], traj[-1]) for name, traj in list(result.lambda_trajectory.items())]
     console.print(table("λ per layer (mean over channels)", ("layer", "start", "end"), lam_rows))
     console.print(f"{result.steps} steps in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s); written {result.out}")
+
+
+def _show_plan(plan, json_out: bool, console=console) -> None:
+    if json_out:
+        print_json(plan.to_json())
+        return
+    from ibnorm.finetune.plan import plan_rows
+
+    console.print(f"memory plan: --train {plan.train}, {plan.shard}, {plan.world_size} rank(s)")
+    console.print(table("", ("", "per rank"), plan_rows(plan)))
+    console.print(f"{plan.trainable:,} of {plan.total_parameters:,} parameters train; "
+                  + ("fits" if plan.fits else "does NOT fit") + f" ({plan.device})")

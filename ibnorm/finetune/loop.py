@@ -1,7 +1,7 @@
-"""The training loop, top to bottom (on Hugging Face Accelerate).
+"""The training loop, top to bottom (on Hugging Face Accelerate, or FSDP2 with ``--shard fsdp``).
 
-The same code runs in one process or under ``torchrun``/``accelerate launch`` (DDP; FSDP through
-an accelerate config).  The data order is a pure function of (seed, step), so ``resume``
+The same code runs in one process or under ``torchrun``/``accelerate launch`` (DDP, or FSDP2:
+``shard.py``; the choice is ``plan.choose_shard``).  The data order is a pure function of (seed, step), so ``resume``
 continues exactly where a run stopped, and N processes see the same global batches as one
 process with an N-times larger per-process batch.
 """
@@ -21,37 +21,17 @@ from ..errors import IBNormError
 from ..layers import IBNormBase, project_lambdas
 from ..loading import open_model
 from ..validate import check_seq_len, run_fingerprint, validate_finetune_options
-from .checkpoints import latest_checkpoint, prepare_directory, resume, save_checkpoint
+from .checkpoints import latest_checkpoint, prepare_directory, resume, resume_sharded, save_checkpoint, save_sharded_checkpoint
 from .data import Examples, build_examples, evaluate_loss, loss_of, read_data
 from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, FinetuneOptions, FinetuneResult, Progress, global_batch_indices, lr_at
 from .output import write_output
-
-
-def select_trainable(model: nn.Module, mode: str, lora_rank: int) -> nn.Module:
-    """Freeze what does not train.  IBNorm λ always becomes learnable; a model without IBNorm
-    (the baseline fine-tune of a source model) trains its original norms in ``norms`` mode."""
-    from ..surgery import find_norms
-
-    for m in model.modules():
-        if isinstance(m, IBNormBase) and not m.lam_is_learnable:
-            m.set_lambda(m.lam.detach(), learnable=True)
-    norms = [m for m in model.modules() if isinstance(m, IBNormBase)] or [s.module for s in find_norms(model)[0]]
-    for p in model.parameters():
-        p.requires_grad_(mode == "all")
-    if mode == "all":
-        return model
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear", lora_dropout=0.0))
-    for m in norms:
-        for p in m.parameters(recurse=False):
-            p.requires_grad_(True)
-    return model
+from .plan import PlanDoesNotFit, memory_plan, resolve_shard, world_size_here
+from .shard import FSDPEngine, full_state_dict, full_value, optimizer_for
+from .trainable import select_trainable
 
 
 def lambda_means(model: nn.Module) -> dict[str, float]:
-    return {n: float(m.effective_lam.float().mean()) for n, m in model.named_modules() if isinstance(m, IBNormBase)}
+    return {n: float(full_value(m.effective_lam).float().mean()) for n, m in model.named_modules() if isinstance(m, IBNormBase)}
 
 
 def _validate(opts: FinetuneOptions) -> None:
@@ -63,70 +43,130 @@ def _validate(opts: FinetuneOptions) -> None:
 
 
 def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None) -> FinetuneResult:
-    """Fine-tune the model at ``path``; writes ``opts.out`` in the format ``convert`` writes."""
-    from accelerate import Accelerator
+    """Fine-tune the model at ``path``; writes ``opts.out`` in the format ``convert`` writes.
 
-    from ..kernels.dispatch import describe
-
+    The memory plan is checked first: a run that would not fit each rank stops (``PlanDoesNotFit``)
+    before any data or weights are read."""
     _validate(opts)
     out = Path(opts.out or f"{path.rstrip('/')}-ft")
-    ckpt_dir = Path(f"{out}{CHECKPOINT_DIR_SUFFIX}")
     if out.exists() and not opts.force:
         raise IBNormError(f"{out} already exists; pass --force to replace it")
+    shard = _plan_shard(path, opts)
     raw = read_data(opts)  # the data is checked before any model work
-    progress = progress or (lambda _: None)
+    engine = _engine(shard)
+    try:
+        return _run(engine, shard, path, opts, out, raw, progress or (lambda _: None))
+    finally:
+        if shard == "fsdp":
+            engine.close()
+
+
+def _plan_shard(path: str, opts: FinetuneOptions) -> str:
+    """The shard mode of this run, after checking that it fits (local model directories have a plan)."""
+    world = world_size_here()
+    shard = resolve_shard(opts.shard, world)
+    if opts.mi_every and shard == "fsdp":
+        raise IBNormError("--mi-every is not available with --shard fsdp")
+    if not (Path(path) / "config.json").is_file():
+        return ("none" if world == 1 else "ddp") if shard == "auto" else shard
+    plan = memory_plan(path, opts, shard, world, opts.gpu_memory)
+    if not plan.fits:
+        raise PlanDoesNotFit(plan)
+    return plan.shard
+
+
+def _engine(shard: str):
+    """Accelerate (one process, or DDP) or FSDP2; both offer the calls the loop makes."""
+    if shard == "fsdp":
+        return FSDPEngine()
+    from accelerate import Accelerator
+
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    return Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+
+
+def _run(engine, shard: str, path: str, opts: FinetuneOptions, out: Path, raw, progress: Progress) -> FinetuneResult:
+    from ..kernels.dispatch import describe
+
+    ckpt_dir = Path(f"{out}{CHECKPOINT_DIR_SUFFIX}")
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
-
     loaded = open_model(path)
     if not raw.images:
         check_seq_len(opts.seq_len, getattr(loaded.model, "config", None))  # within the model's positions
     train_set, held_out = build_examples(raw, loaded, opts, path)
-    fingerprint = run_fingerprint(path, opts.recipe(), [train_set.fingerprint()])
-    if accelerator.is_main_process:
+    fingerprint = run_fingerprint(path, opts.recipe(engine.num_processes), [train_set.fingerprint()])
+    if engine.is_main_process:
         prepare_directory(ckpt_dir, opts)
-    model = select_trainable(loaded.model, opts.train, opts.lora_rank)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    engine.wait_for_everyone()
+    model, unwrapped, params, optimizer = _prepare(engine, shard, select_trainable(loaded.model, opts.train, opts.lora_rank), opts)
+    cuda = torch.cuda.is_available()
     result = FinetuneResult(str(out), opts.steps, kernel=describe() if cuda else "reference (CPU)",
-                            is_main_process=accelerator.is_main_process)
+                            is_main_process=engine.is_main_process)
     start = 0
     if opts.resume:
-        state = resume(ckpt_dir, unwrapped, optimizer, fingerprint)
+        restore = resume_sharded if shard == "fsdp" else resume
+        state = restore(ckpt_dir, unwrapped, optimizer, fingerprint)
         start = state.step
         result.losses, result.evals = state.progress["losses"], state.progress["evals"]
         result.lambda_trajectory = state.progress["lambda_trajectory"]
         result.information = state.progress.get("information", [])
-    device = accelerator.device
-    if opts.compare_source and "manifest" in loaded.info and not raw.images and accelerator.is_main_process and not opts.resume:
+    device = engine.device
+    if opts.compare_source and "manifest" in loaded.info and not raw.images and engine.is_main_process and not opts.resume:
         result.source_eval = _source_eval(loaded.info["manifest"], held_out, opts)
     if start == 0:
         result.evals.append({"step": 0, **evaluate_loss(model, held_out, opts.batch_size, device)})
         _record_lambdas(unwrapped, result)
         _record_information(unwrapped, held_out, opts, 0, result)
-    progress({"event": "start", "kernel": result.kernel, "step": start, "steps": opts.steps, "processes": accelerator.num_processes,
-              "eval": result.evals[-1] if result.evals else None, "source_eval": result.source_eval})
-    save = lambda step: save_checkpoint(ckpt_dir, step, unwrapped, optimizer, result, opts, fingerprint)  # noqa: E731
+    progress({"event": "start", "kernel": result.kernel, "step": start, "steps": opts.steps, "processes": engine.num_processes,
+              "shard": shard, "eval": result.evals[-1] if result.evals else None, "source_eval": result.source_eval})
+
+    def save(step: int) -> Path | None:
+        if shard == "fsdp":  # collective: every rank writes its shard
+            return save_sharded_checkpoint(ckpt_dir, step, model, optimizer, result, opts, fingerprint, engine)
+        return save_checkpoint(ckpt_dir, step, unwrapped, optimizer, result, opts, fingerprint) if engine.is_main_process else None
+
     t0 = time.perf_counter()
     try:
-        tokens = _train(accelerator, model, unwrapped, optimizer, params, train_set, held_out, opts, start, result, progress,
+        tokens = _train(engine, model, unwrapped, optimizer, params, train_set, held_out, opts, start, result, progress,
                         save, ckpt_dir)
     except KeyboardInterrupt:
         result.stopped = "interrupted"
-        if accelerator.is_main_process and result.losses:
-            progress({"event": "interrupted", "checkpoint": str(save(len(result.losses)))})
+        if result.losses:
+            saved = save(len(result.losses))
+            if engine.is_main_process:
+                progress({"event": "interrupted", "checkpoint": str(saved)})
         raise
     result.evals.append({"step": opts.steps, **evaluate_loss(model, held_out, opts.batch_size, device)})
     result.seconds = time.perf_counter() - t0
     result.tokens_per_second = tokens / max(result.seconds, 1e-9)
-    if accelerator.is_main_process:
-        write_output(unwrapped, loaded, out, opts, result)
-    accelerator.wait_for_everyone()
+    _write(engine, shard, model, unwrapped, path, loaded, out, opts, result)
     return result
+
+
+def _prepare(engine, shard: str, model: nn.Module, opts: FinetuneOptions) -> tuple[nn.Module, nn.Module, list, torch.optim.Optimizer]:
+    """(model to run, the model itself, trained parameters, optimizer): sharded in place, or wrapped by Accelerate."""
+    if shard == "fsdp":
+        model = engine.prepare(model)  # the optimizer is made after: fully_shard replaces the parameters
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, model, params, optimizer_for(params, opts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped, optimizer = engine.prepare(model, optimizer_for(params, opts))
+    return wrapped, engine.unwrap_model(wrapped), params, optimizer
+
+
+def _write(engine, shard: str, model: nn.Module, unwrapped: nn.Module, path: str, loaded, out: Path, opts: FinetuneOptions,
+           result: FinetuneResult) -> None:
+    """The output, written by rank 0 with the one writer; a sharded model is first gathered into an
+    unsharded copy (rank 0 reopens the model and loads the gathered weights into it)."""
+    if shard == "fsdp":
+        state = full_state_dict(model)  # collective
+        if engine.is_main_process:
+            unwrapped = select_trainable(open_model(path).model, opts.train, opts.lora_rank)
+            unwrapped.load_state_dict(state)
+    if engine.is_main_process:
+        write_output(unwrapped, loaded, out, opts, result)
+    engine.wait_for_everyone()
 
 
 def _record_lambdas(model: nn.Module, result: FinetuneResult) -> None:
@@ -185,7 +225,7 @@ def _train(accelerator, model, unwrapped, optimizer, params, train_set: Examples
             result.evals.append({"step": done, **evaluate_loss(model, held_out, opts.batch_size, device)})
             record["eval"] = result.evals[-1]
         progress(record)
-        if opts.save_every and done % opts.save_every == 0 and accelerator.is_main_process:
+        if opts.save_every and done % opts.save_every == 0:
             save(done)
     return tokens
 

@@ -39,11 +39,15 @@ class FinetuneOptions:
     lora_rank: int = 8
     compare_source: bool = True
     mi_every: int = 0  # record I(X;T), I(T;Y) per norm every N steps (causal LMs); 0: never
+    shard: str = "auto"  # none | ddp | fsdp | auto (plan.choose_shard)
+    gpu_memory: int | None = None  # bytes per rank for the memory plan (default: the devices present)
 
-    def recipe(self) -> dict:
-        """The options that define a run: a checkpoint may be resumed only by the same recipe."""
-        skip = ("steps", "out", "eval_every", "save_every", "resume", "force", "compare_source", "mi_every")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+    def recipe(self, world: int = 1) -> dict:
+        """The options that define a run: a checkpoint may be resumed only by the same recipe.  The
+        batch counts globally (per process × processes), so a run may resume on another number of ranks."""
+        skip = ("steps", "out", "eval_every", "save_every", "resume", "force", "compare_source", "mi_every", "shard",
+                "gpu_memory", "batch_size")
+        return {**{k: v for k, v in asdict(self).items() if k not in skip}, "global_batch": self.batch_size * world}
 
 
 @dataclass
