@@ -5,7 +5,6 @@ bootstrap interval over seeds and test documents, Holm across the arms, a verdic
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 from dataclasses import replace
@@ -16,6 +15,7 @@ import numpy as np
 from ..charts import Chart, Series, render
 from ..finetune import TRAIN_MODES
 from .pretrained import SOURCE_ARM, PretrainedStudy, records, run_configs, select_lr, step0_config
+from .report import json_safe
 from .runner import load_run
 from .stats import compare
 
@@ -151,18 +151,7 @@ def write_charts(study: PretrainedStudy) -> list[str]:
 
 def write_report(study: PretrainedStudy, command: str, wall: float | None = None) -> dict:
     result = summarize(study)
-    (study.out / "results.json").write_text(json.dumps(_clean({**result, "command": command}), indent=1))
+    (study.out / "results.json").write_text(json.dumps(json_safe({**result, "command": command}), indent=1))
     (study.out / "results.md").write_text(results_markdown(study, result, command, wall))
     result["charts"] = write_charts(study)
     return result
-
-
-def _clean(obj):
-    """JSON without NaN (not valid JSON): non-finite floats become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj

@@ -295,18 +295,18 @@ def _lambda_chart(out: Path, task: dict, result: dict) -> list[str]:
 
 def write_report(p: Preset, out: Path, command: str) -> dict:
     result = summarize(p, out)
-    (out / "results.json").write_text(json.dumps(_clean(result), indent=1))
+    (out / "results.json").write_text(json.dumps(json_safe(result), indent=1))
     (out / "results.md").write_text(results_markdown(p, result, command))
     result["charts"] = write_charts(p, out, result)
     return result
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON without NaN (not valid JSON): non-finite floats become null."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
     return obj
