@@ -12,6 +12,7 @@ from .errors import IBNormError, SourceError
 from .io.manifest import MANIFEST, read_manifest
 from .io.safetensors_index import TensorIndex
 from .io.sources import TIMM_PREFIX, LoadedModel, load_source
+from .validate import check_not_special
 from .layers import IBNormBase, from_spec
 from .recognize import recognize
 from .surgery import set_submodule
@@ -97,6 +98,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 def open_model(path: str, *, allow_pickle: bool = False, weights: str | None = None, pretrained: bool = True) -> LoadedModel:
     """A converted directory (through :func:`load`) or any source ``load_source`` accepts."""
     p = Path(path)
+    check_not_special(p)
     if not (p.is_dir() and (p / MANIFEST).exists()):
         return load_source(path, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained)
     manifest = read_manifest(p)

@@ -9,8 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .main import app
-from .render import console, err_console, print_json, quiet_libraries, table, user_errors
+from .render import console, err_console, print_json, quiet_libraries, short_names, table, user_errors
 
 
 def _parse_shard(shard: str) -> tuple[int, int]:
@@ -25,7 +24,6 @@ def _parse_shard(shard: str) -> tuple[int, int]:
     return i, n
 
 
-@app.command()
 def study(
     preset: str = typer.Option(..., "--preset", help="micro | smoke | cpu | gpu-llama60m | gpu-llama130m | gpu-vision."),
     out: str = typer.Option(..., "--out", "-o", help="Study directory (runs are resumed from it; directories merge)."),
@@ -39,10 +37,10 @@ def study(
 ) -> None:
     """Train small models from scratch with each normalizer under one recipe; report mean ± std and paired tests."""
     with user_errors():
+        quiet_libraries()
         from ibnorm.errors import IBNormError
         from ibnorm.study import NORMALIZERS, PRESETS, get_preset, run_study, write_report
 
-        quiet_libraries()
         bad = [n for n in (only or []) if n not in NORMALIZERS]
         if bad:
             raise IBNormError(f"unknown normalizer {bad[0]!r}; choose from {', '.join(NORMALIZERS)}")
@@ -81,23 +79,27 @@ def _study_progress(event: dict) -> None:
 
 
 def _render_study(result: dict) -> None:
-    rows = []
+    scores, tests = [], []
     for r in result["summary"]:
-        diff = "" if r.get("diff") is None else f"{r['diff']:+.4g} ± {r['diff_std']:.2g}"
-        rows.append((r["task"], r["normalizer"], r["metric"], f"{r['mean']:.4g} ± {r['std']:.2g}", r["n"], f"{r['lr']:g}/{r['wd']:g}",
-                     diff, r.get("p_value"), r.get("verdict", "reference"), f"{r['s_per_step'] * 1000:.1f}"))
+        scores.append((r["task"], r["normalizer"], r["metric"], f"{r['mean']:.4g} ± {r['std']:.2g}", r["n"],
+                       f"{r['s_per_step'] * 1000:.1f}"))
+        if r.get("diff") is not None:
+            tests.append((r["task"], r["normalizer"], f"{r['diff']:+.4g} ± {r['diff_std']:.2g}", r.get("p_value"),
+                          r.get("verdict", ""), f"{r['lr']:g}/{r['wd']:g}"))
     console.print(table("study: test metric at each normalizer's best lr/wd (mean ± std over seeds)",
-                        ("task", "normalizer", "metric", "mean ± std", "n", "lr/wd", "Δ vs baseline", "p (paired t)", "verdict", "ms/step"), rows))
+                        ("task", "normalizer", "metric", "mean ± std", "n", "ms/step"), scores, numeric=(3, 4, 5)))
+    if tests:
+        console.print(table("against the baseline (paired over seeds)",
+                            ("task", "normalizer", "Δ", "p (paired t)", "verdict", "lr/wd"), tests, numeric=(2, 3)))
 
 
-@app.command()
 def mi(
     model: Optional[str] = typer.Argument(None, help="A source, converted or fine-tuned model."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Further models, in order (e.g. converted, then fine-tuned)."),
     data: Optional[str] = typer.Option(None, "--data", help="Held-out text (or builtin:pydoc:eval) / an image folder with class subfolders."),
     tokens: int = typer.Option(4096, help="Tokens analysed (language models)."),
     images: int = typer.Option(1000, help="Images analysed (image classifiers)."),
-    seq_len: int = typer.Option(256, help="Tokens per block."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per block (default: 256, or the model's positions if fewer)."),
     dims: int = typer.Option(4, help="Whitened principal components kept per side."),
     noise: float = typer.Option(0.5, help="σ of the noise added to T for I(X;T) (relative to unit-variance components)."),
     labels: int = typer.Option(31, help="Next-token classes kept for I(T;Y) (the rest pooled)."),
@@ -153,17 +155,13 @@ def _mi_progress(path: str, i: int, n: int) -> None:
 
 
 def _render_mi(results: list[dict], desc: dict) -> None:
-    head = ("layer", *[f"{k} {Path(r['model']).name or r['model']}" for r in results for k in ("I(X;T)", "I(T;Y)")])
-    rows = []
-    for i, layer in enumerate(results[0]["layers"]):
-        row = [layer["name"]]
-        for r in results:
-            lay = r["layers"][i] if i < len(r["layers"]) else None
-            for k in ("I_XT", "I_TY"):
-                row.append("-" if lay is None else f"{lay[k]:.3f} ± {lay.get(k + '_err', 0.0):.3f}")
-        rows.append(row)
-    console.print(table(f"information plane per norm layer, nats ({desc['estimator']}; X: {desc['X']}; T: {desc['T']}; "
-                        f"Y: {desc['Y']}; I(X;T) ≤ {desc['I_XT_bound']:.2f})", head, rows))
+    console.print(f"information plane per norm layer, nats ({desc['estimator']}); X: {desc['X']}; T: {desc['T']}; "
+                  f"Y: {desc['Y']}; I(X;T) ≤ {desc['I_XT_bound']:.2f}", highlight=False)
+    short = short_names([layer["name"] for layer in results[0]["layers"]])
+    for r in results:  # one table per model: two columns of estimates fit 80 columns
+        rows = [(short.get(layer["name"], layer["name"]),
+                 *(f"{layer[k]:.3f} ± {layer.get(k + '_err', 0.0):.3f}" for k in ("I_XT", "I_TY"))) for layer in r["layers"]]
+        console.print(table(str(r["model"]), ("layer", "I(X;T)", "I(T;Y)"), rows, numeric=(1, 2)))
 
 
 def _mi_trajectory(path: str, plot: str, json_out: bool) -> None:
@@ -176,8 +174,9 @@ def _mi_trajectory(path: str, plot: str, json_out: bool) -> None:
         print_json({"trajectory": records, "plot": plot})
         return
     last = records[-1]
-    rows = [(name, records[0]["mi"].get(name, {}).get("I_XT"), v["I_XT"], records[0]["mi"].get(name, {}).get("I_TY"), v["I_TY"])
+    short = short_names(list(last["mi"]))
+    rows = [(short[name], records[0]["mi"].get(name, {}).get("I_XT"), v["I_XT"], records[0]["mi"].get(name, {}).get("I_TY"), v["I_TY"])
             for name, v in last["mi"].items()]
     console.print(table(f"information along training: step {records[0]['step']} → {last['step']} (nats)",
-                        ("layer", "I(X;T) first", "I(X;T) last", "I(T;Y) first", "I(T;Y) last"), rows))
+                        ("layer", "I(X;T) first", "last", "I(T;Y) first", "last"), rows, numeric=(1, 2, 3, 4)))
     console.print(f"trajectory plot: {plot}")

@@ -12,6 +12,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,10 +21,10 @@ from torch import nn
 from ..errors import IBNormError
 from ..layers import IBNormBase, project_lambdas
 from ..loading import open_model
-from ..validate import check_seq_len, run_fingerprint, validate_finetune_options
+from ..validate import run_fingerprint, seq_len_for, validate_finetune_options
 from .checkpoints import latest_checkpoint, prepare_directory, resume, save_checkpoint
 from .data import Examples, build_examples, evaluate_loss, loss_of, read_data
-from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, FinetuneOptions, FinetuneResult, Progress, global_batch_indices, lr_at
+from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, TRAIN_SEQ_LEN, FinetuneOptions, FinetuneResult, Progress, global_batch_indices, lr_at
 from .output import write_output
 
 
@@ -82,7 +83,7 @@ def finetune(path: str, opts: FinetuneOptions, progress: Progress | None = None)
 
     loaded = open_model(path)
     if not raw.images:
-        check_seq_len(opts.seq_len, getattr(loaded.model, "config", None))  # within the model's positions
+        opts = replace(opts, seq_len=seq_len_for(opts.seq_len, getattr(loaded.model, "config", None), TRAIN_SEQ_LEN))
     train_set, held_out = build_examples(raw, loaded, opts, path)
     fingerprint = run_fingerprint(path, opts.recipe(), [train_set.fingerprint()])
     if accelerator.is_main_process:
