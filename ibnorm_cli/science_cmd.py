@@ -119,6 +119,10 @@ def mi(
             return
         if model is None or data is None:
             raise IBNormError("give MODEL and --data (or --trajectory metrics.jsonl)")
+        from ibnorm.validate import check_not_special
+
+        for path in (model, *(compare or []), data):  # before the first model is read
+            check_not_special(path)
         from ibnorm.information import ESTIMATORS
 
         if estimator not in ESTIMATORS:

@@ -44,6 +44,7 @@ class Fitted:
     site: NormSite  # the source norm, with real weights
     fit: LayerFit
     inputs: Tensor | None = None  # captured inputs, kept for back-off refits
+    targets: Tensor | None = None  # the source's outputs on ``inputs``, cached during the back-off
 
 
 @dataclass
