@@ -216,7 +216,7 @@ def _outcome(manifest: dict, out: Any) -> list[tuple[str, str]]:
     ev = manifest.get("evaluation") or {}
     if ev:
         change = f" ({100 * ev['relative_change']:+.2f}%)" if "relative_change" in ev else ""
-        rows.append((ev["metric"], f"{ev['source']:.4g} → {ev['converted']:.4g}{change}"))
+        rows.append((ev["metric"], f"{ev['source']:.3f} → {ev['converted']:.3f}{change}"))  # same decimals both sides
     rows.append(("time", f"{manifest['seconds']:.1f} s"))
     rows.append(("written", str(out)))
     return rows
