@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import IBNormError
+from .validate import check_not_special
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
@@ -77,6 +78,7 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
     path = Path(source)
     if not path.exists():
         raise DataError(f"data not found: {source}")
+    check_not_special(path)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()):
         docs = _saved_dataset_texts(path, text_field)
     elif path.suffix.lower() == ".parquet":

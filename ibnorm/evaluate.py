@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .data import image_folder, load_images, param_dtype, read_texts, timm_eval_transform, token_examples
 from .errors import OptionError
-from .validate import check_finite, check_seq_len
+from .validate import check_finite, seq_len_for
 
 
 def _batches(n: int, batch_size: int):
@@ -74,7 +74,10 @@ def top1(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean())
 
 
-def evaluate_model(loaded, model: nn.Module, data: str, seq_len: int, max_tokens: int,
+EVAL_SEQ_LEN = 512  # the perplexity window unless the model has fewer positions
+
+
+def evaluate_model(loaded, model: nn.Module, data: str, seq_len: int | None, max_tokens: int,
                    text_field: str = "text") -> dict:
     """The figure a user judges a model by: perplexity (causal LM), top-1 (images) or embeddings (encoder).
 
@@ -86,7 +89,7 @@ def evaluate_model(loaded, model: nn.Module, data: str, seq_len: int, max_tokens
         logits = image_logits(model, images.to(param_dtype(model)))
         check_finite("the model's outputs (logits)", logits)
         return {"metric": "top-1", "value": top1(logits, labels), "images": len(images), "_logits": logits}
-    check_seq_len(seq_len, getattr(model, "config", None))
+    seq_len = seq_len_for(seq_len, getattr(model, "config", None), EVAL_SEQ_LEN)
     if loaded.tokenizer is None:
         raise OptionError(f"{loaded.source} has no tokenizer: it cannot be evaluated on text")
     ids = token_examples(loaded.tokenizer, read_texts(data, text_field), seq_len, max(1, max_tokens // seq_len))

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import SourceError
 from .io.manifest import MANIFEST, read_manifest
 from .io.safetensors_index import FLOAT_DTYPES, TensorIndex
+from .validate import check_not_special
 
 # Parameter names that belong to normalization layers in HF/timm checkpoints.
 _NORM_NAME = re.compile(r"(^|[._])(norm|layernorm|layer_norm|ln|ln_\w+|bn\d*|rmsnorm|\w*_norm|\w*norm\d*)([._]|$)", re.I)
@@ -38,6 +39,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise SourceError(f"not found: {path}")
+    check_not_special(path)
     if path.suffix == ".gguf":
         return _inspect_gguf(path)
     if path.is_dir() and not any(path.glob("*.safetensors")):

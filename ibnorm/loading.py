@@ -15,6 +15,7 @@ from .io.sources import TIMM_PREFIX, LoadedModel, load_source
 from .layers import LEGACY_CLASS_NAMES, IBNormBase, from_spec
 from .recognize import recognize
 from .surgery import set_submodule
+from .validate import check_not_special
 
 
 def skeleton(path: Path, manifest: dict) -> nn.Module:
@@ -97,6 +98,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 def open_model(path: str, *, allow_pickle: bool = False, weights: str | None = None, pretrained: bool = True) -> LoadedModel:
     """A converted directory (through :func:`load`) or any source ``load_source`` accepts."""
     p = Path(path)
+    check_not_special(p)
     if not (p.is_dir() and (p / MANIFEST).exists()):
         return load_source(path, allow_pickle=allow_pickle, weights=weights, pretrained=pretrained)
     manifest = read_manifest(p)

@@ -31,6 +31,7 @@ from .errors import IBNormError
 from .information import DEFAULT_ESTIMATOR, mutual_information, subsample_spread
 from .study.normalizers import DyT
 from .surgery import find_norms
+from .validate import seq_len_for
 
 if TYPE_CHECKING:
     from .charts import Chart
@@ -44,7 +45,7 @@ class MIError(IBNormError):
 class MIOptions:
     data: str
     tokens: int = 4096  # rows (tokens) for language models
-    seq_len: int = 256
+    seq_len: int | None = None  # tokens per block; None: min(256, the model's positions)
     images: int = 1000  # rows for image classifiers
     dims: int = 4
     noise: float = 0.5
@@ -111,8 +112,9 @@ def _lm_rows(loaded, opts: MIOptions) -> tuple[Tensor, Tensor, Tensor]:
 
     if loaded.tokenizer is None:
         raise MIError(f"{loaded.source}: no tokenizer found; ibnorm mi needs one for text data")
-    per_block = opts.seq_len - 1
-    blocks = token_examples(loaded.tokenizer, read_texts(opts.data, opts.text_field), opts.seq_len,
+    seq_len = seq_len_for(opts.seq_len, getattr(loaded.model, "config", None), 256)
+    per_block = seq_len - 1
+    blocks = token_examples(loaded.tokenizer, read_texts(opts.data, opts.text_field), seq_len,
                             max(1, -(-opts.tokens // per_block)))
     keep = torch.zeros(blocks.shape, dtype=torch.bool)
     keep[:, :-1] = True

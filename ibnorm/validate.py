@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -106,13 +107,25 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
-def check_seq_len(seq_len: int, config: Any = None, *, option: str = "--seq-len") -> int:
-    """At least 2 tokens (one prediction needs a context and a target), at most the model's positions."""
+def check_seq_len(seq_len: int | None, config: Any = None, *, option: str = "--seq-len") -> int | None:
+    """At least 2 tokens (one prediction needs a context and a target), at most the model's positions.
+    None (not given: the model decides, see ``seq_len_for``) passes."""
+    if seq_len is None:
+        return None
     n = int(check_range(option, seq_len, low=2, integer=True))
     limit = max_positions(config) if config is not None else None
     if limit is not None and n > limit:
         raise OptionError(f"{option} {n} exceeds the model's {limit} positions")
     return n
+
+
+def seq_len_for(seq_len: int | None, config: Any, default: int) -> int:
+    """The sequence length to use: the one given (checked against the model), else ``default`` capped
+    at the model's positions (a 256-position model gets 256 where the default is 512)."""
+    if seq_len is not None:
+        return int(check_seq_len(seq_len, config))
+    limit = max_positions(config) if config is not None else None
+    return default if limit is None else min(default, limit)
 
 
 def parse_size(text: str | int) -> int:
@@ -180,12 +193,12 @@ class ConvertChecks:
     tolerance: float
     budget: float
     calib_samples: int
-    seq_len: int
+    seq_len: int | None
     shard_size: int
 
 
 def validate_convert_options(*, lam: float | None, tolerance: float, budget: float, calib_samples: int,
-                             seq_len: int, shard_size: str | int, source: str = "", weights: str | None = None,
+                             seq_len: int | None, shard_size: str | int, source: str = "", weights: str | None = None,
                              random_weights: bool = False, config: Any = None) -> ConvertChecks:
     """All option checks of ``convert`` that need no model: call before loading anything."""
     check_weights_option(source, weights, random_weights)
@@ -193,7 +206,7 @@ def validate_convert_options(*, lam: float | None, tolerance: float, budget: flo
                          check_calib_samples(calib_samples), check_seq_len(seq_len, config), parse_size(shard_size))
 
 
-def validate_finetune_options(*, lr: float, lora_rank: int, seq_len: int, steps: int = 1, batch_size: int = 1,
+def validate_finetune_options(*, lr: float, lora_rank: int, seq_len: int | None, steps: int = 1, batch_size: int = 1,
                               grad_accum: int = 1, warmup: int = 0, weight_decay: float = 0.0, clip: float = 0.0,
                               config: Any = None) -> None:
     """All option checks of ``finetune`` that need no model (``config``: the model's, for --seq-len)."""
@@ -249,6 +262,31 @@ def _check_finite_array(name: str, value: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- disk space
+
+
+# ----------------------------------------------------------------------------- special files
+
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_not_special(path: str | Path) -> None:
+    """Refuse a FIFO, device or socket — the path itself, or an entry of the directory it names — before
+    anything opens it: opening a FIFO blocks until a writer comes, a device streams forever.  Only
+    ``stat`` is called, which never blocks."""
+    p = Path(path)
+    try:
+        entries = [p, *sorted(p.iterdir())] if p.is_dir() else [p]
+    except OSError:
+        entries = [p]
+    for entry in entries:
+        try:
+            mode = os.stat(entry).st_mode
+        except OSError:  # missing or unreadable: the reader says so in its own words
+            continue
+        for is_kind, what in _SPECIAL_FILES:
+            if is_kind(mode):
+                raise SourceError(f"{entry} is {what}, not a regular file; ibnorm reads only files and directories")
 
 
 def _existing_ancestor(path: Path) -> Path:

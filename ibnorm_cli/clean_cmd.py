@@ -6,11 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .main import app
 from .render import console, print_json, table, user_errors
 
 
-@app.command()
 def clean(
     directory: Path = typer.Argument(..., help="The directory that holds outputs (where --out directories were written)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed, remove nothing."),

@@ -7,9 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from .main import app
 from .progress import stage_progress
-from .render import console, print_json, quiet_libraries, table, user_errors
+from .render import console, num, pairs, pct, print_json, quiet_libraries, render_conversion, short_names, table, user_errors
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -26,7 +25,6 @@ def _dtype(name: Optional[str]):
     return getattr(torch, _DTYPES[name.lower()])
 
 
-@app.command("ops")
 def ops_command(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the compression operations and groupings ibnorm implements."""
     import ibnorm
@@ -39,7 +37,6 @@ def ops_command(json_out: bool = typer.Option(False, "--json", help="Print JSON 
     console.print(f"groupings: {', '.join(ibnorm.GROUPING_CHOICES)}")
 
 
-@app.command()
 def convert(
     source: str = typer.Argument(..., help="Model directory, hub id, .gguf file, timm:NAME, or a short name (smollm2-135m, gpt2, resnet50, …)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory, written atomically (default: ./NAME-ibnorm)."),
@@ -48,13 +45,13 @@ def convert(
     lam: Optional[float] = typer.Option(None, "--lam", help="Fixed λ for every channel (no search); 0 reproduces the source."),
     calib: Optional[str] = typer.Option(None, help="Calibration data: text file/dir, .jsonl, image folder, or builtin:pydoc:train."),
     calib_samples: int = typer.Option(32, help="Calibration samples (token blocks or images)."),
-    seq_len: int = typer.Option(256, help="Tokens per calibration block."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration block (default: 256, or the model's positions if fewer)."),
     tolerance: float = typer.Option(0.001, help="Per-layer relative squared output error allowed after the affine refit."),
     budget: float = typer.Option(0.01, help="End-to-end budget: next-token KL (nats/token), or 1 − cosine for encoders."),
     only: List[str] = typer.Option([], "--only", help="Convert only modules whose name matches (glob or substring); repeatable."),
     exclude: List[str] = typer.Option([], "--exclude", help="Skip modules whose name matches; repeatable."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out data: report source vs converted (perplexity, top-1, or embedding agreement)."),
-    eval_tokens: int = typer.Option(4096, help="Tokens of --eval text to score."),
+    eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Tokens of --eval text to score."),
     text_field: str = typer.Option("text", help="Field of .jsonl records holding the text."),
     dtype: Optional[str] = typer.Option(None, help="Output dtype (float32, bfloat16, float16); default: the source's."),
     weights: Optional[str] = typer.Option(None, help="timm:NAME only: a .safetensors state dict."),
@@ -64,6 +61,7 @@ def convert(
     stream: str = typer.Option("auto", help="auto|always|never: convert block by block from the shards (models larger than memory)."),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N: where a model held whole in memory runs calibration and --eval (streamed conversions use a GPU when there is one)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+    layers: bool = typer.Option(False, "--layers", help="Print every converted layer (always in --json and the manifest)."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Replace every normalization layer with a calibrated IBNorm layer and write the converted checkpoint."""
@@ -95,8 +93,7 @@ def convert(
     if json_out:
         print_json(manifest)
         return
-    render_layers(manifest)
-    render_summary(manifest, out)
+    render_conversion(manifest, out, layers)
 
 
 def _bad(option: str, value: str, choices) -> None:
@@ -105,37 +102,6 @@ def _bad(option: str, value: str, choices) -> None:
     raise IBNormError(f"unknown {option} {value!r}; choose one of {', '.join(choices)}")
 
 
-def render_layers(manifest: dict) -> None:
-    rows = [(l["name"], l["source_class"].rsplit(".", 1)[-1], l["new_class"], l["grouping"],
-             f"{l['lam_mean']:.3f} [{l['lam_min']:.2f}, {l['lam_max']:.2f}]", f"{100 * l['frac_lam_ge_0_1']:.0f}%",
-             f"{l['error']:.2e}", l["note"]) for l in manifest["layers"]]
-    console.print(table("normalization layers", ("module", "source class", "new class", "grouping", "λ mean [min, max]",
-                                                  "λ≥0.1", "calib. error", "note"), rows))
-    if manifest["skipped"]:
-        console.print(table("skipped", ("module", "class", "reason"),
-                            [(s["name"], s["source_class"].rsplit(".", 1)[-1], s["reason"]) for s in manifest["skipped"]]))
-
-
-def render_summary(manifest: dict, out) -> None:
-    cal = manifest["calibration"]
-    rows = [("calibration", cal["mode"] + (f" ({cal.get('data')}, {cal.get('tokens') or cal.get('images')} {'tokens' if cal.get('tokens') else 'images'})" if cal["mode"] == "data" else ""))]
-    if cal["mode"] != "data":
-        rows.append(("assumption", cal.get("assumption", "")))
-    e2e = manifest.get("end_to_end") or {}
-    if e2e.get("note"):
-        rows.append(("end-to-end", e2e["note"]))
-    elif e2e:
-        rows.append((f"end-to-end {e2e['metric']}", f"{e2e['value']:.4g} (budget {e2e['budget']}, λ back-off ×{e2e['backoff_factor']})"))
-    ev = manifest.get("evaluation") or {}
-    if ev:
-        rows.append((f"{ev['metric']} source → converted", f"{ev['source']:.4g} → {ev['converted']:.4g}"
-                     + (f" ({100 * ev['relative_change']:+.2f}%)" if "relative_change" in ev else "")))
-    rows.append(("time", f"{manifest['seconds']:.1f} s (conversion and calibration)"))
-    rows.append(("written", str(out)))
-    console.print(table("conversion", ("", ""), rows))
-
-
-@app.command()
 def inspect(
     path: Path = typer.Argument(..., help="A .safetensors file, a (sharded or converted) model directory, or a .gguf file."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -151,14 +117,28 @@ def inspect(
         if info["problems"]:
             raise typer.Exit(1)
         return
+    console.print(pairs("checkpoint", _checkpoint_rows(info)))
+    if layers:
+        per = ((info.get("lambda") or {}).get("per_layer", {}))
+        short = short_names(info["norm_layer_names"])
+        rows = [(short[n], *(per[n][k] for k in ("mean", "min", "max"))) if n in per else (short[n], None, None, None)
+                for n in info["norm_layer_names"]]
+        console.print(table("norm layers", ("layer", "λ mean", "λ min", "λ max"), rows, numeric=(1, 2, 3)))
+    for p in info["problems"]:
+        console.print(f"[red]problem:[/red] {p}")
+    if info["problems"]:
+        raise typer.Exit(1)
+
+
+def _checkpoint_rows(info: dict) -> list[tuple[str, str]]:
     rows = [("path", info["path"]), ("files", info["files"]), ("tensors", info["tensors"]),
             ("parameters", f"{info['parameters']:,}"), ("bytes", f"{info['bytes']:,}"),
             ("dtypes", ", ".join(f"{d}: {v['tensors']}" for d, v in info["dtypes"].items())),
             ("norm layers", info["norm_layers"])]
     lam = info.get("lambda")
     if lam:
-        rows.append(("λ", f"{lam['layers']} layers, mean {lam['mean']:.3g}, range [{lam['min']:.3g}, {lam['max']:.3g}], "
-                          f"{100 * lam['frac_ge_0_1']:.0f}% ≥ 0.1, {100 * lam['frac_zero']:.0f}% = 0"))
+        rows.append(("λ", f"{lam['layers']} layers, mean {num(lam['mean'])}, range {num(lam['min'])}–{num(lam['max'])}, "
+                          f"{pct(lam['frac_ge_0_1'])} ≥ 0.1, {pct(lam['frac_zero'])} = 0"))
     m = info.get("manifest")
     if m:
         rows.append(("converted from", f"{m['source']['name']} ({m['source']['resolved']})"))
@@ -168,24 +148,16 @@ def inspect(
         if m.get("finetune"):
             ft = m["finetune"]
             rows.append(("fine-tune", f"{ft.get('steps')} steps on {ft.get('data')}, final {ft.get('final')}"))
-    console.print(table("checkpoint", ("", ""), rows))
-    if layers:
-        per = (lam or {}).get("per_layer", {})
-        console.print(table("norm layers", ("module", "λ mean", "λ min", "λ max"),
-                            [(n, *(per[n][k] for k in ("mean", "min", "max"))) if n in per else (n, None, None, None) for n in info["norm_layer_names"]]))
-    for p in info["problems"]:
-        console.print(f"[red]problem:[/red] {p}")
-    if info["problems"]:
-        raise typer.Exit(1)
+    return rows
 
 
-@app.command("eval")
 def eval_command(
     path: str = typer.Argument(..., help="A converted directory, or any source convert accepts."),
     data: str = typer.Option(..., "--data", help="Text (file, dir, .jsonl, builtin:pydoc:eval) or an image folder."),
     compare: Optional[str] = typer.Option(None, "--compare", help="A second model to evaluate on the same data."),
-    seq_len: int = typer.Option(512, help="Perplexity window (tokens); windows overlap by half."),
-    max_tokens: int = typer.Option(8192, help="Tokens of text to score."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window in tokens, windows overlap by half (default: 512, or the model's positions if fewer)."),
+    eval_tokens: int = typer.Option(8192, "--eval-tokens", help="Tokens of text to score."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", hidden=True),  # the old name of --eval-tokens
     text_field: str = typer.Option("text", help="Field of .jsonl records holding the text."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -197,14 +169,15 @@ def eval_command(
         from ibnorm.evaluate import evaluate_model
         from ibnorm.loading import open_model
 
+        eval_tokens = eval_tokens if max_tokens is None else max_tokens
         first = open_model(path)
         second = open_model(compare) if compare else None
         if second is not None:
             check_comparable(first.task, second.task, path, compare)
-        res_a = evaluate_model(first, first.model, data, seq_len, max_tokens, text_field)
+        res_a = evaluate_model(first, first.model, data, seq_len, eval_tokens, text_field)
         result = {"model": path, "data": data, "task": first.task, **{k: v for k, v in res_a.items() if not k.startswith("_")}}
         if second is not None:
-            res_b = evaluate_model(second, second.model, data, seq_len, max_tokens, text_field)
+            res_b = evaluate_model(second, second.model, data, seq_len, eval_tokens, text_field)
             both = compare_results(dict(res_b), dict(res_a))
             result = {"model": path, "compare": compare, "data": data, "task": first.task, **both}
         elif res_a["metric"] == "embedding":
@@ -212,12 +185,13 @@ def eval_command(
     if json_out:
         print_json(result)
         return
+    rows = [("model", path)]
     if compare:
-        delta = f"{100 * result['relative_change']:+.2f}%" if "relative_change" in result else "-"
-        rows = [(result["metric"], f"{result['source']:.4g}", f"{result['converted']:.4g}", delta)]
-        console.print(table(f"eval on {data}", ("metric", compare, path, "delta"), rows))
+        delta = f" ({100 * result['relative_change']:+.2f}%)" if "relative_change" in result else ""
+        rows += [("compared with", compare), (result["metric"], f"{result['source']:.4g} ({compare}) → {result['converted']:.4g}{delta}")]
     else:
-        console.print(table(f"eval on {data}", ("metric", "value", "detail"),
-                            [(result["metric"], result.get("value"), ", ".join(f"{k}={result[k]}" for k in ("tokens", "window", "stride", "images", "note") if k in result))]))
+        rows.append((result["metric"], result.get("value")))
+        rows += [(k, result[k]) for k in ("tokens", "images", "note") if k in result]
     if "window" in result:
-        console.print(f"perplexity: sliding window of {result['window']} tokens, stride {result['stride']}; each token scored once")
+        rows.append(("window", f"{result['window']} tokens, stride {result['stride']}: each token scored once"))
+    console.print(pairs(f"eval on {data}", rows))

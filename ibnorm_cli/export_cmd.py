@@ -7,12 +7,10 @@ from typing import Optional
 
 import typer
 
-from .main import app
 from .progress import stage_progress
 from .render import console, print_json, quiet_libraries, user_errors
 
 
-@app.command()
 def export(
     directory: Path = typer.Argument(..., help="A converted model directory (written by `ibnorm convert`)."),
     fmt: str = typer.Option(..., "--format", help="onnx (gguf and other formats that cannot carry IBNorm are refused)."),

@@ -7,17 +7,16 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .main import app
-from .render import console, err_console, print_json, quiet_libraries, table, user_errors
+from .render import console, err_console, num, print_json, quiet_libraries, short_names, table, user_errors
 
 
-@app.command()
 def finetune(
     converted: str = typer.Argument(..., help="A directory written by `ibnorm convert`."),
     data: Optional[str] = typer.Option(None, "--data", help="Training text: file, directory, .jsonl, .parquet, a saved `datasets` dataset, or builtin:pydoc:train (default: the calibration data the manifest records, else builtin:pydoc:train)."),
     steps: int = typer.Option(1000, help="Optimizer steps."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (default: CONVERTED-ft)."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out text (default: the last 10% of --data)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out text (default: the last 10% of --data)."),
+    eval_data_old: Optional[str] = typer.Option(None, "--eval-data", hidden=True),  # the old name of --eval
     eval_every: int = typer.Option(100, help="Evaluate every N steps."),
     train: str = typer.Option("norms", help="norms (IBNorm γ, β, λ) | all | lora (through peft)."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, linear warmup, cosine decay to 10%)."),
@@ -26,7 +25,7 @@ def finetune(
     batch_size: int = typer.Option(4, help="Sequences per process and micro-step."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation micro-steps."),
     clip: float = typer.Option(1.0, help="Gradient-norm clipping (0: off)."),
-    seq_len: int = typer.Option(256, help="Tokens per packed block."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per packed block (default: 256, or the model's positions if fewer)."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl/.parquet/datasets."),
     seed: int = typer.Option(0, help="Seed (data order and initialisation)."),
     save_every: int = typer.Option(0, help="Checkpoint every N steps into OUT-checkpoints/ (0: only on Ctrl-C)."),
@@ -46,6 +45,8 @@ def finetune(
         quiet_libraries()
         import ibnorm.finetune as ft
         from ibnorm.validate import parse_size
+
+        eval_data = eval_data if eval_data_old is None else eval_data_old
 
         memory = parse_size(gpu_memory) if gpu_memory is not None else None
         if plan:
@@ -97,9 +98,10 @@ def finetune(
         rows.append(("source model (original norms)", f"{result.source_eval[metric]:.4g}", f"{result.source_eval['loss']:.4f}"))
     for e in result.evals:
         rows.append((f"step {e['step']}", f"{e[metric]:.4g}", f"{e['loss']:.4f}"))
-    console.print(table("held-out evaluation", ("model", metric, "loss"), rows))
-    lam_rows = [(name, traj[0], traj[-1]) for name, traj in list(result.lambda_trajectory.items())]
-    console.print(table("λ per layer (mean over channels)", ("layer", "start", "end"), lam_rows))
+    console.print(table("held-out evaluation", ("model", metric, "loss"), rows, numeric=(1, 2)))
+    short = short_names(list(result.lambda_trajectory))
+    lam_rows = [(short[name], num(traj[0]), num(traj[-1])) for name, traj in result.lambda_trajectory.items()]
+    console.print(table("λ per layer (mean over channels)", ("layer", "start", "end"), lam_rows, numeric=(1, 2)))
     console.print(f"{result.steps} steps in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s); written {result.out}")
 
 

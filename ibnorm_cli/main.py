@@ -1,4 +1,8 @@
-"""The ``ibnorm`` command.  Parses arguments, calls the library, renders with rich."""
+"""The ``ibnorm`` command: every subcommand is registered here, in workflow order.
+
+The command modules only define functions (they never import this module), so there is no import
+circle and ``ibnorm --help`` lists the commands in the order a user needs them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import typer
 
 import ibnorm
 
+from . import clean_cmd, commands, export_cmd, finetune_cmd, science_cmd, upgrade_cmd
 from .render import console
 
 app = typer.Typer(
@@ -16,6 +21,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+)
+
+# (name, function) in workflow order: this list is the order of `ibnorm --help`.
+COMMANDS = (
+    ("convert", commands.convert),
+    ("inspect", commands.inspect),
+    ("eval", commands.eval_command),
+    ("finetune", finetune_cmd.finetune),
+    ("export", export_cmd.export),
+    ("study", science_cmd.study),
+    ("mi", science_cmd.mi),
+    ("upgrade", upgrade_cmd.upgrade),
+    ("clean", clean_cmd.clean),
+    ("ops", commands.ops_command),
 )
 
 
@@ -32,4 +51,5 @@ def main(
     """ibnorm: model surgery with IBNorm."""
 
 
-from . import clean_cmd, commands, export_cmd, finetune_cmd, science_cmd, upgrade_cmd  # noqa: E402,F401  register the commands
+for _name, _function in COMMANDS:
+    app.command(_name)(_function)

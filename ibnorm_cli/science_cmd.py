@@ -9,8 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .main import app
-from .render import console, err_console, print_json, quiet_libraries, table, user_errors
+from .render import console, err_console, print_json, quiet_libraries, short_names, table, user_errors
 
 
 def _parse_shard(shard: str) -> tuple[int, int]:
@@ -25,7 +24,6 @@ def _parse_shard(shard: str) -> tuple[int, int]:
     return i, n
 
 
-@app.command()
 def study(
     preset: Optional[str] = typer.Option(None, "--preset", help="micro | smoke | cpu | confirm | gpu-llama60m | gpu-llama130m | gpu-check | gpu-vision."),
     out: str = typer.Option(..., "--out", "-o", help="Study directory (runs are resumed from it; directories merge)."),
@@ -40,7 +38,7 @@ def study(
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds: then running runs checkpoint and stop; rerun to resume."),
     json_out: bool = typer.Option(False, "--json", help="Print runs and summary as JSON."),
     source: Optional[str] = typer.Option(None, "--from", help="Compare fine-tunes of this pretrained model: source norms vs IBNorm arms."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="--from: held-out test text (default: a tenth of --data)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", "--eval-data", help="--from: held-out test text (default: a tenth of --data)."),
     arms: Optional[List[str]] = typer.Option(None, "--arms", help="--from: more arms, OP\\[@LAMBDA]\\[/GROUPING] (source and tanh always run)."),
     train: str = typer.Option("norms", "--train", help="--from: what trains: norms | all | lora."),
     steps: int = typer.Option(100, "--steps", help="--from: fine-tuning steps per run."),
@@ -59,10 +57,10 @@ def study(
     """Train small models from scratch with each normalizer under one recipe (--preset), or compare fine-tunes of a
     pretrained model with its own norms and with IBNorm (--from); report paired tests and verdicts."""
     with user_errors():
+        quiet_libraries()
         from ibnorm.errors import IBNormError
         from ibnorm.study import NORMALIZERS, PRESETS, get_preset, run_study, write_report
 
-        quiet_libraries()
         if (preset is None) == (source is None):
             raise IBNormError("give exactly one of --preset (from scratch) or --from SOURCE (a pretrained model)")
         if source is not None:
@@ -136,16 +134,21 @@ def _study_progress(event: dict) -> None:
 
 
 def _render_study(result: dict) -> None:
-    rows = []
+    scores, tests = [], []
     for r in result["summary"]:
         iv = r.get("interval")
-        diff = "" if r.get("delta") is None else f"{r['delta']:+.3g}" + ("" if iv is None else f" [{iv[0]:+.2g}, {iv[1]:+.2g}]")
-        value = "diverged" if r["mean"] is None else f"{r['mean']:.4g} ± {r['std']:.2g}"
-        rows.append((r["task"], r["normalizer"], value, r["n"], f"{r['lr']:g}/{r['wd']:g}",
-                     diff, r.get("p_holm"), r.get("verdict", "reference")))
-    console.print(table("study: test metric at each normalizer's selected lr/wd (mean ± std over seeds); Δ: test loss "
-                        "(LLaMA) or accuracy vs the baseline, paired, Holm-corrected p",
-                        ("task", "normalizer", "mean ± std", "n", "lr/wd", "Δ [95%]", "p Holm", "verdict"), rows))
+        scores.append((r["task"], r["normalizer"], r["metric"],
+                       "diverged" if r["mean"] is None else f"{r['mean']:.4g} ± {r['std']:.2g}", r["n"],
+                       f"{r['s_per_step'] * 1000:.1f}"))
+        if r.get("delta") is not None:
+            diff = f"{r['delta']:+.3g}" + ("" if iv is None else f" [{iv[0]:+.2g}, {iv[1]:+.2g}]")
+            tests.append((r["task"], r["normalizer"], diff, r.get("p_holm"), r.get("verdict", ""), f"{r['lr']:g}/{r['wd']:g}"))
+    console.print(table("study: test metric at each normalizer's selected lr/wd (mean ± std over seeds)",
+                        ("task", "normalizer", "metric", "mean ± std", "n", "ms/step"), scores, numeric=(3, 4, 5)))
+    if tests:
+        console.print(table("against the baseline: Δ test loss (LLaMA) or accuracy, paired over seeds [interval], "
+                            "Holm-corrected p", ("task", "normalizer", "Δ [interval]", "p Holm", "verdict", "lr/wd"),
+                            tests, numeric=(3,)))
     for w in result.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 
@@ -214,19 +217,18 @@ def _render_verdicts(result: dict) -> None:
         rows.append((f"{c['train']}:{c['arm']}", f"{c['delta']:+.4f}", iv, p, c["verdict"]))
     level = result["comparisons"][0]["level"] if result["comparisons"] else 0.95
     console.print(table(f"test loss, arm − source, paired over seeds ({level:.0%} interval)",
-                        ("train:arm", "Δ", "interval", "p Holm", "verdict"), rows))
+                        ("train:arm", "Δ", "interval", "p Holm", "verdict"), rows, numeric=(1, 3)))
     step0 = [(r["arm"], f"{r['val']:.4f}", f"{r['test']:.4f}") for r in result["summary"] if r["step"] == 0]
-    console.print(table("step 0 (before fine-tuning)", ("arm", "val loss", "test loss"), step0))
+    console.print(table("step 0 (before fine-tuning)", ("arm", "val loss", "test loss"), step0, numeric=(1, 2)))
 
 
-@app.command()
 def mi(
     model: Optional[str] = typer.Argument(None, help="A source, converted or fine-tuned model."),
     compare: Optional[List[str]] = typer.Option(None, "--compare", help="Further models, in order (e.g. converted, then fine-tuned)."),
     data: Optional[str] = typer.Option(None, "--data", help="Held-out text (or builtin:pydoc:eval) / an image folder with class subfolders."),
     tokens: int = typer.Option(4096, help="Tokens analysed (language models)."),
     images: int = typer.Option(1000, help="Images analysed (image classifiers)."),
-    seq_len: int = typer.Option(256, help="Tokens per block."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per block (default: 256, or the model's positions if fewer)."),
     dims: int = typer.Option(4, help="Whitened principal components kept per side."),
     noise: float = typer.Option(0.5, help="σ of the noise added to T for I(X;T) (relative to unit-variance components)."),
     labels: int = typer.Option(31, help="Next-token classes kept for I(T;Y) (the rest pooled)."),
@@ -247,6 +249,10 @@ def mi(
             return
         if model is None or data is None:
             raise IBNormError("give MODEL and --data (or --trajectory metrics.jsonl)")
+        from ibnorm.validate import check_not_special
+
+        for path in (model, *(compare or []), data):  # before the first model is read
+            check_not_special(path)
         from ibnorm.information import ESTIMATORS
 
         if estimator not in ESTIMATORS:
@@ -285,17 +291,13 @@ def _mi_progress(path: str, i: int, n: int) -> None:
 
 
 def _render_mi(results: list[dict], desc: dict) -> None:
-    head = ("layer", *[f"{k} {Path(r['model']).name or r['model']}" for r in results for k in ("I(X;T)", "I(T;Y)")])
-    rows = []
-    for i, layer in enumerate(results[0]["layers"]):
-        row = [layer["name"]]
-        for r in results:
-            lay = r["layers"][i] if i < len(r["layers"]) else None
-            for k in ("I_XT", "I_TY"):
-                row.append("-" if lay is None else f"{lay[k]:.3f} ± {lay.get(k + '_err', 0.0):.3f}")
-        rows.append(row)
-    console.print(table(f"information plane per norm layer, nats ± error bar ({desc['error_bars']}; {desc['estimator']}; "
-                        f"X: {desc['X']}; T: {desc['T']}; Y: {desc['Y']}; I(X;T) ≤ {desc['I_XT_bound']:.2f})", head, rows))
+    console.print(f"information plane per norm layer, nats ± error bar ({desc['error_bars']}; {desc['estimator']}); X: {desc['X']}; T: {desc['T']}; "
+                  f"Y: {desc['Y']}; I(X;T) ≤ {desc['I_XT_bound']:.2f}", highlight=False)
+    short = short_names([layer["name"] for layer in results[0]["layers"]])
+    for r in results:  # one table per model: two columns of estimates fit 80 columns
+        rows = [(short.get(layer["name"], layer["name"]),
+                 *(f"{layer[k]:.3f} ± {layer.get(k + '_err', 0.0):.3f}" for k in ("I_XT", "I_TY"))) for layer in r["layers"]]
+        console.print(table(str(r["model"]), ("layer", "I(X;T)", "I(T;Y)"), rows, numeric=(1, 2)))
 
 
 def _mi_trajectory(path: str, plot: str, json_out: bool) -> None:
@@ -308,8 +310,9 @@ def _mi_trajectory(path: str, plot: str, json_out: bool) -> None:
         print_json({"trajectory": records, "plot": plot})
         return
     last = records[-1]
-    rows = [(name, records[0]["mi"].get(name, {}).get("I_XT"), v["I_XT"], records[0]["mi"].get(name, {}).get("I_TY"), v["I_TY"])
+    short = short_names(list(last["mi"]))
+    rows = [(short[name], records[0]["mi"].get(name, {}).get("I_XT"), v["I_XT"], records[0]["mi"].get(name, {}).get("I_TY"), v["I_TY"])
             for name, v in last["mi"].items()]
     console.print(table(f"information along training: step {records[0]['step']} → {last['step']} (nats)",
-                        ("layer", "I(X;T) first", "I(X;T) last", "I(T;Y) first", "I(T;Y) last"), rows))
+                        ("layer", "I(X;T) first", "last", "I(T;Y) first", "last"), rows, numeric=(1, 2, 3, 4)))
     console.print(f"trajectory plot: {plot}")

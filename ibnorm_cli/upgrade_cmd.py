@@ -6,11 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .main import app
 from .render import console, print_json, quiet_libraries, user_errors
 
 
-@app.command()
 def upgrade(
     directory: Path = typer.Argument(..., help="A directory written by `ibnorm convert` (format ibnorm-converted/1)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),

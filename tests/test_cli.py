@@ -160,7 +160,7 @@ def test_offline_hub_id_not_cached(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ibnorm_cli", "convert", "someorg/not-a-cached-model", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env={**ENV, "HF_HOME": str(env_home), "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert_one_line_error(r, "someorg/not-a-cached-model")
-    assert "huggingface-cli download" in r.stderr
+    assert "`hf download someorg/not-a-cached-model`" in r.stderr
 
 
 def test_eval_text_compare(tmp_path):

@@ -234,10 +234,17 @@ def _refit_at(spec: NormSpec, op: str, lam: Tensor, x: Tensor, y_cols: Tensor) -
     return LayerFit(lam, _reshape_like(gamma, spec.weight), _reshape_like(beta, spec.bias), err, running)
 
 
-def refit_for_lambda(spec: NormSpec, source: torch.nn.Module, x: Tensor, op: str, lam: Tensor) -> LayerFit:
-    """Refit γ, β (and batch-norm statistics) of a layer for a given λ."""
+def refit_for_lambda(spec: NormSpec, source: torch.nn.Module, x: Tensor, op: str, lam: Tensor,
+                     targets: Tensor | None = None) -> LayerFit:
+    """Refit γ, β (and batch-norm statistics) of a layer for a given λ; ``targets``: the source's
+    outputs on ``x`` from ``source_outputs`` (kept by a caller that refits the same layer again)."""
     x = _widened(x)
-    return _refit_at(spec, op, lam, x, _source_outputs(spec, source, x))
+    return _refit_at(spec, op, lam, x, source_outputs(spec, source, x) if targets is None else targets)
+
+
+def source_outputs(spec: NormSpec, source: torch.nn.Module, x: Tensor) -> Tensor:
+    """The source layer's outputs on ``x``, as the refit compares with them ((rows, channels), float32)."""
+    return _source_outputs(spec, source, _widened(x))
 
 
 def _widened(x: Tensor) -> Tensor:

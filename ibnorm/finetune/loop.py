@@ -12,6 +12,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,10 +21,10 @@ from torch import nn
 from ..errors import IBNormError
 from ..layers import IBNormBase, project_lambdas
 from ..loading import open_model
-from ..validate import check_seq_len, run_fingerprint, validate_finetune_options
+from ..validate import run_fingerprint, seq_len_for, validate_finetune_options
 from .checkpoints import latest_checkpoint, prepare_directory, resume, resume_sharded, save_checkpoint, save_sharded_checkpoint
 from .data import Examples, build_examples, evaluate_loss, loss_of, read_data
-from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, FinetuneOptions, FinetuneResult, Progress, global_batch_indices, lr_at
+from .options import CHECKPOINT_DIR_SUFFIX, TRAIN_MODES, TRAIN_SEQ_LEN, FinetuneOptions, FinetuneResult, Progress, global_batch_indices, lr_at
 from .output import write_output
 from .plan import PlanDoesNotFit, memory_plan, resolve_shard, world_size_here
 from .shard import FSDPEngine, full_state_dict, full_value, optimizer_for
@@ -93,7 +94,7 @@ def _run(engine, shard: str, path: str, opts: FinetuneOptions, out: Path, raw, p
     random.seed(opts.seed)
     loaded = open_model(path)
     if not raw.images:
-        check_seq_len(opts.seq_len, getattr(loaded.model, "config", None))  # within the model's positions
+        opts = replace(opts, seq_len=seq_len_for(opts.seq_len, getattr(loaded.model, "config", None), TRAIN_SEQ_LEN))
     train_set, held_out = build_examples(raw, loaded, opts, path)
     fingerprint = run_fingerprint(path, opts.recipe(engine.num_processes), [train_set.fingerprint()])
     if engine.is_main_process:

@@ -15,6 +15,9 @@ CHECKPOINT_DIR_SUFFIX = "-checkpoints"
 Progress = Callable[[dict], None]
 
 
+TRAIN_SEQ_LEN = 256
+
+
 @dataclass
 class FinetuneOptions:
     data: str
@@ -30,7 +33,7 @@ class FinetuneOptions:
     batch_size: int = 4  # per process and micro-step
     grad_accum: int = 1
     clip: float = 1.0
-    seq_len: int = 256
+    seq_len: int | None = None  # None: min(TRAIN_SEQ_LEN, the model's positions)
     text_field: str = "text"
     seed: int = 0
     save_every: int = 0  # 0: checkpoint only when interrupted

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import IBNormError
-from .options import FinetuneOptions
+from ..validate import seq_len_for
+from .options import TRAIN_SEQ_LEN, FinetuneOptions
 
 SHARD_MODES = ("none", "ddp", "fsdp", "auto")
 _BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
@@ -163,13 +164,14 @@ def memory_plan(path: str, opts: FinetuneOptions, shard: str, world_size: int | 
     cuda = torch.cuda.is_available() or gpu_memory is not None
     compute_bytes = 2 if cuda else 4
     config = getattr(model, "config", None)
+    seq_len = seq_len_for(opts.seq_len, config, TRAIN_SEQ_LEN)
     per_rank = {"parameters": params, "gradients": grads, "optimizer": optim,
-                "activations": _activations(config, opts.batch_size, opts.seq_len, compute_bytes)}
+                "activations": _activations(config, opts.batch_size, seq_len, compute_bytes)}
     if sharded:
         largest = max((sum(p.numel() for p in b.parameters()) for b in decoder_blocks(model)), default=0)
         per_rank["gathered_blocks"] = 2 * largest * compute_bytes
     per_rank["total"] = sum(per_rank.values())
-    notes = [f"activations: an estimate for batch {opts.batch_size} × {opts.seq_len} tokens per rank, without checkpointing"]
+    notes = [f"activations: an estimate for batch {opts.batch_size} × {seq_len} tokens per rank, without checkpointing"]
     return MemoryPlan(world, shard, opts.train, per_rank, device_bytes, device, per_rank["total"] <= device_bytes,
                       trainable, total, notes)
 

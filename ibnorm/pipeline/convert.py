@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,14 +16,15 @@ import torch
 
 from .. import evaluate
 from ..errors import IBNormError, OutputExistsError
-from ..validate import check_device, check_finite, ensure_disk_space, estimate_output_bytes, validate_convert_options
+from ..validate import (check_device, check_finite, check_not_special, ensure_disk_space, estimate_output_bytes,
+                        seq_len_for, validate_convert_options)
 from ..io.atomic import atomic_directory
 from ..io.sources import LoadedModel, load_source, refuse_converted, resolve_short_name
 from ..layers import IBNormBase
 from .calibrate import REFIT_CACHE_BYTES, Calibrated, build, calibrate, install
 from .check import check
 from .manifest import build_manifest
-from .options import ConversionResult, ConvertOptions, Progress, layer_record, no_progress
+from .options import CALIB_SEQ_LEN, ConversionResult, ConvertOptions, Progress, layer_record, no_progress
 from ..data import check_images, check_text_data, image_folder, is_image_folder, param_dtype
 from .plan import Plan, needs_streaming, plan_in_memory, plan_streamed
 from .write import write_in_memory, write_streamed
@@ -98,6 +100,7 @@ def convert_checkpoint(
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     progress = progress or no_progress
     resolved = resolve_short_name(source)
+    check_not_special(resolved)  # before anything reads the source (a FIFO would block the first read)
     validate_convert_options(lam=opts.lam, tolerance=opts.tolerance, budget=opts.budget, calib_samples=opts.calib_samples,
                              seq_len=opts.seq_len, shard_size=shard_size, source=resolved, weights=weights,
                              random_weights=not pretrained and weights is None and resolved.startswith("timm:"))
@@ -119,7 +122,9 @@ def convert_checkpoint(
         progress("loading source", 1, 1)
         loaded.model.to(device)
         plan = plan_in_memory(loaded, opts)
-    spilled = REFIT_CACHE_BYTES if plan.store.streaming and opts.calib is not None else 0  # the refit cache, on disk
+    opts = replace(opts, seq_len=seq_len_for(opts.seq_len, _config(plan), CALIB_SEQ_LEN))
+    # the refit cache (inputs and the source's outputs on them) goes to disk when streaming
+    spilled = 2 * REFIT_CACHE_BYTES if plan.store.streaming and opts.calib is not None else 0
     ensure_disk_space(out.parent, estimate_output_bytes(_tensor_bytes(plan), sum(math.prod(s.spec.shape) for s in plan.sites),
                                                         spilled))
     with atomic_directory(out, force, source=_source_path(resolved, plan)) as tmp:
@@ -158,7 +163,12 @@ def _source_path(resolved: str, plan: Plan) -> Path | None:
     return p if p.exists() else None
 
 
+def _config(plan: Plan):
+    return getattr(plan.model, "config", None)
+
+
 def _evaluate(loaded: LoadedModel, data: str, opts: ConvertOptions, tokens: int) -> dict:
-    return evaluate.evaluate_model(loaded, loaded.model, data, opts.seq_len * 2, tokens, opts.text_field)
+    window = seq_len_for(None, getattr(loaded.model, "config", None), 2 * opts.seq_len)  # within the positions
+    return evaluate.evaluate_model(loaded, loaded.model, data, window, tokens, opts.text_field)
 
 

@@ -18,6 +18,9 @@ def no_progress(*_: object) -> None:
     return None
 
 
+CALIB_SEQ_LEN = 256  # tokens per calibration block unless the model has fewer positions
+
+
 @dataclass
 class ConvertOptions:
     grouping: str = "auto"  # rms | layer | batch | group, or auto (the source's); CLI --grouping (alias --variant)
@@ -27,7 +30,7 @@ class ConvertOptions:
     exclude: Sequence[str] = ()
     calib: str | None = None
     calib_samples: int = 32
-    seq_len: int = 256
+    seq_len: int | None = None  # tokens per calibration block; None: min(CALIB_SEQ_LEN, the model's positions)
     tolerance: float = 0.001
     budget: float = 0.01  # end-to-end: mean next-token KL (nats), or 1 − cosine for encoders
     max_rows: int = 4096

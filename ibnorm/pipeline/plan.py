@@ -16,7 +16,7 @@ from ..surgery import NormSite, SkippedNorm, find_norms
 from ..validate import check_finite, check_grouping, check_hf_checkpoint, read_config, skeleton_of
 from .families import ModelFamily, family_of
 from .layout import Blocks
-from .options import ConvertOptions
+from .options import CALIB_SEQ_LEN, ConvertOptions
 from .stores import ModelStore, ShardStore
 
 
@@ -126,7 +126,7 @@ def whole_model_estimate(hf_dir: Path, opts: ConvertOptions) -> tuple[int, int]:
     index = TensorIndex.open(hf_dir)
     weights = sum(t.nbytes for t in index.tensors.values())
     hidden = max((t.shape[-1] for t in index.tensors.values() if len(t.shape) == 2), default=0)
-    activations = 0 if opts.calib is None else opts.calib_samples * opts.seq_len * hidden * 4 * 4
+    activations = 0 if opts.calib is None else opts.calib_samples * (opts.seq_len or CALIB_SEQ_LEN) * hidden * 4 * 4
     index.close()
     return int(weights * 1.25) + activations, psutil.virtual_memory().available
 
