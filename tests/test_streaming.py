@@ -295,5 +295,11 @@ def test_refit_cache_is_thinned_as_each_norm_is_fitted(bf16_llama, monkeypatch):
         assert torch.equal(f.inputs(), x[torch.linspace(0, x.shape[0] - 1, kept).long()])
     kept_bytes = sum(f.inputs().numel() * 4 for f in cal.fits.values())
     assert kept_bytes <= budget
+    # beside the inputs, the source's outputs on them (computed once for every back-off trial)
+    for f in cal.fits.values():
+        with torch.no_grad():
+            expected = f.site.module(f.inputs()).float()
+        torch.testing.assert_close(f.targets(), expected, rtol=1e-5, atol=1e-6)
+    target_bytes = sum(f.targets().numel() * 4 for f in cal.fits.values())
     # streamed, the cache is not in memory: it is in an unlinked temporary file, all of it
-    assert os.fstat(plan.store.spill.file.fileno()).st_size == kept_bytes
+    assert os.fstat(plan.store.spill.file.fileno()).st_size == kept_bytes + target_bytes
