@@ -28,6 +28,7 @@ def study(
     preset: Optional[str] = typer.Option(None, "--preset", help="micro | smoke | cpu | confirm | gpu-llama60m | gpu-llama130m | gpu-check | gpu-vision."),
     out: str = typer.Option(..., "--out", "-o", help="Study directory (runs are resumed from it; directories merge)."),
     only: Optional[List[str]] = typer.Option(None, "--only", help="Normalizer(s) to run (the baseline always runs)."),
+    task: Optional[List[str]] = typer.Option(None, "--task", help="--preset: only this task of the preset (repeatable); the report covers these."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per setting (default: the preset's)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Runs in parallel on this machine (default: the preset's)."),
     shard: str = typer.Option("0/1", "--shard", help="I/N: this job takes every N-th run (job arrays)."),
@@ -76,9 +77,11 @@ def study(
         if time_limit is not None and not time_limit > 0:
             raise IBNormError("--time-limit must be a positive number of seconds")
         try:
-            p = get_preset(preset, seeds, tuple(only or ()), data, tokenizer, image_data)
+            p = get_preset(preset, seeds, tuple(only or ()), data, tokenizer, image_data, tuple(task or ()))
         except KeyError:
             raise IBNormError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}") from None
+        except ValueError as e:
+            raise IBNormError(str(e)) from None
         shard_ij = _parse_shard(shard)
         outp = Path(out)
         if outp.exists() and not outp.is_dir():

@@ -119,10 +119,19 @@ PRESETS["gpu-vision"] = Preset("gpu-vision", "wider ResNet and ViT on digits, lo
 
 
 def get_preset(name: str, seeds: int | None = None, only: tuple[str, ...] = (), data: str | None = None,
-               tokenizer: str | None = None, image_data: str | None = None) -> Preset:
+               tokenizer: str | None = None, image_data: str | None = None, tasks: tuple[str, ...] = ()) -> Preset:
+    """Preset ``name`` with the given overrides; ``tasks``: only these of its tasks (ValueError naming the
+    preset's tasks if one is not among them; the others are recorded in ``extra["omitted_tasks"]``)."""
     if name not in PRESETS:
         raise KeyError(name)
     p = copy.deepcopy(PRESETS[name])
+    if tasks:
+        names = [t["name"] for t in p.tasks]
+        unknown = [t for t in tasks if t not in names]
+        if unknown:
+            raise ValueError(f"preset {name} has no task {unknown[0]!r}; its tasks: {', '.join(names)}")
+        p.extra["omitted_tasks"] = [n for n in names if n not in tasks]
+        p.tasks = [t for t in p.tasks if t["name"] in tasks]
     if seeds is not None:
         p.seeds = seeds
     if only:

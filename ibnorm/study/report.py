@@ -204,6 +204,9 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
              f"Seeds {proto['seeds'][0]}–{proto['seeds'][-1]} (tuning seed {proto['tuning_seed']}). Selection: {proto['selection']}. "
              f"Budget: {proto['budget']}. Compared: {proto['compared']}. Statistics: {proto['statistics']}. "
              f"Convergence: {proto['convergence']}.", ""]
+    if p.extra.get("omitted_tasks"):
+        lines += [f"Tasks in this report: {', '.join(t['name'] for t in p.tasks)}. Not in it (run with `--task`): "
+                  f"{', '.join(p.extra['omitted_tasks'])}.", ""]
     for task in p.tasks:
         rows = [r for r in result["summary"] if r["task"] == task["name"]]
         if not rows:
