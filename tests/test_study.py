@@ -418,3 +418,17 @@ def test_vision_tasks_train_on_an_image_folder(tmp_path):
     assert rec["params"] == sum(q.numel() for q in TinyResNet(3, 3, (4, 8)).parameters())  # RGB in, three classes out
     r = _cli("study", "--preset", "micro", "--image-data", str(tmp_path / "img" / "class0"), "--out", str(tmp_path / "o"))
     assert r.exit_code == 2 and "subdirectory per class" in r.output, r.output
+
+
+def test_preset_task_selection_keeps_only_those_tasks_and_the_report_names_the_rest():
+    from ibnorm.study import get_preset
+    from ibnorm.study.report import results_markdown
+
+    p = get_preset("confirm", tasks=("llama-bytes-w64",))
+    assert [t["name"] for t in p.tasks] == ["llama-bytes-w64"]
+    assert p.extra["omitted_tasks"] == ["resnet-digits", "resnet-digits-w2", "llama-bytes"]
+    with pytest.raises(ValueError, match="no task 'nope'.*resnet-digits"):
+        get_preset("confirm", tasks=("nope",))
+    md = results_markdown(p, {"protocol": {k: "x" for k in ("selection", "budget", "compared", "statistics", "convergence")}
+                              | {"seeds": [100, 109], "tuning_seed": 100}, "summary": [], "lambda_curve": [], "warnings": []}, "cmd")
+    assert "Not in it (run with `--task`): resnet-digits, resnet-digits-w2, llama-bytes." in md
