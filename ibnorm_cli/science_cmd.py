@@ -64,6 +64,8 @@ def study(
 
         if (preset is None) == (source is None):
             raise IBNormError("give exactly one of --preset (from scratch) or --from SOURCE (a pretrained model)")
+        if source is not None and task:
+            raise IBNormError("--task selects tasks of a --preset; --from has none")
         if source is not None:
             _pretrained_study(source, data, eval_data, tuple(arms or ()), train, steps, seeds, tuple(lrs or ()), seq_len,
                               batch_size, warmup, val_blocks, test_docs, calib, calib_samples, save_every, threads, jobs,
