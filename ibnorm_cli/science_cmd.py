@@ -37,6 +37,7 @@ def study(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="LM tasks: bytes | smollm2-135m | minilm-l6 | a tokenizer dir / .gguf."),
     report_only: bool = typer.Option(False, "--report-only", help="Only aggregate the runs already in OUT."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds: then running runs checkpoint and stop; rerun to resume."),
+    probe_edges: Optional[bool] = typer.Option(None, "--probe-edges/--no-probe-edges", help="--preset: after the study, one tuning-seed run a grid step beyond each lr chosen on the grid's edge (a diagnostic; default: the preset's)."),
     json_out: bool = typer.Option(False, "--json", help="Print runs and summary as JSON."),
     source: Optional[str] = typer.Option(None, "--from", help="Compare fine-tunes of this pretrained model: source norms vs IBNorm arms."),
     eval_data: Optional[str] = typer.Option(None, "--eval", "--eval-data", help="--from: held-out test text (default: a tenth of --data)."),
@@ -84,6 +85,8 @@ def study(
             raise IBNormError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}") from None
         except ValueError as e:
             raise IBNormError(str(e)) from None
+        if probe_edges is not None:
+            p.probe_edges = probe_edges
         shard_ij = _parse_shard(shard)
         outp = Path(out)
         if outp.exists() and not outp.is_dir():
@@ -99,7 +102,7 @@ def study(
         command = "ibnorm study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         result = write_report(p, outp, command)
     if json_out:
-        print_json({k: result[k] for k in ("protocol", "runs", "summary", "lambda_curve", "warnings")})
+        print_json({k: result[k] for k in ("protocol", "runs", "summary", "lambda_curve", "edge_probes", "warnings")})
         return
     _render_study(result)
     console.print(f"written {outp / 'results.md'}, results.json, {', '.join(result['charts'])}")

@@ -133,6 +133,20 @@ def test_study_command_json(micro, tmp_path):
     assert {"normalizer", "task", "metric", "mean", "std", "n"} <= set(res["summary"][0])
 
 
+def test_study_command_probes_the_edges_when_asked(micro, tmp_path):
+    out = tmp_path / "st"
+    shutil.copytree(micro, out)
+    r = _cli("study", "--preset", "micro", "--out", str(out), "--probe-edges", "--json")
+    assert r.exit_code == 0, r.output
+    probes = json.loads(r.stdout)["edge_probes"]
+    # micro's one-point grid (3e-3, and an extra lr inside 1e-3 … 9e-3): every selection is on an edge of the lrs tried
+    assert {p["normalizer"] for p in probes} == {"baseline", "ibnorm-t"}
+    for p in probes:
+        assert p["probe_lr"] == float(f"{p['lr'] * (3 if p['lr'] >= 3e-3 else 1 / 3):.2g}")
+        rec = json.loads((out / "runs/resnet-digits" / p["normalizer"] / f"lam{p['lam']:g}_lr{p['probe_lr']:g}_wd0.01_s0.json").read_text())
+        assert p["bracketed"] == (not rec["val_loss"] < p["val_loss"])
+
+
 @pytest.mark.parametrize("args, message", [(["--preset", "nope"], "unknown preset"), (["--preset", "micro", "--only", "xnorm"], "unknown normalizer"),
                                            (["--preset", "micro", "--seeds", "0"], "--seeds"), (["--preset", "micro", "--shard", "3/2"], "--shard"),
                                            (["--preset", "smoke", "--data", "builtin:nope"], "unknown builtin data")])
@@ -156,7 +170,8 @@ def test_a_changed_configuration_is_refused(micro, tmp_path):
 
 
 def _simulate(preset, out: Path, val_loss) -> int:
-    """Complete a study by writing a record for every planned run, ``val_loss(cfg)`` as its validation loss."""
+    """Complete a study by writing a record for every planned run, ``val_loss(cfg)`` as its validation loss (and,
+    plus a seed-dependent offset, as its test loss: enough for the report)."""
     from ibnorm.study.runner import plan, write_run
 
     written = 0
@@ -165,8 +180,11 @@ def _simulate(preset, out: Path, val_loss) -> int:
         if not todo:
             return written
         for cfg in todo:
+            v = val_loss(cfg)
             write_run(out, {"config": cfg, "lr": cfg["lr"], "wd": cfg["wd"], "lam": cfg["lam"], "seed": cfg["seed"],
-                            "normalizer": cfg["normalizer"], "diverged": False, "val_loss": val_loss(cfg), "evals": []})
+                            "normalizer": cfg["normalizer"], "task": cfg["task"]["name"], "metric": "ppl", "diverged": False,
+                            "val_loss": v, "value": v + 1e-3 * (cfg["seed"] % 3), "test_loss": v + 1e-3 * (cfg["seed"] % 3),
+                            "evals": [], "s_per_step": 0.1, "activation_mib": 1.0, "peak_mem_mib": None, "mean_lambda": None})
             written += 1
 
 
@@ -233,6 +251,43 @@ def test_a_selected_lr_on_the_grid_edge_is_flagged(tmp_path):
 
     t = tuning(p, tmp_path, p.tasks[0], "baseline")
     assert t.chosen.run["lr"] == 3e-4 and t.chosen.on_edge
+
+
+def test_an_edge_probe_runs_one_grid_step_beyond_and_never_changes_the_selection(tmp_path):
+    import math
+
+    from ibnorm.study.edges import beyond
+    from ibnorm.study.report import results_markdown, summarize
+    from ibnorm.study.runner import tuning
+
+    assert beyond([3e-4, 1e-3, 3e-3], 3e-3) == 9.5e-3 and beyond([3e-4, 1e-3, 3e-3], 3e-4) == 9.5e-5  # step √10
+    assert beyond([3e-3], 3e-3) == 9e-3 and beyond([3e-3], 5.2e-3) == 1.6e-2  # a one-point grid: step 3
+    p = _cpu_llama()
+    p.normalizers, p.lam_curve = ("baseline", "ibnorm-t"), (0.3, 1.0)
+    optimum = {("baseline", 0.0): 2e-2, ("ibnorm-t", 0.3): 4e-3, ("ibnorm-t", 1.0): 1e-3}  # beyond, inside, interior
+    def loss(c):
+        return 1.0 + (math.log(c["lr"]) - math.log(optimum[(c["normalizer"], c["lam"])])) ** 2 + 0.01 * c["wd"]
+    unprobed = tmp_path / "plain"
+    _simulate(p, unprobed, loss)
+    p.probe_edges = True
+    _simulate(p, tmp_path / "probed", loss)
+    task, probed = p.tasks[0], tmp_path / "probed"
+    probes = {f.relative_to(probed).as_posix() for f in probed.rglob("*.json")} - {f.relative_to(unprobed).as_posix() for f in unprobed.rglob("*.json")}
+    # the baseline's choice and IBNorm-T's λ = 0.3 point (both 3e-3) are on the edge; IBNorm-T's choice (λ = 1, 1e-3) is not
+    assert probes == {"runs/llama-bytes/baseline/lam0_lr0.0095_wd0_s0.json", "runs/llama-bytes/ibnorm-t/lam0.3_lr0.0095_wd0_s0.json"}
+    for norm in p.normalizers:  # the probe, though lower for the baseline, is not a candidate
+        a, b = tuning(p, unprobed, task, norm), tuning(p, probed, task, norm)
+        assert a.chosen.run["config"] == b.chosen.run["config"]
+        assert {lam: s.run["config"] for lam, s in a.per_lambda.items()} == {lam: s.run["config"] for lam, s in b.per_lambda.items()}
+    assert tuning(p, probed, task, "baseline").chosen.run["lr"] == 3e-3
+    res = summarize(p, probed)
+    rows = {(r["normalizer"], r["lam"]): r for r in res["edge_probes"]}
+    assert rows[("baseline", 0.0)]["bracketed"] is False and rows[("ibnorm-t", 0.3)]["bracketed"] is True
+    assert rows[("baseline", 0.0)]["probe_val_loss"] == loss({"normalizer": "baseline", "lam": 0.0, "lr": 9.5e-3, "wd": 0.0})
+    md = results_markdown(p, res, "test")
+    assert "| 0.003 (edge, optimum beyond) |" in md and "| 0.003 (edge, bracketed) |" in md
+    assert not any("may lie outside" in w for w in res["warnings"])  # each edge answered by its probe
+    assert sum("lies beyond the grid" in w for w in res["warnings"]) == 1
 
 
 def test_learnable_lambda_trains_at_its_own_learning_rate():

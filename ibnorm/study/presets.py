@@ -31,6 +31,7 @@ class Preset:
     launcher: str | None = None  # "torchrun" | "accelerate": each run in its own launched job
     nproc: int = 1  # processes per launched run (0: every local GPU)
     device: str | None = "cpu"  # None: CUDA when available
+    probe_edges: bool = False  # one tuning-seed run beyond each grid-edge selection (edges.py): diagnostic only
     extra: dict = field(default_factory=dict)
 
     def seed_numbers(self) -> list[int]:
@@ -96,7 +97,7 @@ PRESETS: dict[str, Preset] = {
          _lm("llama-bytes", 1000, 128, 4, 4, 344, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT, information=16),
          _lm("llama-bytes-w64", 1000, 64, 4, 4, 172, 128, 16, LLAMA_LRS, (0.0, 0.1), eval_windows=1024, data=CONFIRM_TEXT,
              information=16)],
-        seeds=10, first_seed=100, lam_curve=(0.3, 1.0), normalizers=("baseline", "ibnorm-t"), jobs=2),
+        seeds=10, first_seed=100, lam_curve=(0.3, 1.0), normalizers=("baseline", "ibnorm-t"), jobs=2, probe_edges=True),
 }
 
 # The paper's LLaMA scales (GaLore-style configs) with a subword vocabulary (SmolLM2's 49,152-token BPE,

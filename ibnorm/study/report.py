@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..charts import Chart, Series, render
-from . import stats
+from . import edges, stats
 from .presets import Preset
 from .runner import LAMBDA_CURVE_NORMALIZER, Tuning, lambda_points, load_run, seed_configs, tuning
 from .selection import TIE_RULE
@@ -103,10 +103,31 @@ def _describe(runs: list[dict]) -> dict:
 _COMPARISON_KEYS = ("delta", "delta_std", "interval", "interval_kind", "p", "p_holm", "test", "verdict")
 
 
-def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, list[str], list[dict]]:
+def _edge_rows(p: Preset, out: Path, task: dict, tunings: dict[str, Tuning]) -> dict[tuple, dict]:
+    """The finished edge probes of a task, keyed by the (normalizer, λ, lr, wd) they probe."""
+    rows = {}
+    for t in tunings.values():
+        if not (p.probe_edges and t.complete):
+            continue
+        for sel in edges.selections(t.chosen, t.per_lambda):
+            cfg = edges.probe_config(sel, task["lrs"])
+            rec = cfg and load_run(out, cfg)
+            if rec:
+                row = edges.probe_row(task["name"], sel, rec)
+                rows[(row["normalizer"], row["lam"], row["lr"], row["wd"])] = row
+    return rows
+
+
+def _edge_note(probe: dict | None) -> str:
+    """How the tables mark an lr on the grid's edge: what its probe said, if one ran."""
+    return " (edge)" if probe is None else " (edge, bracketed)" if probe["bracketed"] else " (edge, optimum beyond)"
+
+
+def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, list[str], list[dict], list[dict]]:
     tunings = {n: tuning(p, out, task, n) for n in p.normalizers}
     arms = {n: seed_runs(p, out, t) for n, t in tunings.items() if t.complete}
     comp = _comparison(task, arms, "baseline") if "baseline" in arms else {}
+    probes = _edge_rows(p, out, task, tunings)
     rows, warnings, runs_out = [], [], []
     for norm, runs in arms.items():
         t = tunings[norm]
@@ -119,6 +140,7 @@ def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, l
                "mean_lambda_end": _stats([r["mean_lambda"] for r in runs if r["mean_lambda"] is not None])[0]}
         if norm in comp:
             row.update({k: comp[norm][k] for k in _COMPARISON_KEYS})
+        row["edge_probe"] = probes.get((norm, row["lam"], row["lr"], row["wd"]))
         warnings += _warnings(task["name"], norm, row, t)
         rows.append(row)
     for norm, t in tunings.items():
@@ -126,14 +148,17 @@ def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, l
             warnings.append(f"{task['name']} {norm}: tuning incomplete ({sum(r is not None for r in t.grid_runs + t.extra_runs)} "
                             f"of {t.budget} configurations)")
     curve = _lambda_curve(p, out, task, tunings.get(LAMBDA_CURVE_NORMALIZER), arms.get("baseline"))
+    for pt in curve["points"]:
+        pt["edge_probe"] = probes.get((LAMBDA_CURVE_NORMALIZER, pt["lam"], pt["lr"], pt["wd"]))
     warnings += [f"{task['name']} {LAMBDA_CURVE_NORMALIZER} λ={pt['lam']:g}: selected lr {pt['lr']:g} is at the edge of the grid"
-                 for pt in curve["points"] if pt["lr_on_edge"]]
-    return rows, curve, warnings, runs_out
+                 for pt in curve["points"] if pt["lr_on_edge"] and pt["edge_probe"] is None]
+    warnings += [edges.describe(r) for r in probes.values()]
+    return rows, curve, warnings, runs_out, list(probes.values())
 
 
 def _warnings(task: str, norm: str, row: dict, t: Tuning) -> list[str]:
     out = []
-    if row["selection"]["lr_on_edge"]:
+    if row["selection"]["lr_on_edge"] and row["edge_probe"] is None:  # a probe's answer is its own warning
         out.append(f"{task} {norm}: selected lr {row['lr']:g} is at the edge of the learning rates tried "
                    "(the optimum may lie outside the grid)")
     if row["converged"] is False:
@@ -146,15 +171,16 @@ def _warnings(task: str, norm: str, row: dict, t: Tuning) -> list[str]:
 
 
 def summarize(p: Preset, out: Path) -> dict:
-    runs_out, summary, curves, warnings = [], [], [], []
+    runs_out, summary, curves, warnings, probes = [], [], [], [], []
     for task in p.tasks:
-        rows, curve, warns, runs = _task_summary(p, out, task)
+        rows, curve, warns, runs, edge_rows = _task_summary(p, out, task)
         summary += rows
         curves.append(curve)
         warnings += warns
         runs_out += runs
+        probes += edge_rows
     return {"preset": p.name, "protocol": protocol(p), "runs": runs_out, "summary": summary,
-            "lambda_curve": [c for c in curves if c["points"]], "warnings": warnings}
+            "lambda_curve": [c for c in curves if c["points"]], "edge_probes": probes, "warnings": warnings}
 
 
 def _lambda_curve(p: Preset, out: Path, task: dict, t: Tuning | None, base: list[dict] | None) -> dict:
@@ -217,7 +243,7 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
                   f"| normalizer | test mean ± std | n | lr | wd | λ | budget | {dname} | p | p Holm | verdict | "
                   "val-loss fall, last 10% | λ end | s/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            edge = " (edge)" if r["selection"]["lr_on_edge"] else ""
+            edge = _edge_note(r["edge_probe"]) if r["selection"]["lr_on_edge"] else ""
             lines.append(f"| {r['normalizer']} | {_fmt(r['mean'])} ± {_fmt(r['std'], 2)} | {r['n']} | {r['lr']:g}{edge} | {r['wd']:g} | "
                          f"{r['lam']:g} | {r['tuned']}/{r['budget']} | {_delta(r, lm)} | {_fmt(r.get('p'), 2)} | {_fmt(r.get('p_holm'), 2)} | "
                          f"{r.get('verdict', 'reference')} | {_conv(r)} | {_fmt(r['mean_lambda_end'], 3)} | {r['s_per_step']:.4f} |")
@@ -228,10 +254,11 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
                   "| λ | lr | test mean ± std | n | Δ vs baseline [95% interval] | p | p Holm | verdict | val loss | val-loss fall |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for pt in c["points"]:
-            lines.append(f"| {pt['lam']:g} | {pt['lr']:g}{' (edge)' if pt['lr_on_edge'] else ''} | {_fmt(pt['mean'])} ± {_fmt(pt['std'], 2)} | "
+            lines.append(f"| {pt['lam']:g} | {pt['lr']:g}{_edge_note(pt['edge_probe']) if pt['lr_on_edge'] else ''} | {_fmt(pt['mean'])} ± {_fmt(pt['std'], 2)} | "
                          f"{pt['n']} | {_delta(pt, lm)} | {_fmt(pt.get('p'), 2)} | {_fmt(pt.get('p_holm'), 2)} | {pt.get('verdict', '–')} | "
                          f"{_fmt(pt['val_loss_mean'])} | {_conv(pt)} |")
         lines.append("")
+    lines += _edge_markdown(result.get("edge_probes", []))
     planes = [r for r in result["summary"] if r.get("information")]
     if planes:
         lines += ["## Information plane of the trained models (descriptive: no test)", "",
@@ -243,6 +270,21 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
     if result["warnings"]:
         lines += ["## Warnings", ""] + [f"* {w}" for w in result["warnings"]] + [""]
     return "\n".join(lines)
+
+
+def _edge_markdown(probes: list[dict]) -> list[str]:
+    if not probes:
+        return []
+    lines = ["## One grid step beyond the edge (tuning seed; a diagnostic, not a candidate)", "",
+             "Each selection on the grid's edge, run once more on the tuning seed one grid step beyond it. A higher "
+             "validation loss there means the grid brackets the optimum; a lower one that the optimum lies beyond it.", "",
+             "| task | normalizer | λ | wd | lr chosen | val loss | lr beyond | val loss beyond | optimum |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in probes:
+        beyond = "diverged" if r["probe_diverged"] or r["probe_val_loss"] is None else f"{r['probe_val_loss']:.4g}"
+        lines.append(f"| {r['task']} | {r['normalizer']} | {r['lam']:g} | {r['wd']:g} | {r['lr']:g} | {r['val_loss']:.4g} | "
+                     f"{r['probe_lr']:g} | {beyond} | {'inside the grid' if r['bracketed'] else '**beyond the grid**'} |")
+    return lines + [""]
 
 
 def _band(runs: list[dict], key: str, smooth: int) -> tuple[list[float], list[float], list[float], list[float]]:

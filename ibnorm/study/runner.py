@@ -4,7 +4,8 @@ never repeated, so an interrupted study resumes and directories from several mac
 Phases per task and normalizer (selection.py says how a configuration is chosen): the lr × wd grid on the
 tuning seed; then, at the grid's chosen wd, the extra configurations of the equal budget (IBNorm-T: its
 other λ values × every lr; the others: extra learning rates); then the choice — and each λ point at its own
-lr — on every seed.  A run interrupted by ``time_limit`` resumes from its mid-run checkpoint."""
+lr — on every seed; last, with ``probe_edges``, one tuning-seed run beyond each selection on the grid's edge
+(edges.py: a diagnostic, never a candidate).  A run interrupted by ``time_limit`` resumes from its mid-run checkpoint."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import IBNormError
+from . import edges
 from .presets import Preset
 from .selection import Selection, dense_lrs, select, select_best  # noqa: F401  (select_best: public, re-exported)
 
@@ -137,6 +139,7 @@ def seed_configs(p: Preset, run: dict) -> list[dict]:
 def plan(p: Preset, out: Path) -> tuple[list[dict], int]:
     """Runs that can start now (in priority order) and how many are finished."""
     todo: list[dict] = []
+    probes: list[dict] = []  # after every other run: they only inform the report
     done = 0
     for task in p.tasks:
         tunings = {norm: tuning(p, out, task, norm) for norm in p.normalizers}
@@ -157,7 +160,17 @@ def plan(p: Preset, out: Path) -> tuple[list[dict], int]:
                     todo.append(c)
                 else:
                     done += 1
-    return todo, done
+            for c in edge_probes(p, task, t) if p.probe_edges else []:
+                if load_run(out, c) is None:
+                    probes.append(c)
+                else:
+                    done += 1
+    return todo + probes, done
+
+
+def edge_probes(p: Preset, task: dict, t: Tuning) -> list[dict]:
+    """The probe configurations of a normalizer's selections that sit on the grid's edge (edges.py)."""
+    return [c for c in (edges.probe_config(s, task["lrs"]) for s in edges.selections(t.chosen, t.per_lambda)) if c is not None]
 
 
 def checkpoint_path(out: Path, cfg: dict) -> Path:
