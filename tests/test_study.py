@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -169,9 +170,9 @@ def test_a_changed_configuration_is_refused(micro, tmp_path):
 # --- the selection protocol on simulated studies (records with a known validation loss, no training) ---
 
 
-def _simulate(preset, out: Path, val_loss) -> int:
+def _simulate(preset, out: Path, val_loss, extra=lambda cfg: {}) -> int:
     """Complete a study by writing a record for every planned run, ``val_loss(cfg)`` as its validation loss (and,
-    plus a seed-dependent offset, as its test loss: enough for the report)."""
+    plus a seed-dependent offset, as its test loss: enough for the report), ``extra(cfg)`` merged in."""
     from ibnorm.study.runner import plan, write_run
 
     written = 0
@@ -184,7 +185,8 @@ def _simulate(preset, out: Path, val_loss) -> int:
             write_run(out, {"config": cfg, "lr": cfg["lr"], "wd": cfg["wd"], "lam": cfg["lam"], "seed": cfg["seed"],
                             "normalizer": cfg["normalizer"], "task": cfg["task"]["name"], "metric": "ppl", "diverged": False,
                             "val_loss": v, "value": v + 1e-3 * (cfg["seed"] % 3), "test_loss": v + 1e-3 * (cfg["seed"] % 3),
-                            "evals": [], "s_per_step": 0.1, "activation_mib": 1.0, "peak_mem_mib": None, "mean_lambda": None})
+                            "evals": [], "s_per_step": 0.1, "activation_mib": 1.0, "peak_mem_mib": None, "mean_lambda": None,
+                            **extra(cfg)})
             written += 1
 
 
@@ -288,6 +290,41 @@ def test_an_edge_probe_runs_one_grid_step_beyond_and_never_changes_the_selection
     assert "| 0.003 (edge, optimum beyond) |" in md and "| 0.003 (edge, bracketed) |" in md
     assert not any("may lie outside" in w for w in res["warnings"])  # each edge answered by its probe
     assert sum("lies beyond the grid" in w for w in res["warnings"]) == 1
+
+
+def test_trained_information_planes_are_compared_paired_by_seed(tmp_path):
+    import math
+
+    from scipy.stats import ttest_rel
+
+    from ibnorm.study.report import summarize
+
+    p = _cpu_llama()
+    p.normalizers, p.lam_curve = ("baseline", "ibnorm-t"), (0.3, 1.0)
+    rng = np.random.default_rng(0)
+    noise = {s: rng.normal(0, 0.05, 4) for s in range(3)}  # per seed: shared by both arms (the pairing)
+
+    def plane(cfg):  # λ = 1 raises I(T;Y) by 0.2 in every layer; I(X;T) differs by noise only
+        s, lam = cfg["seed"], cfg["lam"]
+        own = np.random.default_rng(hash((s, lam)) % 2**32).normal(0, 0.01, 2)
+        return {"information": {f"layer{i}": {"I_XT": 2.0 + noise[s][i] + own[0], "I_TY": 1.0 + noise[s][i] + own[1] + (0.2 if lam == 1.0 else 0.0)}
+                                for i in range(2)}}
+    _simulate(p, tmp_path, lambda c: 1.0 + (math.log(c["lr"]) - math.log(1e-3)) ** 2 + c["lam"] * 0.01, plane)
+    rows = {(r["arm"], r["quantity"]): r for r in summarize(p, tmp_path)["information_plane"]}
+    assert set(rows) == {(f"ibnorm-t λ={lam}", q) for lam in ("0.3", "1") for q in ("I(X;T)", "I(T;Y)")}
+    from ibnorm.study.runner import load_run, seed_configs, tuning
+
+    def seeds(run):  # layer-mean I(T;Y) of a selected configuration on every seed, read from its run files
+        return [np.mean([v["I_TY"] for v in load_run(tmp_path, c)["information"].values()]) for c in seed_configs(p, run)]
+    base = seeds(tuning(p, tmp_path, p.tasks[0], "baseline").chosen.run)
+    curve = tuning(p, tmp_path, p.tasks[0], "ibnorm-t").per_lambda
+    r, r03 = rows[("ibnorm-t λ=1", "I(T;Y)")], rows[("ibnorm-t λ=0.3", "I(T;Y)")]
+    arm = seeds(curve[1.0].run)
+    assert r["delta"] == pytest.approx(np.mean(np.subtract(arm, base))) and r["p"] == pytest.approx(ttest_rel(arm, base).pvalue)
+    assert r03["p"] == pytest.approx(ttest_rel(seeds(curve[0.3].run), base).pvalue)
+    assert r["verdict"] == "higher" and rows[("ibnorm-t λ=1", "I(X;T)")]["verdict"] == "no detectable difference"
+    lo, hi = sorted([r["p"], r03["p"]])  # Holm over the two λ points of a quantity
+    assert sorted([r["p_holm"], r03["p_holm"]]) == pytest.approx([min(1, 2 * lo), min(1, max(hi, 2 * lo))])
 
 
 def test_learnable_lambda_trains_at_its_own_learning_rate():

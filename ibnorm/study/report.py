@@ -123,7 +123,7 @@ def _edge_note(probe: dict | None) -> str:
     return " (edge)" if probe is None else " (edge, bracketed)" if probe["bracketed"] else " (edge, optimum beyond)"
 
 
-def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, list[str], list[dict], list[dict]]:
+def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, list[str], list[dict], list[dict], list[dict]]:
     tunings = {n: tuning(p, out, task, n) for n in p.normalizers}
     arms = {n: seed_runs(p, out, t) for n, t in tunings.items() if t.complete}
     comp = _comparison(task, arms, "baseline") if "baseline" in arms else {}
@@ -153,7 +153,39 @@ def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, l
     warnings += [f"{task['name']} {LAMBDA_CURVE_NORMALIZER} λ={pt['lam']:g}: selected lr {pt['lr']:g} is at the edge of the grid"
                  for pt in curve["points"] if pt["lr_on_edge"] and pt["edge_probe"] is None]
     warnings += [edges.describe(r) for r in probes.values()]
-    return rows, curve, warnings, runs_out, list(probes.values())
+    return rows, curve, warnings, runs_out, list(probes.values()), _information_comparison(p, out, task, tunings, arms)
+
+
+PLANE = {"I_XT": "I(X;T)", "I_TY": "I(T;Y)"}
+
+
+def _plane_mean(run: dict, key: str) -> float | None:
+    info = run.get("information")
+    return float(np.mean([v[key] for v in info.values()])) if info else None
+
+
+def _information_comparison(p: Preset, out: Path, task: dict, tunings: dict[str, Tuning], arms: dict[str, list[dict]]) -> list[dict]:
+    """The trained models' information planes against the baseline's, paired by seed: the layer-mean I(X;T) and
+    I(T;Y) of each arm (every normalizer's choice; the λ-curve normalizer's λ points instead of its choice, which
+    is one of them), paired t over seeds, Holm across the arms of each quantity.  The estimate is of one fixed
+    validation batch: the seed-to-seed spread holds the models' and the estimator's variation on it."""
+    if "baseline" not in arms or not any(_plane_mean(r, "I_XT") is not None for r in arms["baseline"]):
+        return []
+    cmp_arms = {n: runs for n, runs in arms.items() if n != LAMBDA_CURVE_NORMALIZER}
+    t = tunings.get(LAMBDA_CURVE_NORMALIZER)
+    if t is not None and t.complete:
+        cmp_arms.update({f"{LAMBDA_CURVE_NORMALIZER} λ={lam:g}": seed_runs(p, out, t, t.per_lambda[lam].run) for lam in lambda_points(p)})
+    rows = []
+    for key, name in PLANE.items():
+        values = {a: {r["seed"]: v for r in runs if (v := _plane_mean(r, key)) is not None} for a, runs in cmp_arms.items()}
+        for r in stats.compare(values, "baseline", lower_is_better=False, alpha=ALPHA):
+            higher = {stats.BETTER: "higher", stats.WORSE: "lower"}.get(r["verdict"], r["verdict"])
+            paired = sorted(set(values[r["arm"]]) & set(values["baseline"]))  # both means over the paired seeds
+            rows.append({"task": task["name"], "arm": r["arm"], "quantity": name, "n": r["n"],
+                         "baseline": float(np.mean([values["baseline"][s] for s in paired])) if paired else None,
+                         "mean": float(np.mean([values[r["arm"]][s] for s in paired])) if paired else None,
+                         **{k: r[k] for k in ("delta", "interval", "p", "p_holm")}, "verdict": higher})
+    return rows
 
 
 def _warnings(task: str, norm: str, row: dict, t: Tuning) -> list[str]:
@@ -171,16 +203,18 @@ def _warnings(task: str, norm: str, row: dict, t: Tuning) -> list[str]:
 
 
 def summarize(p: Preset, out: Path) -> dict:
-    runs_out, summary, curves, warnings, probes = [], [], [], [], []
+    runs_out, summary, curves, warnings, probes, planes = [], [], [], [], [], []
     for task in p.tasks:
-        rows, curve, warns, runs, edge_rows = _task_summary(p, out, task)
+        rows, curve, warns, runs, edge_rows, plane_rows = _task_summary(p, out, task)
         summary += rows
         curves.append(curve)
         warnings += warns
         runs_out += runs
         probes += edge_rows
+        planes += plane_rows
     return {"preset": p.name, "protocol": protocol(p), "runs": runs_out, "summary": summary,
-            "lambda_curve": [c for c in curves if c["points"]], "edge_probes": probes, "warnings": warnings}
+            "lambda_curve": [c for c in curves if c["points"]], "edge_probes": probes, "information_plane": planes,
+            "warnings": warnings}
 
 
 def _lambda_curve(p: Preset, out: Path, task: dict, t: Tuning | None, base: list[dict] | None) -> dict:
@@ -259,17 +293,26 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
                          f"{_fmt(pt['val_loss_mean'])} | {_conv(pt)} |")
         lines.append("")
     lines += _edge_markdown(result.get("edge_probes", []))
-    planes = [r for r in result["summary"] if r.get("information")]
-    if planes:
-        lines += ["## Information plane of the trained models (descriptive: no test)", "",
-                  "Mean over norm layers and seeds of I(X;T) (T read along X's axes, noise σ 0.5) and I(T;Y), nats "
-                  "(ibnorm.mi.information_snapshot on a fixed validation batch; docs/information.md says what they can show).", "",
-                  "| task | normalizer | seeds | I(X;T) | I(T;Y) |", "|---|---|---|---|---|"]
-        lines += [f"| {r['task']} | {r['normalizer']} | {r['information']['seeds']} | {r['information']['I_XT_layer_mean']:.3f} | "
-                  f"{r['information']['I_TY_layer_mean']:.3f} |" for r in planes] + [""]
+    lines += _plane_markdown(result.get("information_plane", []))
     if result["warnings"]:
         lines += ["## Warnings", ""] + [f"* {w}" for w in result["warnings"]] + [""]
     return "\n".join(lines)
+
+
+def _plane_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## Information plane of the trained models, paired by seed", "",
+             "Layer-mean I(X;T) (T read along X's axes, noise σ 0.5) and I(T;Y), nats, of each trained model on one fixed "
+             "validation batch (ibnorm.mi.information_snapshot); each arm against the baseline, paired t over seeds, Holm "
+             "across the arms of each quantity. docs/information.md says what these quantities can and cannot show.", "",
+             "| task | quantity | arm | n | baseline | arm | Δ [95% interval] | p | p Holm | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        iv = "" if r["interval"] is None else f" [{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}]"
+        lines.append(f"| {r['task']} | {r['quantity']} | {r['arm']} | {r['n']} | {_fmt(r['baseline'])} | {_fmt(r['mean'])} | "
+                     f"{r['delta']:+.3f}{iv} | {_fmt(r['p'], 2)} | {_fmt(r['p_holm'], 2)} | {r['verdict']} |")
+    return lines + [""]
 
 
 def _edge_markdown(probes: list[dict]) -> list[str]:
