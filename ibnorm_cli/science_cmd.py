@@ -102,7 +102,7 @@ def study(
         command = "ibnorm study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         result = write_report(p, outp, command)
     if json_out:
-        print_json({k: result[k] for k in ("protocol", "runs", "summary", "lambda_curve", "edge_probes", "information_plane", "warnings")})
+        print_json({k: result[k] for k in ("protocol", "runs", "summary", "lambda_curve", "edge_probes", "extended", "information_plane", "warnings")})
         return
     _render_study(result)
     console.print(f"written {outp / 'results.md'}, results.json, {', '.join(result['charts'])}")

@@ -276,7 +276,8 @@ def test_an_edge_probe_runs_one_grid_step_beyond_and_never_changes_the_selection
     task, probed = p.tasks[0], tmp_path / "probed"
     probes = {f.relative_to(probed).as_posix() for f in probed.rglob("*.json")} - {f.relative_to(unprobed).as_posix() for f in unprobed.rglob("*.json")}
     # the baseline's choice and IBNorm-T's λ = 0.3 point (both 3e-3) are on the edge; IBNorm-T's choice (λ = 1, 1e-3) is not
-    assert probes == {"runs/llama-bytes/baseline/lam0_lr0.0095_wd0_s0.json", "runs/llama-bytes/ibnorm-t/lam0.3_lr0.0095_wd0_s0.json"}
+    # the baseline's probe wins, so it also runs on the other seeds (the secondary analysis); IBNorm-T's loses
+    assert probes == {f"runs/llama-bytes/baseline/lam0_lr0.0095_wd0_s{s}.json" for s in range(3)} | {"runs/llama-bytes/ibnorm-t/lam0.3_lr0.0095_wd0_s0.json"}
     for norm in p.normalizers:  # the probe, though lower for the baseline, is not a candidate
         a, b = tuning(p, unprobed, task, norm), tuning(p, probed, task, norm)
         assert a.chosen.run["config"] == b.chosen.run["config"]
@@ -289,6 +290,12 @@ def test_an_edge_probe_runs_one_grid_step_beyond_and_never_changes_the_selection
     md = results_markdown(p, res, "test")
     assert "| 0.003 (edge, optimum beyond) |" in md and "| 0.003 (edge, bracketed) |" in md
     assert not any("may lie outside" in w for w in res["warnings"])  # each edge answered by its probe
+    ext = {r["arm"]: r for r in res["extended"]}  # every arm at its extended choice: only the baseline moved
+    assert (ext["baseline"]["lr"], ext["baseline"]["extended"]) == (9.5e-3, True)
+    assert [(ext[a]["lr"], ext[a]["extended"]) for a in ("ibnorm-t λ=0.3", "ibnorm-t λ=1")] == [(3e-3, False), (1e-3, False)]
+    test = lambda d, norm, lam, lr: [json.loads(f.read_text())["test_loss"] for f in sorted(d.glob(f"runs/llama-bytes/{norm}/lam{lam}_lr{lr}_wd0_s*.json"))]
+    want = np.mean(np.subtract(test(probed, "ibnorm-t", "1", "0.001"), test(probed, "baseline", "0", "0.0095")))
+    assert ext["ibnorm-t λ=1"]["delta"] == pytest.approx(want) and "Secondary: llama-bytes at the extended choice" in md
     assert sum("lies beyond the grid" in w for w in res["warnings"]) == 1
 
 

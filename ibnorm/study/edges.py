@@ -7,6 +7,10 @@ diagnostic, never a candidate: letting it change a selection would give the norm
 edge a larger tuning budget than the others, and the seeds already run would no longer be the choice.
 The report states, per probe, whether its validation loss is higher (the optimum is inside the grid: the
 grid brackets it) or lower (it lies beyond: the comparison ran below that normalizer's best lr).
+
+A probe that wins is then run on every seed, and the report adds a *secondary* comparison at the extended
+choice (each selection replaced by its probe where the probe won): a mechanical rule, the same for every
+normalizer, reported beside the primary comparison and never instead of it.
 """
 
 from __future__ import annotations
@@ -46,10 +50,15 @@ def probe_config(sel: Selection, lrs: list[float]) -> dict | None:
     return {**sel.run["config"], "lr": beyond(lrs, sel.run["config"]["lr"])} if sel.on_edge else None
 
 
+def won(probe: dict, sel: Selection) -> bool:
+    """The probe's validation loss is lower than its selection's (a diverged or non-finite probe never wins)."""
+    return val_loss(probe) < val_loss(sel.run)
+
+
 def probe_row(task: str, sel: Selection, probe: dict) -> dict:
     """What one finished probe says about its selection."""
     chosen, tried = val_loss(sel.run), val_loss(probe)
-    inside = not (tried < chosen)  # a diverged or non-finite probe counts as worse
+    inside = not won(probe, sel)
     return {"task": task, "normalizer": sel.run["config"]["normalizer"], "lam": sel.run["config"]["lam"],
             "wd": sel.run["config"]["wd"], "lr": sel.run["config"]["lr"], "val_loss": chosen,
             "probe_lr": probe["config"]["lr"], "probe_val_loss": tried if math.isfinite(tried) else None,

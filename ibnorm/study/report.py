@@ -13,7 +13,7 @@ import numpy as np
 from ..charts import Chart, Series, render
 from . import edges, stats
 from .presets import Preset
-from .runner import LAMBDA_CURVE_NORMALIZER, Tuning, lambda_points, load_run, seed_configs, tuning
+from .runner import LAMBDA_CURVE_NORMALIZER, Tuning, extended_choice, lambda_points, load_run, seed_configs, tuning
 from .selection import TIE_RULE
 from .train import LOWER_IS_BETTER, metric_of
 
@@ -123,7 +123,8 @@ def _edge_note(probe: dict | None) -> str:
     return " (edge)" if probe is None else " (edge, bracketed)" if probe["bracketed"] else " (edge, optimum beyond)"
 
 
-def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, list[str], list[dict], list[dict], list[dict]]:
+def _task_summary(p: Preset, out: Path, task: dict) -> dict[str, list]:
+    """One task's share of every list :func:`summarize` returns."""
     tunings = {n: tuning(p, out, task, n) for n in p.normalizers}
     arms = {n: seed_runs(p, out, t) for n, t in tunings.items() if t.complete}
     comp = _comparison(task, arms, "baseline") if "baseline" in arms else {}
@@ -153,7 +154,29 @@ def _task_summary(p: Preset, out: Path, task: dict) -> tuple[list[dict], dict, l
     warnings += [f"{task['name']} {LAMBDA_CURVE_NORMALIZER} λ={pt['lam']:g}: selected lr {pt['lr']:g} is at the edge of the grid"
                  for pt in curve["points"] if pt["lr_on_edge"] and pt["edge_probe"] is None]
     warnings += [edges.describe(r) for r in probes.values()]
-    return rows, curve, warnings, runs_out, list(probes.values()), _information_comparison(p, out, task, tunings, arms)
+    return {"summary": rows, "lambda_curve": [curve], "warnings": warnings, "runs": runs_out, "edge_probes": list(probes.values()),
+            "extended": _extended_comparison(p, out, task, tunings),
+            "information_plane": _information_comparison(p, out, task, tunings, arms)}
+
+
+def _extended_comparison(p: Preset, out: Path, task: dict, tunings: dict[str, Tuning]) -> list[dict]:
+    """The secondary analysis (edges.py): every arm at its extended choice — its edge probe where the probe won —
+    against the baseline at its own, Holm across the arms; empty when no probe of the task won."""
+    if not p.probe_edges or not all(t.complete for t in tunings.values()):
+        return []
+    arms, moved = {}, {}
+    for norm, t in tunings.items():
+        sels = ([(f"{norm} λ={lam:g}", s) for lam, s in sorted(t.per_lambda.items())] if norm == LAMBDA_CURVE_NORMALIZER
+                else [(norm, t.chosen)])
+        for name, sel in sels:
+            run = extended_choice(p, out, task, sel)
+            arms[name], moved[name] = seed_runs(p, out, t, run), (run is not sel.run, run["config"]["lr"])
+    if not any(m for m, _ in moved.values()) or "baseline" not in arms:
+        return []
+    comp = _comparison(task, arms, "baseline")
+    return [{"task": task["name"], "arm": name, "lr": moved[name][1], "extended": moved[name][0],
+             **{k: v for k, v in _describe(runs).items() if k in ("mean", "std", "n", "test_loss_mean")},
+             **({k: comp[name][k] for k in _COMPARISON_KEYS} if name in comp else {})} for name, runs in arms.items()]
 
 
 PLANE = {"I_XT": "I(X;T)", "I_TY": "I(T;Y)"}
@@ -203,18 +226,12 @@ def _warnings(task: str, norm: str, row: dict, t: Tuning) -> list[str]:
 
 
 def summarize(p: Preset, out: Path) -> dict:
-    runs_out, summary, curves, warnings, probes, planes = [], [], [], [], [], []
+    parts: dict[str, list] = {k: [] for k in ("runs", "summary", "lambda_curve", "edge_probes", "extended", "information_plane", "warnings")}
     for task in p.tasks:
-        rows, curve, warns, runs, edge_rows, plane_rows = _task_summary(p, out, task)
-        summary += rows
-        curves.append(curve)
-        warnings += warns
-        runs_out += runs
-        probes += edge_rows
-        planes += plane_rows
-    return {"preset": p.name, "protocol": protocol(p), "runs": runs_out, "summary": summary,
-            "lambda_curve": [c for c in curves if c["points"]], "edge_probes": probes, "information_plane": planes,
-            "warnings": warnings}
+        for k, v in _task_summary(p, out, task).items():
+            parts[k] += v
+    parts["lambda_curve"] = [c for c in parts["lambda_curve"] if c["points"]]
+    return {"preset": p.name, "protocol": protocol(p), **parts}
 
 
 def _lambda_curve(p: Preset, out: Path, task: dict, t: Tuning | None, base: list[dict] | None) -> dict:
@@ -293,6 +310,7 @@ def results_markdown(p: Preset, result: dict, command: str) -> str:
                          f"{_fmt(pt['val_loss_mean'])} | {_conv(pt)} |")
         lines.append("")
     lines += _edge_markdown(result.get("edge_probes", []))
+    lines += _extended_markdown(p, result.get("extended", []))
     lines += _plane_markdown(result.get("information_plane", []))
     if result["warnings"]:
         lines += ["## Warnings", ""] + [f"* {w}" for w in result["warnings"]] + [""]
@@ -313,6 +331,23 @@ def _plane_markdown(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['task']} | {r['quantity']} | {r['arm']} | {r['n']} | {_fmt(r['baseline'])} | {_fmt(r['mean'])} | "
                      f"{r['delta']:+.3f}{iv} | {_fmt(r['p'], 2)} | {_fmt(r['p_holm'], 2)} | {r['verdict']} |")
     return lines + [""]
+
+
+def _extended_markdown(p: Preset, rows: list[dict]) -> list[str]:
+    lines = []
+    for task in p.tasks:
+        mine = [r for r in rows if r["task"] == task["name"]]
+        if not mine:
+            continue
+        lm = task["kind"] == "lm"
+        lines += [f"### Secondary: {task['name']} at the extended choice (a winning edge probe replaces its selection, "
+                  "run on every seed; Holm across the arms)", "",
+                  "| arm | lr | test mean ± std | n | Δ vs baseline [95% interval] | p | p Holm | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['arm']} | {r['lr']:g}{' (probe)' if r['extended'] else ''} | {_fmt(r['mean'])} ± {_fmt(r['std'], 2)} | {r['n']} | "
+                  f"{_delta(r, lm)} | {_fmt(r.get('p'), 2)} | {_fmt(r.get('p_holm'), 2)} | {r.get('verdict', 'reference')} |" for r in mine]
+        lines.append("")
+    return lines
 
 
 def _edge_markdown(probes: list[dict]) -> list[str]:

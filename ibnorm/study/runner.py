@@ -160,17 +160,23 @@ def plan(p: Preset, out: Path) -> tuple[list[dict], int]:
                     todo.append(c)
                 else:
                     done += 1
-            for c in edge_probes(p, task, t) if p.probe_edges else []:
-                if load_run(out, c) is None:
-                    probes.append(c)
-                else:
-                    done += 1
+            for sel in edges.selections(t.chosen, t.per_lambda) if p.probe_edges else []:
+                run = extended_choice(p, out, task, sel)
+                cfgs = [] if run is sel.run else seed_configs(p, run)  # a winning probe: its other seeds
+                cfg = edges.probe_config(sel, task["lrs"])
+                for c in ([cfg] if cfg and run is sel.run else []) + cfgs:
+                    if load_run(out, c) is None:
+                        probes.append(c)
+                    else:
+                        done += 1
     return todo + probes, done
 
 
-def edge_probes(p: Preset, task: dict, t: Tuning) -> list[dict]:
-    """The probe configurations of a normalizer's selections that sit on the grid's edge (edges.py)."""
-    return [c for c in (edges.probe_config(s, task["lrs"]) for s in edges.selections(t.chosen, t.per_lambda)) if c is not None]
+def extended_choice(p: Preset, out: Path, task: dict, sel: Selection) -> dict:
+    """A selection's run, or its edge probe's where the probe ran and won (edges.py: the secondary analysis)."""
+    cfg = edges.probe_config(sel, task["lrs"]) if p.probe_edges else None
+    rec = load_run(out, cfg) if cfg else None
+    return rec if rec is not None and edges.won(rec, sel) else sel.run
 
 
 def checkpoint_path(out: Path, cfg: dict) -> Path:
