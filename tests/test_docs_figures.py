@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FINDINGS, INFORMATION = "docs/findings.md", "docs/information.md"
+FINDINGS, INFORMATION, README = "docs/findings.md", "docs/information.md", "README.md"
 STUDY, MI = "benchmarks/results/study_cpu", "benchmarks/results/mi_smollm2"
 
 
@@ -139,6 +139,91 @@ def _pretrained_step0() -> str:
     return f"costs {s0['tanh'] - s0['source']:+.3f} nats on this text before any fine-tuning ({s0['source']:.3f} → {s0['tanh']:.3f}"
 
 
+CONFIRM = "benchmarks/results/study_confirm"
+CONFIRM_TASKS = {"resnet-digits": "ResNet, widths 16, 32", "resnet-digits-w2": "ResNet, widths 32, 64",
+                 "llama-bytes": "LLaMA, width 128", "llama-bytes-w64": "LLaMA, width 64"}
+
+
+def _confirm() -> dict:
+    return _json(f"{CONFIRM}/results.json")
+
+
+def _c_base(task: str) -> dict:
+    return next(r for r in _confirm()["summary"] if r["task"] == task and r["normalizer"] == "baseline")
+
+
+def _c_point(task: str, lam: float) -> dict:
+    return next(pt for c in _confirm()["lambda_curve"] if c["task"] == task for pt in c["points"] if pt["lam"] == lam)
+
+
+def _c_value(task: str, r: dict) -> str:
+    """The compared test quantity: LLaMA test loss (nats/token), ResNet test accuracy (%)."""
+    return f"{r['test_loss_mean']:.3f}" if task.startswith("llama") else f"{r['mean']:.2%}"
+
+
+def _c_delta(task: str, r: dict) -> str:
+    scale, digits = (1, 3) if task.startswith("llama") else (100, 2)  # nats; accuracy points
+    lo, hi = (v * scale for v in r["interval"])
+    return _minus(f"{r['delta'] * scale:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]")
+
+
+def _confirm_row(task: str, lam: float) -> str:
+    """A row of findings 1.3's table: the baseline against IBNorm-T at one λ (its own lr), Holm across the λ points."""
+    b, pt = _c_base(task), _c_point(task, lam)
+    return (f"| {CONFIRM_TASKS[task]} | {b['lr']:g} | {_c_value(task, b)} | {lam:g} | {pt['lr']:g} | {_c_value(task, pt)} | "
+            f"{_c_delta(task, pt)} | {pt['p_holm']:.2g} | {pt['verdict']} |")
+
+
+def _edge_row(r: dict) -> str:
+    beyond = "diverged" if r["probe_val_loss"] is None else f"{r['probe_val_loss']:.4f}"
+    return (f"| {CONFIRM_TASKS[r['task']]} | {'IBNorm-T λ ' + format(r['lam'], 'g') if r['normalizer'] == 'ibnorm-t' else 'baseline'} | "
+            f"{r['lr']:g} → {r['probe_lr']:g} | {r['val_loss']:.4f} → {beyond} | {'inside the grid' if r['bracketed'] else '**beyond the grid**'} |")
+
+
+def _plane_row(task: str, arm: str) -> str:
+    rows = {r["quantity"]: r for r in _confirm()["information_plane"] if r["task"] == task and r["arm"] == arm}
+    cells = [_minus(f"{rows[q]['baseline']:.3f} → {rows[q]['mean']:.3f}, Δ {rows[q]['delta']:+.3f} "
+                    f"[{rows[q]['interval'][0]:+.3f}, {rows[q]['interval'][1]:+.3f}], p_Holm {rows[q]['p_holm']:.2g}")
+             for q in ("I(X;T)", "I(T;Y)")]
+    return f"| {CONFIRM_TASKS[task]} | {arm.replace('ibnorm-t', 'IBNorm-T')} | {rows['I(X;T)']['n']} | {cells[0]} | {cells[1]} |"
+
+
+def _ext_row(task: str, arm: str) -> str:
+    """A row of findings 1.3's secondary table: an arm at its extended choice against the baseline at its own."""
+    r = next(x for x in _confirm()["extended"] if x["task"] == task and x["arm"] == arm)
+    value = _c_value(task, {**r, "test_loss_mean": r.get("test_loss_mean")})
+    if arm == "baseline":
+        return f"| {CONFIRM_TASKS[task]} | baseline | {r['lr']:g} | {value} | | | |"
+    return (f"| {CONFIRM_TASKS[task]} | IBNorm-T λ {arm.split('=')[1]} | {r['lr']:g}{' (probe)' if r['extended'] else ''} | {value} | "
+            f"{_c_delta(task, r)} | {r['p_holm']:.2g} | {r['verdict']} |")
+
+
+def _holm_all8() -> str:
+    """Holm across every comparison of the four λ-curve tables: the two LLaMA λ = 1 rows' adjusted p."""
+    from ibnorm.study.stats import holm
+
+    pts = [(c["task"], pt) for c in _confirm()["lambda_curve"] for pt in c["points"]]
+    adj = dict(zip([(t, pt["lam"]) for t, pt in pts], holm([pt["p"] for _, pt in pts])))
+    return f"(p {adj[('llama-bytes', 1.0)]:.2g} and {adj[('llama-bytes-w64', 1.0)]:.2g})"
+
+
+def _c_all(prefix: str) -> list[dict]:
+    """Baselines and λ points of the confirm tasks whose name starts with ``prefix``."""
+    return ([r for r in _confirm()["summary"] if r["task"].startswith(prefix) and r["normalizer"] == "baseline"]
+            + [pt for c in _confirm()["lambda_curve"] if c["task"].startswith(prefix) for pt in c["points"]])
+
+
+def _c_params(task: str) -> int:
+    return next(r["params"] for r in _confirm()["runs"] if r["task"] == task)
+
+
+def _confirm_core_hours() -> str:
+    runs = [json.loads(Path(f).read_text()) for f in glob.glob(str(ROOT / CONFIRM / "runs/*/*/*.json"))]
+    planned, probes = _estimate()["runs"], len(_confirm()["edge_probes"])
+    return (f"{len(runs)} runs (the {planned} planned, {probes} edge probes and {len(runs) - planned - probes} seeds of the "
+            f"winning probes) took {sum(r['s_per_step'] * len(r['losses']) for r in runs) / 3600:.1f} single-core hours")
+
+
 FIGURES = [
     # section 3: the pretrained comparison (study_pretrained_smollm2)
     (FINDINGS, "| norms | source | 0.003 | | 4.276 ± 0.041 |", lambda: _pretrained_row("norms", "source")),
@@ -172,16 +257,36 @@ FIGURES = [
     (FINDINGS, "took 4.2× the BatchNorm CNN's time and 1.5× the LLaMA's", lambda: f"took {_seconds_per_step_ratio('resnet-digits')} the BatchNorm CNN's time and {_seconds_per_step_ratio('llama-bytes')} the LLaMA's"),
     (FINDINGS, "58.4 vs 41.1 ms per step", lambda: f"{_gpu('ibnorm-t', 's_per_step') * 1000:.1f} vs {_gpu('baseline', 's_per_step') * 1000:.1f} ms per step"),
     (FINDINGS, "(4177 vs 4722 MiB)", lambda: f"({_gpu('ibnorm-t', 'peak_mem_mib'):.0f} vs {_gpu('baseline', 'peak_mem_mib'):.0f} MiB)"),
-    (FINDINGS, "It is 204 runs, estimated\nat 1.8 hours", lambda: f"It is {_estimate()['runs']} runs, estimated\nat {_estimate()['wall_hours']:.1f} hours"),
-    (FINDINGS, "(0.198 vs 0.303 s per step) put IBNorm-T's 27 runs of it alone at\n2.3 core-hours", lambda: "({:.3f} vs {:.3f} s per step) put IBNorm-T's {} runs of it alone at\n{:.1f} core-hours".format(
-        _row("llama-bytes", "baseline")["s_per_step"], _row("llama-bytes", "ibnorm-t")["s_per_step"],
-        next(r["runs"] for r in _estimate()["rows"] if r["task"] == "llama-bytes" and r["normalizer"] == "ibnorm-t"),
-        next(r["runs"] for r in _estimate()["rows"] if r["task"] == "llama-bytes" and r["normalizer"] == "ibnorm-t") * 1000 * _row("llama-bytes", "ibnorm-t")["s_per_step"] / 3600)),
-    (INFORMATION, "204 runs, ≈ 1.8 h on 2 idle cores", lambda: f"{_estimate()['runs']} runs, ≈ {_estimate()['wall_hours']:.1f} h on 2 idle cores"),
     (INFORMATION, "| 696 runs under the corrected protocol", lambda: f"| {_planned_runs('cpu')} runs under the corrected protocol"),
     (INFORMATION, "212 runs took 137 single-core minutes", lambda: "{} runs took {:.0f} single-core minutes".format(
         len(glob.glob(str(ROOT / STUDY / "runs/*/*/*.json"))),
         sum(json.loads(Path(f).read_text())["s_per_step"] * len(json.loads(Path(f).read_text())["losses"]) for f in glob.glob(str(ROOT / STUDY / "runs/*/*/*.json"))) / 60)),
+    # section 1.3: the confirm preset (study_confirm/results.json)
+    *[(FINDINGS, _confirm_row(task, lam), lambda task=task, lam=lam: _confirm_row(task, lam)) for task in CONFIRM_TASKS for lam in (0.3, 1.0)],
+    *[(FINDINGS, _edge_row(r), lambda i=i: _edge_row(_confirm()["edge_probes"][i])) for i, r in enumerate(_confirm()["edge_probes"])],
+    *[(FINDINGS, _plane_row(task, arm), lambda task=task, arm=arm: _plane_row(task, arm))
+      for task in ("llama-bytes", "llama-bytes-w64") for arm in ("ibnorm-t λ=0.3", "ibnorm-t λ=1")],
+    (FINDINGS, "−0.033 nats at width 128", lambda: f"{_minus(format(_c_point('llama-bytes', 1.0)['delta'], '+.3f'))} nats at width 128"),
+    (FINDINGS, "(p_Holm 6.9e-08) and −0.024 at width 64 (p_Holm 0.00011)", lambda: "(p_Holm {:.2g}) and {} at width 64 (p_Holm {:.2g})".format(
+        _c_point("llama-bytes", 1.0)["p_holm"], _minus(format(_c_point("llama-bytes-w64", 1.0)["delta"], "+.3f")), _c_point("llama-bytes-w64", 1.0)["p_holm"])),
+    (FINDINGS, "(p 2.8e-07 and 0.0004)", _holm_all8),
+    (FINDINGS, "(+0.03 points at λ 0.3, −0.22 at λ 1; −0.06 points at λ 0.3, −0.28 at λ 1)", lambda: "({}; {})".format(
+        *[_minus(f"{_c_point(t, 0.3)['delta'] * 100:+.2f} points at λ 0.3, {_c_point(t, 1.0)['delta'] * 100:+.2f} at λ 1") for t in ("resnet-digits", "resnet-digits-w2")])),
+    (FINDINGS, "(−0.033, p_Holm 6.9e-08; −0.024, p_Holm 0.00011)", lambda: "({}, p_Holm {:.2g}; {}, p_Holm {:.2g})".format(
+        *[v for t in ("llama-bytes", "llama-bytes-w64") for v in (_minus(format(_c_point(t, 1.0)["delta"], "+.3f")), _c_point(t, 1.0)["p_holm"])])),
+    (FINDINGS, "lower test loss than RMSNorm on two small byte-level LLaMAs (−0.033 and", lambda: "lower test loss than RMSNorm on two small byte-level LLaMAs ({} and".format(
+        _minus(format(_c_point("llama-bytes", 1.0)["delta"], "+.3f")))),
+    (FINDINGS, "−0.024 nats, 2–3% perplexity", lambda: f"{_minus(format(_c_point('llama-bytes-w64', 1.0)['delta'], '+.3f'))} nats, 2–3% perplexity"),
+    (FINDINGS, "baseline\n1.2% at width 128, 1.0% at width 64", lambda: f"baseline\n{_c_base('llama-bytes')['val_loss_fall_last10']:.1%} at width 128, {_c_base('llama-bytes-w64')['val_loss_fall_last10']:.1%} at width 64"),
+    (FINDINGS, "(I(T;Y) +0.061 nats [+0.020, +0.102], p_Holm 0.017)", lambda: (lambda r: f"(I(T;Y) {r['delta']:+.3f} nats [{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}], p_Holm {r['p_holm']:.2g})")(
+        next(r for r in _confirm()["information_plane"] if r["task"] == "llama-bytes" and r["arm"] == "ibnorm-t λ=1" and r["quantity"] == "I(T;Y)"))),
+    (FINDINGS, "sit at 99.1–99.5% on", lambda: "sit at {:.1%}–{:.1%} on".format(
+        min(r["mean"] for r in _c_all("resnet")), max(r["mean"] for r in _c_all("resnet"))).replace("%–", "–", 1)),
+    (FINDINGS, "(0.82M- and 0.21M-parameter LLaMAs; CNNs of 20k and 77k parameters)", lambda: "({:.2f}M- and {:.2f}M-parameter LLaMAs; CNNs of {:.0f}k and {:.0f}k parameters)".format(
+        *[_c_params(t) / d for t, d in (("llama-bytes", 1e6), ("llama-bytes-w64", 1e6), ("resnet-digits", 1e3), ("resnet-digits-w2", 1e3))])),
+    (README, "LLaMAs (−0.033\n  and −0.024 nats of test loss", lambda: "LLaMAs ({}\n  and {} nats of test loss".format(
+        *[_minus(format(_c_point(t, 1.0)["delta"], "+.3f")) for t in ("llama-bytes", "llama-bytes-w64")])),
+    (INFORMATION, "the planner's estimate had been 3.6 single-core hours", lambda: f"the planner's estimate had been {_estimate()['single_core_hours']:.1f} single-core hours"),
     # section 2: information plane (mi_smollm2)
     (FINDINGS, "12.642 → 12.716", lambda: f"{_conversion_row().group(2)} → {_conversion_row().group(3)}"),
     (FINDINGS, "within +0.59%", lambda: f"within {_conversion_row().group(4)}"),

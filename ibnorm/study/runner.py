@@ -5,7 +5,7 @@ Phases per task and normalizer (selection.py says how a configuration is chosen)
 tuning seed; then, at the grid's chosen wd, the extra configurations of the equal budget (IBNorm-T: its
 other λ values × every lr; the others: extra learning rates); then the choice — and each λ point at its own
 lr — on every seed; last, with ``probe_edges``, one tuning-seed run beyond each selection on the grid's edge
-(edges.py: a diagnostic, never a candidate).  A run interrupted by ``time_limit`` resumes from its mid-run checkpoint."""
+(edges.py: a diagnostic, never a candidate), and every seed of a probe that won (the secondary analysis).  A run interrupted by ``time_limit`` resumes from its mid-run checkpoint."""
 
 from __future__ import annotations
 
