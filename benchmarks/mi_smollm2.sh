@@ -12,6 +12,7 @@ ibnorm convert smollm2-135m --lam 0.3 --out "$TMP/sm-ib" --force > /dev/null
 ibnorm convert smollm2-135m --out "$TMP/sm-cal" --force > /dev/null
 ibnorm finetune "$TMP/sm-ib" --data builtin:pydoc:train --eval builtin:pydoc:eval --steps 40 --train norms \
     --batch-size 4 --seq-len 128 --eval-every 40 --warmup 5 --out "$TMP/sm-ib-ft" --no-source --force > /dev/null
+cp "$TMP/sm-ib-ft/metrics.jsonl" "$OUT/finetune_metrics.jsonl"  # held-out perplexity before and after
 ibnorm mi smollm2-135m --compare "$TMP/sm-ib" "${MI[@]}" --plot "$TMP/p1.png" > "$OUT/source_vs_lam0.3.json"
 ibnorm mi smollm2-135m --compare "$TMP/sm-cal" "${MI[@]}" --plot "$TMP/p2.png" > "$OUT/source_vs_calibrated.json"
 ibnorm mi "$TMP/sm-ib-ft" "${MI[@]}" --plot "$TMP/p3.png" > "$OUT/finetuned.json"

@@ -198,6 +198,10 @@ def _ext_row(task: str, arm: str) -> str:
             f"{_c_delta(task, r)} | {r['p_holm']:.2g} | {r['verdict']} |")
 
 
+def _ext(lam: str) -> dict:
+    return next(x for x in _confirm()["extended"] if x["task"] == "llama-bytes-w64" and x["arm"] == f"ibnorm-t λ={lam}")
+
+
 def _holm_all8() -> str:
     """Holm across every comparison of the four λ-curve tables: the two LLaMA λ = 1 rows' adjusted p."""
     from ibnorm.study.stats import holm
@@ -262,10 +266,38 @@ FIGURES = [
         len(glob.glob(str(ROOT / STUDY / "runs/*/*/*.json"))),
         sum(json.loads(Path(f).read_text())["s_per_step"] * len(json.loads(Path(f).read_text())["losses"]) for f in glob.glob(str(ROOT / STUDY / "runs/*/*/*.json"))) / 60)),
     # section 1.3: the confirm preset (study_confirm/results.json)
-    *[(FINDINGS, _confirm_row(task, lam), lambda task=task, lam=lam: _confirm_row(task, lam)) for task in CONFIRM_TASKS for lam in (0.3, 1.0)],
-    *[(FINDINGS, _edge_row(r), lambda i=i: _edge_row(_confirm()["edge_probes"][i])) for i, r in enumerate(_confirm()["edge_probes"])],
-    *[(FINDINGS, _plane_row(task, arm), lambda task=task, arm=arm: _plane_row(task, arm))
-      for task in ("llama-bytes", "llama-bytes-w64") for arm in ("ibnorm-t λ=0.3", "ibnorm-t λ=1")],
+    (FINDINGS, '| ResNet, widths 16, 32 | 0.03 | 99.33% | 0.3 | 0.03 | 99.36% | +0.03 [−0.47, +0.53] | 0.86 | no detectable difference |', lambda: _confirm_row('resnet-digits', 0.3)),
+    (FINDINGS, '| ResNet, widths 16, 32 | 0.03 | 99.33% | 1 | 0.03 | 99.11% | −0.22 [−0.83, +0.31] | 0.36 | no detectable difference |', lambda: _confirm_row('resnet-digits', 1.0)),
+    (FINDINGS, '| ResNet, widths 32, 64 | 0.03 | 99.53% | 0.3 | 0.01 | 99.47% | −0.06 [−0.61, +0.42] | 0.74 | no detectable difference |', lambda: _confirm_row('resnet-digits-w2', 0.3)),
+    (FINDINGS, '| ResNet, widths 32, 64 | 0.03 | 99.53% | 1 | 0.003 | 99.25% | −0.28 [−0.94, +0.28] | 0.21 | no detectable difference |', lambda: _confirm_row('resnet-digits-w2', 1.0)),
+    (FINDINGS, '| LLaMA, width 128 | 0.003 | 1.555 | 0.3 | 0.003 | 1.560 | +0.004 [−0.000, +0.009] | 0.071 | no detectable difference |', lambda: _confirm_row('llama-bytes', 0.3)),
+    (FINDINGS, '| LLaMA, width 128 | 0.003 | 1.555 | 1 | 0.003 | 1.522 | −0.033 [−0.036, −0.029] | 6.9e-08 | better |', lambda: _confirm_row('llama-bytes', 1.0)),
+    (FINDINGS, '| LLaMA, width 64 | 0.003 | 1.660 | 0.3 | 0.003 | 1.657 | −0.003 [−0.008, +0.002] | 0.28 | no detectable difference |', lambda: _confirm_row('llama-bytes-w64', 0.3)),
+    (FINDINGS, '| LLaMA, width 64 | 0.003 | 1.660 | 1 | 0.003 | 1.636 | −0.024 [−0.030, −0.018] | 0.00011 | better |', lambda: _confirm_row('llama-bytes-w64', 1.0)),
+    (FINDINGS, '| ResNet, widths 16, 32 | baseline | 0.03 → 0.095 | 0.0077 → 0.0272 | inside the grid |', lambda: _edge_row(_confirm()["edge_probes"][0])),
+    (FINDINGS, '| ResNet, widths 16, 32 | IBNorm-T λ 0.3 | 0.03 → 0.095 | 0.0136 → 0.0101 | **beyond the grid** |', lambda: _edge_row(_confirm()["edge_probes"][1])),
+    (FINDINGS, '| ResNet, widths 16, 32 | IBNorm-T λ 1 | 0.03 → 0.095 | 0.0173 → 0.0080 | **beyond the grid** |', lambda: _edge_row(_confirm()["edge_probes"][2])),
+    (FINDINGS, '| ResNet, widths 32, 64 | baseline | 0.03 → 0.095 | 0.0052 → 0.0159 | inside the grid |', lambda: _edge_row(_confirm()["edge_probes"][3])),
+    (FINDINGS, '| LLaMA, width 128 | baseline | 0.003 → 0.0095 | 1.5748 → 1.7864 | inside the grid |', lambda: _edge_row(_confirm()["edge_probes"][4])),
+    (FINDINGS, '| LLaMA, width 128 | IBNorm-T λ 1 | 0.003 → 0.0095 | 1.5530 → 1.6957 | inside the grid |', lambda: _edge_row(_confirm()["edge_probes"][5])),
+    (FINDINGS, '| LLaMA, width 128 | IBNorm-T λ 0.3 | 0.003 → 0.0095 | 1.5826 → 1.7631 | inside the grid |', lambda: _edge_row(_confirm()["edge_probes"][6])),
+    (FINDINGS, '| LLaMA, width 64 | baseline | 0.003 → 0.0095 | 1.6746 → 1.6842 | inside the grid |', lambda: _edge_row(_confirm()["edge_probes"][7])),
+    (FINDINGS, '| LLaMA, width 64 | IBNorm-T λ 1 | 0.003 → 0.0095 | 1.6649 → 1.6504 | **beyond the grid** |', lambda: _edge_row(_confirm()["edge_probes"][8])),
+    (FINDINGS, '| LLaMA, width 64 | IBNorm-T λ 0.3 | 0.003 → 0.0095 | 1.6873 → 1.6655 | **beyond the grid** |', lambda: _edge_row(_confirm()["edge_probes"][9])),
+    (FINDINGS, '| LLaMA, width 128 | IBNorm-T λ=0.3 | 10 | 2.498 → 2.488, Δ −0.010 [−0.091, +0.072], p_Holm 1 | 1.001 → 1.020, Δ +0.019 [−0.041, +0.078], p_Holm 0.49 |', lambda: _plane_row('llama-bytes', 'ibnorm-t λ=0.3')),
+    (FINDINGS, '| LLaMA, width 128 | IBNorm-T λ=1 | 10 | 2.498 → 2.498, Δ +0.000 [−0.093, +0.094], p_Holm 1 | 1.001 → 1.062, Δ +0.061 [+0.020, +0.102], p_Holm 0.017 |', lambda: _plane_row('llama-bytes', 'ibnorm-t λ=1')),
+    (FINDINGS, '| LLaMA, width 64 | IBNorm-T λ=0.3 | 10 | 2.575 → 2.602, Δ +0.027 [−0.059, +0.113], p_Holm 0.57 | 1.031 → 1.051, Δ +0.020 [−0.041, +0.080], p_Holm 0.88 |', lambda: _plane_row('llama-bytes-w64', 'ibnorm-t λ=0.3')),
+    (FINDINGS, '| LLaMA, width 64 | IBNorm-T λ=1 | 10 | 2.575 → 2.532, Δ −0.042 [−0.127, +0.042], p_Holm 0.57 | 1.031 → 1.058, Δ +0.027 [−0.050, +0.105], p_Holm 0.88 |', lambda: _plane_row('llama-bytes-w64', 'ibnorm-t λ=1')),
+    (FINDINGS, '| ResNet, widths 16, 32 | baseline | 0.03 | 99.33% | | | |', lambda: _ext_row('resnet-digits', 'baseline')),
+    (FINDINGS, '| ResNet, widths 16, 32 | IBNorm-T λ 0.3 | 0.095 (probe) | 99.28% | −0.06 [−0.58, +0.56] | 0.88 | no detectable difference |', lambda: _ext_row('resnet-digits', 'ibnorm-t λ=0.3')),
+    (FINDINGS, '| ResNet, widths 16, 32 | IBNorm-T λ 1 | 0.095 (probe) | 99.19% | −0.14 [−0.75, +0.44] | 0.88 | no detectable difference |', lambda: _ext_row('resnet-digits', 'ibnorm-t λ=1')),
+    (FINDINGS, '| LLaMA, width 64 | baseline | 0.003 | 1.660 | | | |', lambda: _ext_row('llama-bytes-w64', 'baseline')),
+    (FINDINGS, '| LLaMA, width 64 | IBNorm-T λ 0.3 | 0.0095 (probe) | 1.638 | −0.022 [−0.027, −0.015] | 6.5e-05 | better |', lambda: _ext_row('llama-bytes-w64', 'ibnorm-t λ=0.3')),
+    (FINDINGS, '| LLaMA, width 64 | IBNorm-T λ 1 | 0.0095 (probe) | 1.620 | −0.040 [−0.048, −0.033] | 4.8e-06 | better |', lambda: _ext_row('llama-bytes-w64', 'ibnorm-t λ=1')),
+    (FINDINGS, '250 runs (the 204 planned, 10 edge probes and 36 seeds of the winning probes) took 7.7 single-core hours', _confirm_core_hours),
+    (INFORMATION, '250 runs (the 204 planned, 10 edge probes and 36 seeds of the winning probes) took 7.7 single-core hours', _confirm_core_hours),
+    (FINDINGS, "λ = 1 −0.040 nats", lambda: f"λ = 1 {_minus(format(_ext('1')['delta'], '+.3f'))} nats"),
+    (FINDINGS, "(−0.022 nats, p_Holm 6.5e-05)", lambda: "({} nats, p_Holm {:.2g})".format(_minus(format(_ext("0.3")["delta"], "+.3f")), _ext("0.3")["p_holm"])),
     (FINDINGS, "−0.033 nats at width 128", lambda: f"{_minus(format(_c_point('llama-bytes', 1.0)['delta'], '+.3f'))} nats at width 128"),
     (FINDINGS, "(p_Holm 6.9e-08) and −0.024 at width 64 (p_Holm 0.00011)", lambda: "(p_Holm {:.2g}) and {} at width 64 (p_Holm {:.2g})".format(
         _c_point("llama-bytes", 1.0)["p_holm"], _minus(format(_c_point("llama-bytes-w64", 1.0)["delta"], "+.3f")), _c_point("llama-bytes-w64", 1.0)["p_holm"])),
