@@ -1,12 +1,12 @@
 """Edge probes: is a learning rate chosen at the end of the grid really the optimum?
 
 When a selection (a normalizer's choice, or one λ point of the curve) lands on the smallest or largest
-learning rate of its task's grid, the optimum may lie outside it.  A probe is one run on the tuning seed,
+learning rate it was compared with (``Selection.on_edge``), the optimum may lie outside the grid.  A probe is one run on the tuning seed,
 one grid step (the grid's geometric step) beyond that end, with everything else as selected.  It is a
 diagnostic, never a candidate: letting it change a selection would give the normalizers that sit on an
 edge a larger tuning budget than the others, and the seeds already run would no longer be the choice.
 The report states, per probe, whether its validation loss is higher (the optimum is inside the grid: the
-grid brackets it) or lower (it lies beyond: the comparison ran below that normalizer's best lr).
+grid brackets it) or lower (it lies beyond: the comparison ran that normalizer away from its best lr).
 
 A probe that wins is then run on every seed, and the report adds a *secondary* comparison at the extended
 choice (each selection replaced by its probe where the probe won): a mechanical rule, the same for every
@@ -69,6 +69,6 @@ def describe(row: dict) -> str:
     """One line for the report's warnings."""
     probe = "diverged" if row["probe_diverged"] or row["probe_val_loss"] is None else f"validation loss {row['probe_val_loss']:.4g}"
     where = ("higher: the grid brackets the optimum" if row["bracketed"]
-             else "lower: the optimum lies beyond the grid, the comparison ran below this normalizer's best lr")
+             else "lower: the optimum lies beyond the grid, the comparison ran away from this normalizer's best lr")
     return (f"{row['task']} {row['normalizer']} λ={row['lam']:g}: lr {row['lr']:g} on the grid's edge (validation loss "
             f"{row['val_loss']:.4g}); one step beyond, lr {row['probe_lr']:g}: {probe} — {where}")
