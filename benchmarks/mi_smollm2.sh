@@ -10,6 +10,7 @@ MI=(--data builtin:pydoc:eval --tokens 2048 --json)
 mkdir -p "$OUT"
 ibnorm convert smollm2-135m --lam 0.3 --out "$TMP/sm-ib" --force > /dev/null
 ibnorm convert smollm2-135m --calib builtin:pydoc:train --out "$TMP/sm-cal" --force > /dev/null  # calibrated
+cp "$TMP/sm-cal/ibnorm_manifest.json" "$OUT/calibrated_manifest.json"  # its λ per layer and end-to-end KL
 ibnorm finetune "$TMP/sm-ib" --data builtin:pydoc:train --eval builtin:pydoc:eval --steps 40 --train norms \
     --batch-size 4 --seq-len 128 --eval-every 40 --warmup 5 --out "$TMP/sm-ib-ft" --no-source --force > /dev/null
 cp "$TMP/sm-ib-ft/metrics.jsonl" "$OUT/finetune_metrics.jsonl"  # held-out perplexity before and after

@@ -328,13 +328,13 @@ FIGURES = [
     # section 2: information plane (mi_smollm2)
     (FINDINGS, "12.642 → 12.716", lambda: f"{_conversion_row().group(2)} → {_conversion_row().group(3)}"),
     (FINDINGS, "within +0.59%", lambda: f"within {_conversion_row().group(4)}"),
-    (FINDINGS, "KL 0.0070 nats/token", lambda: f"KL {_conversion_row().group(1)} nats/token"),
+    (FINDINGS, "KL 0.0051 nats/token against", lambda: f"KL {_json(f'{MI}/calibrated_manifest.json')['end_to_end']['value']:.4f} nats/token against"),
     (FINDINGS, "I(T;Y) drops in 60/61 layers**, from 0.80 to 0.27", lambda: (lambda s, c: f"I(T;Y) drops in {sum(b['I_TY'] < a['I_TY'] for a, b in zip(s, c))}/{len(s)} layers**, from {_mean(s, 'I_TY'):.2f} to {_mean(c, 'I_TY'):.2f}")(*_mi("source_vs_lam0.3.json"))),
     (FINDINGS, "(final norm 0.66 → 0.14)", lambda: (lambda s, c: f"(final norm {s[-1]['I_TY']:.2f} → {c[-1]['I_TY']:.2f})")(*_mi("source_vs_lam0.3.json"))),
     (FINDINGS, "I(X;T) drops in 59/61 layers (2.21 → 1.71 nats)", lambda: (lambda s, c: f"I(X;T) drops in {sum(b['I_XT'] < a['I_XT'] for a, b in zip(s, c))}/{len(s)} layers ({_mean(s, 'I_XT'):.2f} → {_mean(c, 'I_XT'):.2f} nats)")(*_mi("source_vs_lam0.3.json"))),
     (FINDINGS, "I(T;Y) rises in 41/61 layers (+0.010 nats on average)", lambda: (lambda c, f: f"I(T;Y) rises in {sum(b['I_TY'] > a['I_TY'] for a, b in zip(c, f))}/{len(c)} layers ({_mean(f, 'I_TY') - _mean(c, 'I_TY'):+.3f} nats on average)")(_mi("source_vs_lam0.3.json")[1], _mi("finetuned.json")[0])),
-    (FINDINGS, "mean I(X;T) 2.071 vs 2.076 nats, mean\n  I(T;Y) 0.797 vs 0.795", lambda: (lambda s, c: f"mean I(X;T) {_mean(s, 'I_XT'):.3f} vs {_mean(c, 'I_XT'):.3f} nats, mean\n  I(T;Y) {_mean(s, 'I_TY'):.3f} vs {_mean(c, 'I_TY'):.3f}")(*_mi("source_vs_calibrated.json"))),
-    (FINDINGS, "in 7 layers for\n  I(X;T) (4 lower, 3 higher) and 9 for I(T;Y) (6 lower, 3 higher)", lambda: "in {} layers for\n  I(X;T) ({} lower, {} higher) and {} for I(T;Y) ({} lower, {} higher)".format(
+    (FINDINGS, "mean I(X;T) 2.207 vs 2.177 nats, mean\n  I(T;Y) 0.797 vs 0.779", lambda: (lambda s, c: f"mean I(X;T) {_mean(s, 'I_XT'):.3f} vs {_mean(c, 'I_XT'):.3f} nats, mean\n  I(T;Y) {_mean(s, 'I_TY'):.3f} vs {_mean(c, 'I_TY'):.3f}")(*_mi("source_vs_calibrated.json"))),
+    (FINDINGS, "in 2 layers for\n  I(X;T) (2 lower, 0 higher) and 5 for I(T;Y) (3 lower, 2 higher)", lambda: "in {} layers for\n  I(X;T) ({} lower, {} higher) and {} for I(T;Y) ({} lower, {} higher)".format(
         sum(_beyond_2sigma("I_XT")), *_beyond_2sigma("I_XT"), sum(_beyond_2sigma("I_TY")), *_beyond_2sigma("I_TY"))),
     (FINDINGS, "held-out perplexity 503,818 before and\n  14,212 after", lambda: "held-out perplexity {:,.0f} before and\n  {:,.0f} after".format(*_finetune_ppl())),
     (FINDINGS, "n = 8 half-samples", lambda: "n = {} half-samples".format(re.search(r"over (?:n = )?(\d+) half", _json(f"{MI}/source_vs_lam0.3.json")["error_bars"]).group(1))),
