@@ -14,7 +14,7 @@ from ..charts import Chart, Series, render
 from . import edges, stats
 from .presets import Preset
 from .runner import LAMBDA_CURVE_NORMALIZER, Tuning, extended_choice, lambda_points, load_run, seed_configs, tuning
-from .selection import TIE_RULE
+from .selection import TIE_RULE, Selection
 from .train import LOWER_IS_BETTER, metric_of
 
 RUN_FIELDS = ("task", "normalizer", "seed", "metric", "value", "val", "val_loss", "test_loss", "lam", "lr", "wd", "diverged",
@@ -159,18 +159,27 @@ def _task_summary(p: Preset, out: Path, task: dict) -> dict[str, list]:
             "information_plane": _information_comparison(p, out, task, tunings, arms)}
 
 
+def _arm_selections(tunings: dict[str, Tuning]) -> list[tuple[str, Tuning, Selection]]:
+    """The arms the secondary and information-plane tables compare, named: every complete normalizer's choice,
+    and for the λ-curve normalizer each λ point instead (its choice is one of them)."""
+    out = []
+    for norm, t in tunings.items():
+        if not t.complete:
+            continue
+        out += ([(f"{norm} λ={lam:g}", t, s) for lam, s in sorted(t.per_lambda.items())] if norm == LAMBDA_CURVE_NORMALIZER
+                else [(norm, t, t.chosen)])
+    return out
+
+
 def _extended_comparison(p: Preset, out: Path, task: dict, tunings: dict[str, Tuning]) -> list[dict]:
     """The secondary analysis (edges.py): every arm at its extended choice — its edge probe where the probe won —
     against the baseline at its own, Holm across the arms; empty when no probe of the task won."""
     if not p.probe_edges or not all(t.complete for t in tunings.values()):
         return []
     arms, moved = {}, {}
-    for norm, t in tunings.items():
-        sels = ([(f"{norm} λ={lam:g}", s) for lam, s in sorted(t.per_lambda.items())] if norm == LAMBDA_CURVE_NORMALIZER
-                else [(norm, t.chosen)])
-        for name, sel in sels:
-            run = extended_choice(p, out, task, sel)
-            arms[name], moved[name] = seed_runs(p, out, t, run), (run is not sel.run, run["config"]["lr"])
+    for name, t, sel in _arm_selections(tunings):
+        run = extended_choice(p, out, task, sel)
+        arms[name], moved[name] = seed_runs(p, out, t, run), (run is not sel.run, run["config"]["lr"])
     if not any(m for m, _ in moved.values()) or "baseline" not in arms:
         return []
     comp = _comparison(task, arms, "baseline")
@@ -194,10 +203,7 @@ def _information_comparison(p: Preset, out: Path, task: dict, tunings: dict[str,
     validation batch: the seed-to-seed spread holds the models' and the estimator's variation on it."""
     if "baseline" not in arms or not any(_plane_mean(r, "I_XT") is not None for r in arms["baseline"]):
         return []
-    cmp_arms = {n: runs for n, runs in arms.items() if n != LAMBDA_CURVE_NORMALIZER}
-    t = tunings.get(LAMBDA_CURVE_NORMALIZER)
-    if t is not None and t.complete:
-        cmp_arms.update({f"{LAMBDA_CURVE_NORMALIZER} λ={lam:g}": seed_runs(p, out, t, t.per_lambda[lam].run) for lam in lambda_points(p)})
+    cmp_arms = {name: arms[name] if name in arms else seed_runs(p, out, t, sel.run) for name, t, sel in _arm_selections(tunings)}
     rows = []
     for key, name in PLANE.items():
         values = {a: {r["seed"]: v for r in runs if (v := _plane_mean(r, key)) is not None} for a, runs in cmp_arms.items()}
